@@ -1,0 +1,97 @@
+"""Run an ASGI app on hypercorn inside a running event loop (tests, the simulator, the CLI).
+
+The listening socket is bound before hypercorn starts, so the caller knows the real port at once
+(port 0 picks a free one) and a client may connect immediately: the kernel queues the connection
+until hypercorn accepts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+
+from middleware.types import ASGIApp
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 when the host has a colon)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def format_url(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float = 5.0) -> HypercornConfig:
+    config = HypercornConfig()
+    # hypercorn adopts the descriptor and closes it on shutdown; detach so Python does not too.
+    config.bind = [f"fd://{sock.detach()}"]
+    config.graceful_timeout = graceful_timeout_s
+    # Model loads and long prefill keep a request silent for minutes: no server-side read cut.
+    config.read_timeout = None
+    config.keep_alive_timeout = 75.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+@dataclass
+class RunningServer:
+    url: str
+    host: str
+    port: int
+    stop: Callable[[], None]
+
+
+@asynccontextmanager
+async def serve_in_background(
+    app: ASGIApp,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    graceful_timeout_s: float = 5.0,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[RunningServer]:
+    """Serve ``app`` until the block exits (or ``shutdown_trigger`` returns), then shut down."""
+    sock = bind_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    config = hypercorn_config(sock, graceful_timeout_s=graceful_timeout_s)
+    stopped = anyio.Event()
+
+    async def trigger() -> None:
+        if shutdown_trigger is None:
+            await stopped.wait()
+            return
+        async with anyio.create_task_group() as tg:
+            async def on_stop() -> None:
+                await stopped.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on_stop)
+            await shutdown_trigger()
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: serve(app, config, shutdown_trigger=trigger))  # type: ignore[arg-type]
+        try:
+            yield RunningServer(format_url(host, bound_port), host, bound_port, stopped.set)
+        finally:
+            stopped.set()

@@ -1,0 +1,48 @@
+"""What a response has sent so far, as seen from one layer's ``send`` wrapper."""
+
+from __future__ import annotations
+
+from middleware.types import Message
+
+
+class ResponseState:
+    """Tracks one response: started, its status, whether it is an event stream, whether it ended.
+
+    Each layer that must know "may I still change the status?" keeps its own instance in a local
+    variable and calls ``observe`` from its ``send`` wrapper; nothing per request lives on the
+    middleware object.
+    """
+
+    __slots__ = ("started", "status", "event_stream", "finished", "body_started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.status = 0
+        self.event_stream = False
+        self.body_started = False
+        self.finished = False
+
+    def observe(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if message.get("body"):
+                self.body_started = True
+            if not message.get("more_body", False):
+                self.finished = True
+        elif kind == "http.response.start":
+            self.started = True
+            self.status = message["status"]
+            self.event_stream = is_event_stream(message.get("headers", ()))
+
+
+def header_value(headers: object, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case bytes) in an ASGI header list."""
+    for key, value in headers:  # type: ignore[attr-defined]
+        if key.lower() == name:
+            return value
+    return None
+
+
+def is_event_stream(headers: object) -> bool:
+    content_type = header_value(headers, b"content-type")
+    return content_type is not None and content_type.lower().startswith(b"text/event-stream")
