@@ -232,7 +232,9 @@ async def send_error(send: Send, error: LmgateError, response: ResponseState) ->
     elif response.finished:
         return
     elif response.event_stream:
-        await send({"type": "http.response.body", "body": sse_error_frame(error), "more_body": False})
+        # End a frame the upstream left half-written first, so ours is parsed on its own.
+        frame = sse_error_frame(error) if response.at_frame_boundary else b"\n\n" + sse_error_frame(error)
+        await send({"type": "http.response.body", "body": frame, "more_body": False})
     else:
         raise error
 

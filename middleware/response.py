@@ -13,7 +13,7 @@ class ResponseState:
     middleware object.
     """
 
-    __slots__ = ("started", "status", "event_stream", "finished", "body_started")
+    __slots__ = ("started", "status", "event_stream", "finished", "body_started", "at_frame_boundary")
 
     def __init__(self) -> None:
         self.started = False
@@ -21,12 +21,17 @@ class ResponseState:
         self.event_stream = False
         self.body_started = False
         self.finished = False
+        # True while the bytes sent so far end on an SSE frame boundary (a blank line), so a frame
+        # of our own (error, heartbeat) can be added without merging into a half-sent one.
+        self.at_frame_boundary = True
 
     def observe(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            if message.get("body"):
+            body = message.get("body")
+            if body:
                 self.body_started = True
+                self.at_frame_boundary = body.endswith(b"\n\n") or body.endswith(b"\r\n\r\n")
             if not message.get("more_body", False):
                 self.finished = True
         elif kind == "http.response.start":

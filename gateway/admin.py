@@ -1,0 +1,54 @@
+"""lmgate's own routes: liveness, readiness, and (later issues) models, metrics and status.
+
+They sit outside the resilience layers so they answer while the upstream is saturated or failing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from gateway.routes import route_path
+from middleware.errors import NotFound
+from middleware.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+_EXACT = frozenset({"/healthz", "/readyz"})
+
+
+def is_admin_path(path: str) -> bool:
+    return path in _EXACT or path == "/lmgate" or path.startswith("/lmgate/")
+
+
+async def send_json(send: Send, status: int, document: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(document, separators=(",", ":")).encode()
+    start_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        (b"cache-control", b"no-store"),
+        *(headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": start_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AdminRoutes:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if path == "/healthz":
+            await send_json(send, 200, {"status": "ok"})
+        elif path == "/readyz":
+            await self._readyz(send)
+        else:
+            raise NotFound(f"lmgate has no route {path!r}.")
+
+    async def _readyz(self, send: Send) -> None:
+        if self.gateway.drain.draining:
+            await send_json(send, 503, {"status": "draining"})
+            return
+        await send_json(send, 200, {"status": "ready"})

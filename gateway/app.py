@@ -1,0 +1,162 @@
+"""``build_app(config)``: the gateway as one ASGI app, for hypercorn, any ASGI server, or mounting.
+
+The request path, outermost first (read it like Envoy's filter list)::
+
+    ErrorMiddleware                      renders every LmgateError; unknown errors -> logged 500
+      ├── lmgate's own routes            /healthz, /readyz, /lmgate/...
+      └── DrainMiddleware                503 draining once shutdown began
+            ConcurrencyMiddleware        limit + bounded FIFO queue
+              TimeoutMiddleware          first token / idle / total (retries included)
+                RetryMiddleware          only before the first byte reaches the client
+                  CircuitBreakerMiddleware   per attempt
+                    Proxy                httpx stream to LM Studio, one chunk in, one chunk out
+
+lmgate's own routes skip the resilience layers: a health check must answer while the upstream
+queue is full or the circuit is open.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import httpx
+
+from gateway.admin import AdminRoutes, is_admin_path
+from gateway.config import Config
+from gateway.proxy import Proxy
+from gateway.routes import RouteTable, route_path
+from middleware.circuit_breaker import CircuitBreakerMiddleware
+from middleware.concurrency import ConcurrencyMiddleware
+from middleware.drain import DrainMiddleware, DrainState
+from middleware.errors import ErrorMiddleware
+from middleware.retry import RetryMiddleware
+from middleware.timeout import TimeoutMiddleware
+from middleware.types import ASGIApp, Receive, Scope, Send
+
+
+def make_upstream_client(config: Config) -> httpx.AsyncClient:
+    """The one pooled client for the upstream, with explicit timeouts.
+
+    httpx's default 5 s read timeout would cut every model load; the read timeout here is only a
+    backstop at the total deadline, while the timeout middleware enforces the real deadlines.
+    ``trust_env=False``: an HTTP_PROXY variable must never reroute traffic meant for localhost.
+    """
+    timeouts = config.timeouts
+    pool = config.upstream.pool
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=timeouts.connect_s, read=timeouts.total_s, write=timeouts.total_s, pool=timeouts.total_s),
+        limits=httpx.Limits(
+            max_connections=pool.max_connections,
+            max_keepalive_connections=pool.max_keepalive_connections,
+            keepalive_expiry=pool.keepalive_expiry_s,
+        ),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+class Gateway:
+    """The composed gateway. Holds the shared objects (client, drain state, layers) for inspection."""
+
+    def __init__(self, config: Config, *, env: Mapping[str, str] | None = None, drain: DrainState | None = None) -> None:
+        env = os.environ if env is None else env
+        self.config = config
+        self.client = make_upstream_client(config)
+        self.drain = drain or DrainState()
+        self.proxy = Proxy(
+            client=self.client,
+            upstream_url=config.upstream.url,
+            routes=RouteTable(extra_prefixes=config.routes.extra_prefixes),
+            api_key=config.upstream.resolved_api_key(env),
+            forward_client_auth=config.upstream.forward_client_auth,
+            assemble_non_streaming=config.routes.assemble_non_streaming,
+            normalise_errors=config.routes.normalise_errors,
+            body_limit_bytes=config.limits.body_bytes,
+        )
+        stack: ASGIApp = self.proxy
+        self.breaker: CircuitBreakerMiddleware | None = None
+        if config.circuit_breaker.enabled:
+            cb = config.circuit_breaker
+            stack = self.breaker = CircuitBreakerMiddleware(
+                stack,
+                failure_threshold=cb.failure_threshold,
+                failure_ratio=cb.failure_ratio,
+                window_s=cb.window_s,
+                min_requests=cb.min_requests,
+                reset_timeout_s=cb.reset_timeout_s,
+                half_open_max_probes=cb.half_open_max_probes,
+                per_model=cb.per_model,
+            )
+        self.retry: RetryMiddleware | None = None
+        if config.retry.enabled and config.retry.max_retries > 0:
+            r = config.retry
+            stack = self.retry = RetryMiddleware(
+                stack,
+                max_retries=r.max_retries,
+                backoff_base_s=r.backoff_base_s,
+                backoff_max_s=r.backoff_max_s,
+                jitter=r.jitter,
+                retry_statuses=r.retry_statuses,
+                max_retry_after_s=r.max_retry_after_s,
+                body_limit_bytes=min(r.body_limit_bytes, config.limits.body_bytes),
+                budget_ratio=r.budget_ratio,
+                budget_min_retries=r.budget_min_retries,
+            )
+        t = config.timeouts
+        stack = TimeoutMiddleware(
+            stack,
+            first_token_s=t.first_token_s,
+            idle_s=t.idle_s,
+            total_s=t.total_s,
+            per_model={
+                model: overrides.model_dump(exclude_none=True) for model, overrides in t.per_model.items()
+            },
+        )
+        self.concurrency: ConcurrencyMiddleware | None = None
+        if config.concurrency.enabled:
+            c = config.concurrency
+            stack = self.concurrency = ConcurrencyMiddleware(
+                stack,
+                limit=c.limit,
+                max_queue=c.max_queue,
+                max_wait_s=c.max_wait_s,
+                per_model=c.per_model,
+                adaptive=c.adaptive,
+                min_limit=c.min_limit,
+                max_limit=max(c.max_limit, c.limit),
+            )
+        self.forward: ASGIApp = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
+        self.admin = AdminRoutes(self)
+        self._app = ErrorMiddleware(self._route)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self._app(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_admin_path(route_path(scope)):
+            await self.admin(scope, receive, send)
+        else:
+            await self.forward(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def aclose(self) -> None:
+        """Close the upstream connection pool (done by the lifespan; call it when mounted)."""
+        await self.client.aclose()
+
+
+def build_app(config: Config | None = None, **kwargs: object) -> Gateway:
+    """The gateway as an ASGI app. ``config`` defaults to all defaults (upstream 127.0.0.1:1234)."""
+    return Gateway(config or Config(), **kwargs)  # type: ignore[arg-type]

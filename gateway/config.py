@@ -1,0 +1,291 @@
+"""lmgate's configuration: YAML validated into frozen, typed models that reject unknown keys.
+
+Sources, lowest precedence first:
+
+1. the defaults below (``lmgate.example.yaml`` lists them all, generated from this module);
+2. the YAML file (``--config FILE``);
+3. the environment variables users of LM Studio clients already set (``SEED_ENV``);
+4. ``LMGATE_<SECTION>__<KEY>`` for any key (``LMGATE_TIMEOUTS__FIRST_TOKEN_S=90``); values are
+   parsed as YAML scalars, so ``90``, ``true`` and ``[502, 503]`` work;
+5. command-line flags (``--host``, ``--port``, ``--upstream``).
+
+A bad value fails before any port is bound, naming the file (or environment variable), the key
+path, the value and what was expected: :class:`ConfigError`, exit code 2 from the CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(Section):
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 or :: for all interfaces).")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+
+
+class PoolConfig(Section):
+    max_connections: int = Field(100, ge=1, description="Most upstream connections open at once.")
+    max_keepalive_connections: int = Field(20, ge=0, description="Idle upstream connections kept for reuse.")
+    keepalive_expiry_s: float = Field(30.0, gt=0, description="Seconds an idle upstream connection is kept.")
+
+
+class UpstreamConfig(Section):
+    url: str = Field("http://127.0.0.1:1234", description="Base URL of LM Studio or another OpenAI-compatible server.")
+    api_key_env: str | None = Field(
+        "LMSTUDIO_API_KEY", description="Environment variable holding LM Studio's API token (0.4+), if auth is on."
+    )
+    api_key: SecretStr | None = Field(None, description="The token itself; prefer api_key_env so it stays out of files.")
+    forward_client_auth: bool = Field(
+        False, description="Forward the client's Authorization header upstream (off: it is the client's key for lmgate)."
+    )
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Upstream connection pool.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host, like http://127.0.0.1:1234")
+        if parts.query or parts.fragment:
+            raise ValueError("expected a base URL without query or fragment")
+        return value.rstrip("/")
+
+    def resolved_api_key(self, env: Mapping[str, str]) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            return env.get(self.api_key_env) or None
+        return None
+
+
+class ModelTimeouts(Section):
+    first_token_s: float | None = Field(None, gt=0, description="First-token deadline for this model.")
+    idle_s: float | None = Field(None, gt=0, description="Idle deadline between chunks for this model.")
+    total_s: float | None = Field(None, gt=0, description="Whole-request deadline for this model.")
+
+
+class TimeoutsConfig(Section):
+    connect_s: float = Field(5.0, gt=0, description="Connecting to the upstream.")
+    first_token_s: float = Field(
+        45.0, gt=0, description="Request start to the first body byte sent to the client (env LLM_REQUEST_TIMEOUT_MS)."
+    )
+    idle_s: float = Field(30.0, gt=0, description="Longest silence between two body chunks once the response started.")
+    total_s: float = Field(600.0, gt=0, description="The whole request, all retries included.")
+    per_model: dict[str, ModelTimeouts] = Field(
+        default_factory=dict, description="Overrides by model id, e.g. {big-70b: {first_token_s: 120}}."
+    )
+
+
+class RoutesConfig(Section):
+    extra_prefixes: tuple[str, ...] = Field((), description="Further path prefixes to forward, e.g. ['/v1/audio/'].")
+    assemble_non_streaming: bool | dict[str, bool] = Field(
+        True,
+        description="Stream upstream and assemble the JSON for non-streaming completions, so a client that "
+        "leaves stops generation; true, false, or per route {'/v1/completions': false}.",
+    )
+    normalise_errors: bool = Field(True, description="Rewrite LM Studio's {error: text} bodies into the OpenAI shape.")
+
+    @field_validator("extra_prefixes")
+    @classmethod
+    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in value:
+            if not prefix.startswith("/") or ".." in prefix:
+                raise ValueError(f"expected absolute path prefixes like '/v1/audio/', got {prefix!r}")
+        return value
+
+
+class LimitsConfig(Section):
+    body_bytes: int = Field(10 * MiB, ge=1, description="Largest request body accepted (413 above it).")
+
+
+class RetryConfig(Section):
+    enabled: bool = Field(True, description="Retry failed attempts while nothing has reached the client.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries after the first attempt (env LLM_MAX_RETRIES).")
+    backoff_base_s: float = Field(0.8, gt=0, description="Backoff before the first retry (env LLM_RETRY_BACKOFF_MS).")
+    backoff_max_s: float = Field(20.0, gt=0, description="Longest single backoff.")
+    jitter: Literal["full", "decorrelated"] = Field("full", description="Jitter strategy.")
+    retry_statuses: tuple[int, ...] = Field((502, 503, 504), description="Upstream statuses that are retried.")
+    max_retry_after_s: float = Field(30.0, ge=0, description="Cap on an upstream Retry-After that is honoured.")
+    body_limit_bytes: int = Field(1 * MiB, ge=0, description="Larger request bodies are sent once, not replayed.")
+    budget_ratio: float = Field(0.2, ge=0, le=1, description="Retries may be at most this share of active requests.")
+    budget_min_retries: int = Field(3, ge=0, description="Retries always allowed regardless of the ratio.")
+
+
+class CircuitBreakerConfig(Section):
+    enabled: bool = Field(True, description="Stop sending requests to an upstream that keeps failing.")
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the circuit.")
+    failure_ratio: float | None = Field(None, gt=0, le=1, description="Also open at this failure share over window_s.")
+    window_s: float = Field(60.0, gt=0, description="Window for failure_ratio.")
+    min_requests: int = Field(10, ge=1, description="Requests in the window before failure_ratio applies.")
+    reset_timeout_s: float = Field(30.0, gt=0, description="Cool-down before half-open probes.")
+    half_open_max_probes: int = Field(1, ge=1, description="Requests admitted while half-open.")
+    per_model: bool = Field(False, description="One circuit per model instead of one per upstream.")
+
+
+class ConcurrencyConfig(Section):
+    enabled: bool = Field(True, description="Limit requests in flight to the upstream and queue the rest.")
+    limit: int = Field(4, ge=1, description="Requests in flight (LM Studio's default parallel slots; env EVAL_CONCURRENCY).")
+    max_queue: int = Field(16, ge=0, description="Requests waiting for a slot; beyond it 503 overloaded.")
+    max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue.")
+    per_model: bool = Field(False, description="Separate limits per model.")
+    adaptive: bool = Field(False, description="Let the limit follow observed latency between min_limit and max_limit.")
+    min_limit: int = Field(1, ge=1, description="Adaptive lower bound.")
+    max_limit: int = Field(16, ge=1, description="Adaptive upper bound.")
+
+
+class DrainConfig(Section):
+    timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 draining.")
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, else JSON.")
+    prompts: bool = Field(False, description="Include prompt text in logs.")
+    pipeline_version: str | None = Field(None, description="Stamped on every log line (env EVAL_PIPELINE_VERSION).")
+
+
+class Config(Section):
+    listen: ListenConfig = Field(default_factory=ListenConfig, description="Where lmgate listens.")
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description="The server lmgate forwards to.")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Deadlines.")
+    routes: RoutesConfig = Field(default_factory=RoutesConfig, description="What is forwarded and how.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries before the first byte.")
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig, description="Circuit breaker.")
+    concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig, description="Concurrency limit and queue.")
+    drain: DrainConfig = Field(default_factory=DrainConfig, description="Graceful shutdown.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logs.")
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets masked (for ``config check`` and logs)."""
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short hash of the effective config, stamped on log lines to tell configs apart."""
+        canonical = json.dumps(self.redacted(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _ms_to_s(value: str) -> float:
+    return float(value) / 1000.0
+
+
+# Environment variables from the seeds' clients, mapped to keys (name -> (key path, converter)).
+SEED_ENV: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
+    "LLM_REQUEST_TIMEOUT_MS": (("timeouts", "first_token_s"), _ms_to_s),
+    "LLM_MAX_RETRIES": (("retry", "max_retries"), int),
+    "LLM_RETRY_BACKOFF_MS": (("retry", "backoff_base_s"), _ms_to_s),
+    "EVAL_CONCURRENCY": (("concurrency", "limit"), int),
+    "EVAL_PIPELINE_VERSION": (("logging", "pipeline_version"), str),
+}
+ENV_PREFIX = "LMGATE_"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> Config:
+    """Read, merge and validate the configuration; raise ``ConfigError`` naming what is wrong."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        raw = _read_yaml(Path(path))
+    for name, (key, convert) in SEED_ENV.items():
+        if name in env:
+            try:
+                value = convert(env[name])
+            except ValueError:
+                raise ConfigError(f"environment variable {name}: got {env[name]!r}; expected a number") from None
+            _set(raw, key, value)
+            origins[key] = f"environment variable {name}"
+    for name, text in env.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            key = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            _set(raw, key, _parse_scalar(text))
+            origins[key] = f"environment variable {name}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(raw, key, value)
+            origins[key] = "command line"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source, origins)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(document).__name__}")
+    return document
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set(raw: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for part in key[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[key[-1]] = value
+
+
+def _explain(exc: ValidationError, source: str, origins: Mapping[tuple[str, ...], str]) -> str:
+    lines = []
+    for error in exc.errors():
+        location = tuple(str(part) for part in error["loc"])
+        origin = source
+        for length in range(len(location), 0, -1):
+            if location[:length] in origins:
+                origin = origins[location[:length]]
+                break
+        key = ".".join(location) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{origin}: {key}: unknown key; check its spelling against `lmgate config schema`")
+            continue
+        value = error.get("input")
+        reason = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{origin}: {key}: {reason[0].lower()}{reason[1:]} (got {value!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

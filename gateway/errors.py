@@ -1,0 +1,192 @@
+"""lmgate's documented error hierarchy, and the translations into it at the upstream boundary.
+
+The classes live in ``middleware.errors`` (middlewares raise them and must not import ``gateway``);
+this module re-exports them and adds what only the proxy needs:
+
+* :func:`translate_transport_error` maps an httpx failure to an ``LmgateError`` depending on
+  whether the client's response has started;
+* :func:`normalise_error_body` rewrites LM Studio's ``{"error": "text"}`` bodies into the OpenAI
+  shape and gives each known LM Studio message a stable code.
+
+| code                      | status | when                                                        |
+|---------------------------|--------|-------------------------------------------------------------|
+| `bad_request`             | 400    | malformed request, rejected before the upstream             |
+| `invalid_api_key`         | 401    | missing or wrong client key                                  |
+| `not_found`               | 404    | a route lmgate does not serve (never an open proxy)          |
+| `payload_too_large`       | 413    | body over `limits.body_bytes`                                |
+| `rate_limited`            | 429    | per-key concurrency limit                                    |
+| `client_cancelled`        | (499)  | the client left; nothing is sent, it is logged               |
+| `overloaded`              | 503    | concurrency limit and queue full                             |
+| `draining`                | 503    | shutting down                                                |
+| `circuit_open`            | 503    | the upstream keeps failing                                   |
+| `model_loading`           | 503    | model still loading and `models.on_loading: reject`          |
+| `timeout`                 | 504    | a lmgate deadline (first token, idle, total) passed          |
+| `upstream_unavailable`    | 502    | connection refused or reset before a response                |
+| `upstream_timeout`        | 504    | connecting or reading from the upstream timed out            |
+| `upstream_protocol_error` | 502    | the upstream's answer could not be understood                |
+| `stream_cut`              | 502    | the upstream's stream ended before it finished               |
+| `model_load_failed`       | 502    | the upstream could not load the model                        |
+| `internal_error`          | 500    | a bug in lmgate; logged with the request id                  |
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from middleware.errors import (
+    BadRequest,
+    CircuitOpen,
+    ClientDisconnected,
+    Draining,
+    ErrorMiddleware,
+    GatewayTimeout,
+    InternalError,
+    LmgateError,
+    ModelLoadFailed,
+    ModelLoading,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    StreamCut,
+    Unauthorized,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_body,
+    send_error,
+    sse_error_frame,
+)
+
+__all__ = [
+    "BadRequest",
+    "CircuitOpen",
+    "ClientDisconnected",
+    "Draining",
+    "ErrorMiddleware",
+    "GatewayTimeout",
+    "InternalError",
+    "LmgateError",
+    "ModelLoadFailed",
+    "ModelLoading",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RateLimited",
+    "StreamCut",
+    "Unauthorized",
+    "UpstreamProtocolError",
+    "UpstreamReported",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "classify_upstream_message",
+    "error_body",
+    "normalise_error_body",
+    "send_error",
+    "sse_error_frame",
+    "translate_transport_error",
+]
+
+
+class UpstreamReported(LmgateError):
+    """An error the upstream reported inside a stream that lmgate consumed itself (assembly).
+
+    Status, code and type come from the upstream's message, mirroring what the upstream answers
+    for the same failure without streaming (400 for a context overflow, for example).
+    """
+
+    def __init__(self, message: str, *, status: int, code: str, type: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.type = type
+        self.upstream_fault = status >= 500
+
+    @classmethod
+    def from_message(cls, message: str) -> "UpstreamReported":
+        code, kind = classify_upstream_message(message, 500)
+        status = 400 if kind == "invalid_request_error" else 502
+        return cls(message, status=status, code=code, type=kind)
+
+
+def translate_transport_error(exc: httpx.HTTPError, *, response_started: bool) -> LmgateError:
+    """The ``LmgateError`` for an httpx failure talking to the upstream.
+
+    Once the client's response has started, every transport failure means the stream was cut.
+    """
+    if response_started:
+        return StreamCut(f"The upstream stream was cut: {describe(exc)}")
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"The upstream timed out: {describe(exc)}")
+    if isinstance(exc, httpx.TransportError):
+        return UpstreamUnavailable(f"The upstream could not be reached: {describe(exc)}")
+    return UpstreamProtocolError(f"The upstream request failed: {describe(exc)}")
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# LM Studio gives no distinct status or code for these; its message text is the only signal.
+_MESSAGE_CODES: tuple[tuple[str, str, str], ...] = (
+    ("Trying to keep the first", "context_length_exceeded", "invalid_request_error"),
+    ("n_keep", "context_length_exceeded", "invalid_request_error"),
+    ("does not fit in context length", "context_length_exceeded", "invalid_request_error"),
+    ("Context size has been exceeded", "context_length_exceeded", "invalid_request_error"),
+    ("Reached context length", "context_length_exceeded", "invalid_request_error"),
+    ("Failed to load model", "model_load_failed", "server_error"),
+    ("Model loading was stopped", "model_load_failed", "server_error"),
+    ("Model unloaded", "model_unloaded", "server_error"),
+    ("No models loaded", "model_not_loaded", "invalid_request_error"),
+    ("Invalid model identifier", "model_not_found", "invalid_request_error"),
+    ("has crashed", "model_crashed", "server_error"),
+    ("Unexpected endpoint or method", "not_found", "invalid_request_error"),
+)
+
+
+def classify_upstream_message(message: str, status: int) -> tuple[str, str]:
+    """(code, type) for an upstream error message, by LM Studio's known wording, else by status."""
+    for needle, code, kind in _MESSAGE_CODES:
+        if needle in message:
+            return code, kind
+    if status >= 500:
+        return "upstream_error", "server_error"
+    if status == 401:
+        return "invalid_api_key", "authentication_error"
+    if status == 429:
+        return "rate_limited", "rate_limit_error"
+    return "upstream_rejected", "invalid_request_error"
+
+
+def normalise_error_body(body: bytes, status: int) -> tuple[bytes, str] | None:
+    """Rewrite an upstream error body into ``{"error": {"message", "type", "code"}}``.
+
+    Returns the new body and its code, or None when the body is not a JSON object with ``error``
+    (it is then passed on untouched). Object-shaped errors keep their fields; a missing ``code``
+    or ``type`` is filled in, so every error a client sees has all three.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict) or "error" not in document:
+        return None
+    error = document["error"]
+    if isinstance(error, str):
+        code, kind = classify_upstream_message(error, status)
+        normalised: dict[str, object] = {"message": error, "type": kind, "code": code}
+    elif isinstance(error, dict):
+        message = str(error.get("message") or "")
+        code, kind = classify_upstream_message(message, status)
+        normalised = dict(error)
+        normalised.setdefault("message", message)
+        if not normalised.get("code"):
+            normalised["code"] = code
+        if not normalised.get("type"):
+            normalised["type"] = kind
+    else:
+        return None
+    return json.dumps({"error": normalised}, separators=(",", ":")).encode(), str(normalised["code"])

@@ -1,0 +1,65 @@
+"""Logging set-up: one JSON object per line on stdout, or a readable line on a terminal.
+
+Every record may carry structured fields through ``extra={...}`` (``event``, ``request_id`` and
+whatever the event needs); the JSON formatter writes them as top-level keys, and stamps each line
+with the pipeline version (``EVAL_PIPELINE_VERSION``) and the effective config's short hash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD}
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, *, stamp: dict[str, str]) -> None:
+        super().__init__()
+        self.stamp = stamp
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": getattr(record, "event", None) or "log",
+            "message": record.getMessage(),
+        }
+        document.update(_fields(record))
+        document.update(self.stamp)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str, separators=(",", ":"))
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{key}={value}" for key, value in _fields(record).items() if key != "event")
+        clock = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{clock} {record.levelname:<7} {record.getMessage()}" + (f"  {fields}" if fields else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(*, level: str, fmt: str, pipeline_version: str | None, config_hash: str) -> None:
+    """Route the ``lmgate`` and ``hypercorn.error`` loggers to stdout in the chosen format."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    stamp = {"config_hash": config_hash}
+    if pipeline_version:
+        stamp["pipeline_version"] = pipeline_version
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter(stamp=stamp) if use_json else ConsoleFormatter())
+    for name in ("lmgate", "hypercorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False

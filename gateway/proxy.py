@@ -1,0 +1,259 @@
+"""The terminal ASGI app: a streaming pass-through proxy to one upstream.
+
+Shape of one request:
+
+1. Check the route (404 otherwise), read the body once (``middleware.body``), build the upstream
+   request: same method, path and query on the configured upstream, filtered headers.
+2. Send it with the shared ``httpx.AsyncClient`` in streaming mode, while a watcher task listens
+   to ``receive()`` for ``http.disconnect``. When the client leaves, at any phase (waiting for
+   headers, a model load, mid-stream), the watcher cancels the forwarding and the upstream response
+   is closed in a shielded ``finally``: LM Studio sees the disconnect and stops generating, and
+   the pooled connection is released, not leaked.
+3. Relay: each upstream chunk (``aiter_raw``: no decoding, content-encoding intact) is sent to the
+   client as one ASGI message as soon as it arrives. ``await send`` returns only when the server
+   accepted the bytes, so a slow client slows the reads from the upstream (backpressure).
+
+Failures before the response starts are raised as ``LmgateError`` (rendered by the outer
+``ErrorMiddleware``, and seen by retry and the breaker); after it started, as ``StreamCut`` (an
+SSE error frame, or an aborted transfer for other bodies). LM Studio's own errors keep their
+status, and its ``{"error": "text"}`` bodies are normalised to the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+
+import anyio
+import httpx
+
+from gateway.assemble import CompletionAssembler, streaming_request_body
+from gateway.errors import (
+    ClientDisconnected,
+    NotFound,
+    StreamCut,
+    normalise_error_body,
+    translate_transport_error,
+)
+from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path, route_raw_path
+from gateway.sse import StreamMarkers
+from middleware.body import DEFAULT_LIMIT_BYTES, read_body, request_json
+from middleware.request_id import request_id
+from middleware.response import is_event_stream
+from middleware.types import Receive, Scope, Send
+
+# Error bodies are small; anything larger is passed through untouched rather than buffered.
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class Proxy:
+    """Forward allowed routes to ``upstream_url`` with ``client``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        upstream_url: str,
+        routes: RouteTable | None = None,
+        api_key: str | None = None,
+        forward_client_auth: bool = False,
+        assemble_non_streaming: Mapping[str, bool] | bool = True,
+        normalise_errors: bool = True,
+        body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
+    ) -> None:
+        self.client = client
+        self.upstream_url = upstream_url.rstrip("/")
+        self.routes = routes or RouteTable()
+        self.api_key = api_key
+        self.forward_client_auth = forward_client_auth
+        if isinstance(assemble_non_streaming, bool):
+            self.assemble = {path: kind for path, kind in ASSEMBLABLE.items() if assemble_non_streaming}
+        else:
+            self.assemble = {
+                path: kind for path, kind in ASSEMBLABLE.items() if assemble_non_streaming.get(path, True)
+            }
+        self.normalise_errors = normalise_errors
+        self.body_limit_bytes = body_limit_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        path = route_path(scope)
+        if not self.routes.allows(path):
+            raise NotFound(f"lmgate does not serve {path!r}; see the list of forwarded routes in docs.")
+        body = await read_body(scope, receive, limit_bytes=self.body_limit_bytes)
+        assemble_kind = self._assembly_kind(scope, path)
+        if assemble_kind is not None:
+            body = streaming_request_body(request_json(scope) or {})
+        rid = request_id(scope)
+        request = self.client.build_request(
+            scope["method"],
+            self._upstream_url(scope),
+            headers=upstream_request_headers(
+                scope, request_id=rid, api_key=self.api_key, forward_client_auth=self.forward_client_auth
+            ),
+            content=body,
+        )
+
+        disconnected = False
+        failure: Exception | None = None
+        async with anyio.create_task_group() as watchers:
+
+            async def watch_disconnect() -> None:
+                nonlocal disconnected
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        disconnected = True
+                        watchers.cancel_scope.cancel()
+                        return
+
+            watchers.start_soon(watch_disconnect)
+            try:
+                await self._exchange(request, send, path=path, request_id=rid, assemble_kind=assemble_kind)
+            except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
+                failure = exc
+            finally:
+                watchers.cancel_scope.cancel()
+        if disconnected:
+            raise ClientDisconnected()
+        if failure is not None:
+            raise failure
+
+    def _assembly_kind(self, scope: Scope, path: str) -> str | None:
+        kind = self.assemble.get(path)
+        if kind is None or scope["method"] != "POST":
+            return None
+        document = request_json(scope)
+        if document is None or document.get("stream"):
+            return None
+        return kind
+
+    def _upstream_url(self, scope: Scope) -> str:
+        # raw_path keeps the client's exact encoding; the route check ran on the decoded path.
+        url = self.upstream_url + route_raw_path(scope).decode("latin-1")
+        query = scope.get("query_string", b"")
+        return f"{url}?{query.decode('latin-1')}" if query else url
+
+    async def _exchange(
+        self, request: httpx.Request, send: Send, *, path: str, request_id: str, assemble_kind: str | None
+    ) -> None:
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate_transport_error(exc, response_started=False) from exc
+        try:
+            event_stream = is_event_stream(response.headers.raw)
+            chunks = response.aiter_raw()
+            head = b""
+            if self.normalise_errors and (response.status_code >= 400 or (not event_stream and _is_json(response))):
+                # Errors are small JSON documents; LM Studio even answers unknown routes with
+                # 200 {"error": ...}. Read an error whole to normalise it; peek at a 200.
+                if response.status_code < 400:
+                    head = await _next_chunk(chunks, started=False)
+                if response.status_code >= 400 or head.startswith(b'{"error"'):
+                    head, complete = await _read_up_to(chunks, head, limit=_MAX_ERROR_BODY)
+                    if complete:
+                        await self._send_error_body(response, head, send, request_id=request_id)
+                        return
+            if assemble_kind is not None and event_stream and response.status_code == 200:
+                await self._relay_assembled(response, send, kind=assemble_kind, request_id=request_id)
+            else:
+                await self._relay(
+                    response, chunks, send, head=head, path=path, request_id=request_id, event_stream=event_stream
+                )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _relay(
+        self,
+        response: httpx.Response,
+        chunks: AsyncIterator[bytes],
+        send: Send,
+        *,
+        head: bytes,
+        path: str,
+        request_id: str,
+        event_stream: bool,
+    ) -> None:
+        """Send the response on, chunk by chunk; ``head`` holds bytes already read from ``chunks``."""
+        headers = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=event_stream)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        markers = StreamMarkers() if event_stream and path in DONE_TERMINATED else None
+        chunk = head
+        while True:
+            if chunk:
+                if markers is not None:
+                    markers.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunk = await _next_chunk(chunks, started=True)
+            if not chunk:
+                break
+        if markers is not None and not markers.done and not markers.error:
+            raise StreamCut("The upstream ended the stream without `data: [DONE]`; the answer is incomplete.")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_error_body(self, response: httpx.Response, body: bytes, send: Send, *, request_id: str) -> None:
+        """Send a complete upstream error body, normalised to the OpenAI shape when it is one."""
+        status = response.status_code
+        headers = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=False)
+        headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
+        normalised = normalise_error_body(body, status) if not response.headers.get("content-encoding") else None
+        if normalised is not None:
+            body, code = normalised
+            if status < 400:
+                # Only "Unexpected endpoint or method" arrives as an error with status 200.
+                status = 404 if code == "not_found" else 502
+            headers.append((b"x-lmgate-error", code.encode("latin-1")))
+        elif response.headers.get("content-encoding"):
+            headers.append((b"content-encoding", response.headers["content-encoding"].encode("latin-1")))
+        headers.append((b"content-length", str(len(body)).encode("ascii")))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _relay_assembled(self, response: httpx.Response, send: Send, *, kind: str, request_id: str) -> None:
+        assembler = CompletionAssembler(kind)
+        try:
+            async for text in response.aiter_text():
+                assembler.feed(text)
+        except httpx.HTTPError as exc:
+            raise translate_transport_error(exc, response_started=False) from exc
+        body = json.dumps(assembler.result(), separators=(",", ":"), ensure_ascii=False).encode()
+        upstream = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=False)
+        headers = [
+            (k, v) for k, v in upstream if k not in (b"content-type", b"content-length", b"content-encoding", b"cache-control")
+        ]
+        headers += [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _is_json(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("application/json")
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes], *, started: bool) -> bytes:
+    """The next raw chunk, b"" at the end; transport failures translated for the current phase."""
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        return b""
+    except httpx.HTTPError as exc:
+        raise translate_transport_error(exc, response_started=started) from exc
+
+
+async def _read_up_to(chunks: AsyncIterator[bytes], head: bytes, *, limit: int) -> tuple[bytes, bool]:
+    """Read on until the end or past ``limit`` bytes; returns what was read and whether it ended."""
+    parts = [head]
+    size = len(head)
+    while size <= limit:
+        chunk = await _next_chunk(chunks, started=False)
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), False

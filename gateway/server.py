@@ -1,0 +1,81 @@
+"""``lmgate serve``: hypercorn, the start-up line, and graceful drain on SIGTERM/SIGINT.
+
+Drain lives in hypercorn's ``shutdown_trigger`` because listeners close only after it returns:
+while lmgate drains, new connections are still accepted and answered 503 ``draining`` with
+``Connection: close`` (a load balancer moves them elsewhere), readiness says 503, and in-flight
+streams finish. A second signal ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from contextlib import AsyncExitStack
+from typing import Callable
+
+import anyio
+from hypercorn.asyncio import serve as hypercorn_serve
+
+from gateway.app import Gateway
+from gateway.config import Config
+from gateway.serving import bind_socket, format_url, hypercorn_config
+
+logger = logging.getLogger("lmgate")
+
+# After the drain deadline, how long aborted streams get to flush their error frames.
+_ABORT_FLUSH_S = 2.0
+
+
+async def serve(config: Config, *, simulate: bool = False, announce: Callable[[str], None] = print) -> int:
+    """Serve until SIGTERM/SIGINT, drain, and return the exit code (0)."""
+    async with AsyncExitStack() as stack:
+        if simulate:
+            from gateway.simulator import Simulator, default_models
+
+            simulator = await stack.enter_async_context(Simulator(models=default_models()))
+            config = config.model_copy(
+                update={"upstream": config.upstream.model_copy(update={"url": simulator.url})}
+            )
+        gateway = Gateway(config)
+        # Signals are caught from here on, so a SIGTERM during start-up drains instead of killing.
+        signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
+        sock = bind_socket(config.listen.host, config.listen.port)
+        url = format_url(config.listen.host, sock.getsockname()[1])
+        what = "the built-in LM Studio simulator at " if simulate else ""
+        announce(f"lmgate listening on {url}, forwarding to {what}{config.upstream.url}")
+        logger.info(
+            "config loaded",
+            extra={"event": "config_loaded", "listen": url, "upstream": config.upstream.url},
+        )
+
+        async def drain_on_signal() -> None:
+            async for signum in signals:
+                logger.info(
+                    "draining",
+                    extra={"event": "drain_start", "signal": signal.Signals(signum).name,
+                           "in_flight": gateway.drain.in_flight, "timeout_s": config.drain.timeout_s},
+                )
+                break
+            gateway.drain.start()
+            finished = False
+            async with anyio.create_task_group() as tg:
+
+                async def second_signal() -> None:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+                        return
+
+                tg.start_soon(second_signal)
+                finished = await gateway.drain.wait_idle(config.drain.timeout_s)
+                tg.cancel_scope.cancel()
+            if not finished:
+                gateway.drain.abort_remaining()
+                await gateway.drain.wait_idle(_ABORT_FLUSH_S)
+            logger.info(
+                "drained",
+                extra={"event": "drain_end", "completed": finished, "aborted": gateway.drain.in_flight},
+            )
+
+        hyper = hypercorn_config(sock, graceful_timeout_s=_ABORT_FLUSH_S)
+        await hypercorn_serve(gateway, hyper, shutdown_trigger=drain_on_signal)  # type: ignore[arg-type]
+    return 0
