@@ -1,0 +1,309 @@
+"""Admission control: at most ``limit`` requests in flight per key, then a bounded FIFO queue.
+
+LM Studio runs a fixed number of predictions at once (4 by default) and queues the rest where
+nobody can see or bound them. This layer keeps that queue in the gateway instead: a request past
+the limit waits its turn in a FIFO of at most ``max_queue`` for at most ``max_wait_s``, and beyond
+that it is refused at once with 503 ``overloaded`` (429 ``rate_limited`` when limits are per client
+key) and a ``Retry-After`` estimated from how fast slots have been freeing up.
+
+A slot is held until the inner app returns, that is until the last byte of a streamed body went
+out or the request was cancelled, never just until the headers: a stream is load on the upstream
+for as long as it runs. A queued request whose client leaves is dropped from the queue at once.
+
+Each key (the whole upstream, or each ``model`` with ``per_model=True``, optionally split by
+client key) has its own limiter. All limiter bookkeeping is synchronous, so between "a slot is
+free" and "this waiter has it" nothing can interleave: a slot is handed over by ``release`` itself,
+and a waiter that gives up after being handed one passes it straight on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+
+import anyio
+
+from middleware._adaptive import AimdLimit, Ewma
+from middleware.body import model_of, read_body, replaying_receive
+from middleware.errors import ClientDisconnected, LmgateError, Overloaded, RateLimited, send_error
+from middleware.response import ResponseState
+from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
+
+__all__ = ["ConcurrencyMiddleware"]
+
+#: Snapshot name of the key used when limits are not split by model or client.
+ALL = "*"
+#: Idle per-key limiters beyond this many are forgotten, so arbitrary model names cannot grow memory.
+_MAX_IDLE_KEYS = 256
+_RETRY_AFTER_BOUNDS_S = (1.0, 60.0)
+
+Key = tuple[str | None, str | None]  # (client key, model)
+
+
+class _Waiter:
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+
+
+class _Limiter:
+    """One key's slots, FIFO queue and service-rate estimate. No method awaits."""
+
+    __slots__ = ("fixed_limit", "adaptive", "in_flight", "waiters", "hold_s")
+
+    def __init__(self, limit: int, adaptive: AimdLimit | None) -> None:
+        self.fixed_limit = limit
+        self.adaptive = adaptive
+        self.in_flight = 0
+        self.waiters: deque[_Waiter] = deque()
+        # Average time a slot stays taken; with the limit it gives the service rate (Little's law).
+        self.hold_s = Ewma(0.2)
+
+    @property
+    def limit(self) -> int:
+        return self.adaptive.limit if self.adaptive is not None else self.fixed_limit
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and not self.waiters
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody is queued ahead (FIFO, no barging)."""
+        if self.waiters or self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def enqueue(self) -> _Waiter:
+        waiter = _Waiter()
+        self.waiters.append(waiter)
+        return waiter
+
+    def abandon(self, waiter: _Waiter) -> None:
+        """The waiter gives up: leave the queue, or pass on the slot it was handed meanwhile."""
+        if waiter.granted:
+            self.release()
+        else:
+            self.waiters.remove(waiter)
+
+    def release(self, held_s: float | None = None) -> None:
+        self.in_flight -= 1
+        if held_s is not None:
+            self.hold_s.add(held_s)
+        self._grant()
+
+    def observe_latency(self, latency_s: float) -> None:
+        if self.adaptive is not None:
+            self.adaptive.observe(latency_s, self.in_flight)
+            self._grant()  # the limit may have grown
+
+    def _grant(self) -> None:
+        while self.waiters and self.in_flight < self.limit:
+            waiter = self.waiters.popleft()
+            waiter.granted = True
+            self.in_flight += 1
+            waiter.event.set()
+
+    def retry_after_s(self, default_s: float) -> float:
+        """Seconds until a newcomer would likely get a slot: everyone queued, plus itself, served
+        at ``limit / average hold time`` per second."""
+        if self.hold_s.value is None:
+            return default_s
+        low, high = _RETRY_AFTER_BOUNDS_S
+        estimate = (len(self.waiters) + 1) * self.hold_s.value / max(self.limit, 1)
+        return min(max(estimate, low), high)
+
+    def snapshot(self) -> dict[str, int]:
+        return {"limit": self.limit, "in_flight": self.in_flight, "queued": len(self.waiters)}
+
+
+class ConcurrencyMiddleware:
+    """Limit requests in flight per upstream (or per model), queue a bounded few, shed the rest.
+
+    Options:
+        limit: requests in flight per key (LM Studio's default parallel predictions is 4).
+        max_queue: requests that may wait per key; 0 sheds as soon as the limit is reached.
+        max_wait_s: how long a queued request waits for a slot before it is shed.
+        per_model: one limiter per ``model`` in the JSON body (the body is read and replayed).
+        adaptive: let the limit follow latency between ``min_limit`` and ``max_limit``
+            (AIMD on the average time to first body byte, see ``middleware._adaptive``).
+        latency_threshold_s: the average time to first byte above which the adaptive limit falls.
+        client_key: ``scope -> identifier`` for per-client limits; refusals are then 429. Return a
+            key *name*, not a secret: it appears in ``snapshot()``.
+        default_retry_after_s: ``Retry-After`` before any request has finished on that key.
+        exempt_paths: paths never limited (health, metrics, model lists).
+        clock: monotonic seconds; injected in tests.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: int = 4,
+        max_queue: int = 16,
+        max_wait_s: float = 30.0,
+        per_model: bool = False,
+        adaptive: bool = False,
+        min_limit: int = 1,
+        max_limit: int = 16,
+        latency_threshold_s: float = 10.0,
+        client_key: Callable[[Scope], str | None] | None = None,
+        default_retry_after_s: float = 5.0,
+        exempt_paths: Collection[str] = (),
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit!r}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must not be negative, not {max_queue!r}")
+        if not max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must not be negative, not {max_wait_s!r}")
+        if not default_retry_after_s > 0:
+            raise ValueError(f"default_retry_after_s must be positive, not {default_retry_after_s!r}")
+        if adaptive:
+            if not min_limit <= limit <= max_limit:
+                raise ValueError(f"adaptive needs min_limit <= limit <= max_limit, got {min_limit}, {limit}, {max_limit}")
+            # Validates the remaining adaptive options once, at start-up.
+            AimdLimit(initial=limit, min_limit=min_limit, max_limit=max_limit, latency_threshold_s=latency_threshold_s)
+        self.app = app
+        self.limit = limit
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self.per_model = per_model
+        self.adaptive = adaptive
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self.latency_threshold_s = latency_threshold_s
+        self.client_key = client_key
+        self.default_retry_after_s = default_retry_after_s
+        self.exempt_paths = frozenset(exempt_paths)
+        self.clock = clock
+        self._limiters: dict[Key, _Limiter] = {}
+        if not per_model and client_key is None:
+            self._limiter((None, None))  # so snapshot() shows the one key before any traffic
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Per key: ``limit``, ``in_flight`` and ``queued``, for metrics, health and the status page."""
+        return {_key_name(key): limiter.snapshot() for key, limiter in self._limiters.items()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        try:
+            limiter = self._limiter(await self._key(scope, receive))
+            await self._admit(limiter, scope, receive)
+        except ClientDisconnected:
+            return
+        except LmgateError as error:
+            # Rendered here, not raised: nothing has been sent, and the layer must work on its own.
+            await send_error(send, error, ResponseState())
+            return
+        await self._serve(limiter, scope, replaying_receive(scope, receive), send)
+
+    async def _key(self, scope: Scope, receive: Receive) -> Key:
+        client = self.client_key(scope) if self.client_key is not None else None
+        model = await model_of(scope, receive) if self.per_model else None
+        return client, model
+
+    def _limiter(self, key: Key) -> _Limiter:
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            if len(self._limiters) >= _MAX_IDLE_KEYS:
+                for stale in [k for k, lim in self._limiters.items() if lim.idle]:
+                    del self._limiters[stale]
+            adaptive = None
+            if self.adaptive:
+                adaptive = AimdLimit(
+                    initial=self.limit,
+                    min_limit=self.min_limit,
+                    max_limit=self.max_limit,
+                    latency_threshold_s=self.latency_threshold_s,
+                )
+            limiter = self._limiters[key] = _Limiter(self.limit, adaptive)
+        return limiter
+
+    async def _admit(self, limiter: _Limiter, scope: Scope, receive: Receive) -> None:
+        """Return holding a slot, or raise ``Overloaded``/``RateLimited``/``ClientDisconnected``."""
+        if limiter.try_acquire():
+            return
+        if not self._queue_has_room(limiter):
+            raise self._refusal(limiter, "the queue is full")
+        # With the body cached, the server's receive can only deliver http.disconnect now.
+        await read_body(scope, receive)
+        if limiter.try_acquire():
+            return
+        if not self._queue_has_room(limiter):
+            raise self._refusal(limiter, "the queue is full")
+        waiter = limiter.enqueue()
+        client_left = False
+
+        async def watch_disconnect(cancel: anyio.CancelScope) -> None:
+            nonlocal client_left
+            watch = replaying_receive(scope, receive)  # the cached body first, then the server
+            while (await watch())["type"] != "http.disconnect":
+                pass
+            client_left = True
+            cancel.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch_disconnect, tg.cancel_scope)
+                with anyio.move_on_after(self.max_wait_s):
+                    await waiter.event.wait()
+                tg.cancel_scope.cancel()
+        except BaseException:
+            limiter.abandon(waiter)
+            raise
+        if client_left or not waiter.granted:
+            limiter.abandon(waiter)
+            if client_left:
+                raise ClientDisconnected()
+            raise self._refusal(limiter, f"no slot came free within {self.max_wait_s:g} s")
+
+    def _queue_has_room(self, limiter: _Limiter) -> bool:
+        return self.max_wait_s > 0 and len(limiter.waiters) < self.max_queue
+
+    def _refusal(self, limiter: _Limiter, why: str) -> LmgateError:
+        retry_after_s = limiter.retry_after_s(self.default_retry_after_s)
+        if self.client_key is not None:
+            return RateLimited(f"Too many concurrent requests for this key and {why}; try again later.",
+                               retry_after_s=retry_after_s)
+        return Overloaded(f"The upstream is at its concurrency limit and {why}; try again later.",
+                          retry_after_s=retry_after_s)
+
+    async def _serve(self, limiter: _Limiter, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the inner app holding the slot; feed the adaptive limit its latency sample."""
+        granted_at = self.clock()
+        sampled = False
+        # A client that left before the first byte tells nothing about latency (censored sample).
+        client_left = False
+
+        async def sampling_send(message: Message) -> None:
+            nonlocal sampled
+            if not sampled and message["type"] == "http.response.body" and (
+                message.get("body") or not message.get("more_body", False)
+            ):
+                sampled = True
+                limiter.observe_latency(self.clock() - granted_at)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sampling_send)
+        except (ClientDisconnected, anyio.get_cancelled_exc_class()):
+            client_left = True
+            raise
+        finally:
+            held_s = self.clock() - granted_at
+            if not sampled and not client_left:
+                limiter.observe_latency(held_s)  # e.g. a timeout before the first byte: slow
+            limiter.release(held_s)
+
+
+def _key_name(key: Key) -> str:
+    client, model = key
+    model_name = model or ALL
+    return model_name if client is None else f"{client}/{model_name}"
