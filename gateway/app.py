@@ -123,8 +123,9 @@ class Gateway:
                 max_wait_s=c.max_wait_s,
                 per_model=c.per_model,
                 adaptive=c.adaptive,
-                min_limit=c.min_limit,
+                min_limit=min(c.min_limit, c.limit),
                 max_limit=max(c.max_limit, c.limit),
+                latency_threshold_s=c.latency_threshold_s,
             )
         self.forward: ASGIApp = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
         self.admin = AdminRoutes(self)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 MiB = 1024 * 1024
 
@@ -150,6 +150,17 @@ class ConcurrencyConfig(Section):
     adaptive: bool = Field(False, description="Let the limit follow observed latency between min_limit and max_limit.")
     min_limit: int = Field(1, ge=1, description="Adaptive lower bound.")
     max_limit: int = Field(16, ge=1, description="Adaptive upper bound.")
+    latency_threshold_s: float = Field(
+        10.0, gt=0, description="Adaptive: average time to first byte above which the limit is cut by 10%."
+    )
+
+    @model_validator(mode="after")
+    def _ordered_limits(self) -> "ConcurrencyConfig":
+        if self.adaptive and not self.min_limit <= self.limit <= self.max_limit:
+            raise ValueError(
+                f"expected min_limit <= limit <= max_limit with adaptive on, got {self.min_limit}, {self.limit}, {self.max_limit}"
+            )
+        return self
 
 
 class DrainConfig(Section):
@@ -281,6 +292,11 @@ def _explain(exc: ValidationError, source: str, origins: Mapping[tuple[str, ...]
             if location[:length] in origins:
                 origin = origins[location[:length]]
                 break
+        else:
+            # A section-level error: name every non-file source that set a key inside it.
+            inside = sorted({name for key, name in origins.items() if key[: len(location)] == location})
+            if inside:
+                origin = " and ".join([source, *inside]) if source != "defaults" else " and ".join(inside)
         key = ".".join(location) or "(top level)"
         if error["type"] == "extra_forbidden":
             lines.append(f"{origin}: {key}: unknown key; check its spelling against `lmgate config schema`")
