@@ -12,9 +12,9 @@ should not take the others down with it). A circuit:
   shed. A failed probe reopens the circuit; ``half_open_max_probes`` successful probes close it.
 
 Failures: connect errors and resets, timeouts (a lmgate deadline cancelling the request included),
-5xx responses, a stream cut mid-way. Not failures: a client that left, a cancellation that was not
-a deadline (shutdown), and lmgate's own refusals. Any other answer (4xx, context overflow) shows
-the upstream answering and counts as a success, as in Envoy's ``consecutive_5xx``.
+5xx responses, a stream cut mid-way. Count for nothing: a client that left, a cancellation that was
+not a deadline (shutdown), and lmgate's own refusals. Any other answer (4xx, context overflow)
+shows the upstream answering and counts as a success, as in Envoy's ``consecutive_5xx``.
 
 The outcome of a stream is known only when it ends, and an ASGI app returns only then, so each
 outcome is recorded when the inner app returns or raises. Outcomes of requests admitted before a
@@ -269,7 +269,11 @@ class CircuitBreakerMiddleware:
         self.breaker(name)
 
     def states(self) -> dict[str, str]:
-        """Each circuit's state: "closed", "open" or "half_open"."""
+        """Each circuit's state: "closed", "open" or "half_open".
+
+        Reading it moves an open circuit whose cool-down has passed to half-open (logged and
+        reported like any transition), so a health check never shows a stale "open".
+        """
         return {key: breaker.state for key, breaker in self._breakers.items()}
 
     def breaker(self, key: str) -> Breaker:

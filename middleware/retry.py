@@ -88,7 +88,7 @@ class RetryStats:
     budget_exhausted: int = 0
 
 
-class wait_decorrelated_jitter(tenacity.wait.wait_base):  # noqa: N801 (tenacity's naming)
+class DecorrelatedJitter(tenacity.wait.wait_base):
     """AWS's decorrelated jitter: each wait is uniform(base, 3 x the previous wait), capped.
 
     tenacity ships full jitter (``wait_random_exponential``) but not this one, so it is added as a
@@ -179,7 +179,7 @@ class RetryMiddleware:
     def backoff(self) -> Callable[[RetryCallState], float]:
         """A fresh tenacity wait strategy for one request."""
         if self.jitter == "decorrelated":
-            return wait_decorrelated_jitter(base=self.backoff_base_s, cap=self.backoff_max_s)
+            return DecorrelatedJitter(base=self.backoff_base_s, cap=self.backoff_max_s)
         return tenacity.wait_random_exponential(multiplier=self.backoff_base_s, max=self.backoff_max_s)
 
     def judge(self, start: Message) -> tuple[bool, float | None]:

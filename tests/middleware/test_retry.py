@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.errors import (
     CircuitOpen,
     ClientDisconnected,
@@ -25,7 +26,7 @@ from middleware.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from middleware.retry import RetryMiddleware, attempt_number, parse_retry_after, wait_decorrelated_jitter
+from middleware.retry import RetryMiddleware, attempt_number, parse_retry_after, DecorrelatedJitter
 from middleware.timeout import TimeoutMiddleware
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -162,6 +163,16 @@ async def test_nothing_is_retried_once_a_byte_reached_the_client() -> None:
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
+async def test_a_circuit_that_opens_between_attempts_ends_the_retries() -> None:
+    upstream = Upstream(502)
+    breaker = CircuitBreakerMiddleware(upstream, failure_threshold=2)
+    response = await post(retrying(breaker, Sleeps(), max_retries=5))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "circuit_open"
+    assert response.headers["x-lmgate-attempts"] == "3"
+    assert upstream.calls == 2  # the third attempt was refused by the circuit, and not retried
+
+
 async def test_retry_after_is_honoured_on_429_and_503() -> None:
     sleeps = Sleeps()
     upstream = Upstream((429, [(b"retry-after", b"2")]), (503, [(b"retry-after", b"7")]), 200)
@@ -270,7 +281,7 @@ async def test_a_client_that_disconnects_during_backoff_ends_the_wait() -> None:
 
 
 def test_decorrelated_jitter_grows_from_the_base_and_respects_the_cap() -> None:
-    wait = wait_decorrelated_jitter(base=0.8, cap=5.0)
+    wait = DecorrelatedJitter(base=0.8, cap=5.0)
     previous = 0.8
     for _ in range(50):
         value = wait(None)  # type: ignore[arg-type]
