@@ -87,6 +87,7 @@ class Gateway:
                 reset_timeout_s=cb.reset_timeout_s,
                 half_open_max_probes=cb.half_open_max_probes,
                 per_model=cb.per_model,
+                body_limit_bytes=config.limits.body_bytes,
             )
         self.retry: RetryMiddleware | None = None
         if config.retry.enabled and config.retry.max_retries > 0:
@@ -112,6 +113,7 @@ class Gateway:
             per_model={
                 model: overrides.model_dump(exclude_none=True) for model, overrides in t.per_model.items()
             },
+            body_limit_bytes=config.limits.body_bytes,
         )
         self.concurrency: ConcurrencyMiddleware | None = None
         if config.concurrency.enabled:
