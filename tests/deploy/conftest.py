@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -41,7 +41,8 @@ from anyio.abc import Process
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES_DIR = REPO / "deploy" / "nginx"
-SAMPLES = ("single.conf", "replicas.conf", "subpath.conf")
+# Every sample file is tested; a new one fails here until the maps below describe it.
+SAMPLES = tuple(sorted(path.name for path in SAMPLES_DIR.glob("*.conf")))
 # Where each sample mounts lmgate on the public side.
 PREFIX = {"single.conf": "", "replicas.conf": "", "subpath.conf": "/llm"}
 # The lmgate addresses each sample uses, as documented in it.
@@ -95,8 +96,13 @@ def render_sample(
     log_dir: Path,
     site_root: Path | None = None,
     read_timeout: str | None = None,
+    edits: Mapping[str, str] | None = None,
 ) -> str:
-    """The sample as a user would deploy it, with test ports and paths instead of the defaults."""
+    """The sample as a user would deploy it, with test ports and paths instead of the defaults.
+
+    ``read_timeout`` replaces the shipped ``proxy_read_timeout 300s;``; ``edits`` are further
+    ``{old: new}`` replacements, for tests that show what a *wrong* setting does.
+    """
     text = (SAMPLES_DIR / sample).read_text(encoding="utf-8")
     addresses = LMGATE_ADDRESSES[sample]
     if len(lmgate_ports) != len(addresses):
@@ -111,6 +117,8 @@ def render_sample(
         text = replace_documented(text, SITE_ROOT, f"root {root};", sample=sample)
     if read_timeout is not None:
         text = replace_documented(text, SHIPPED_READ_TIMEOUT, f"proxy_read_timeout {read_timeout};", sample=sample)
+    for old, new in (edits or {}).items():
+        text = replace_documented(text, old, new, sample=sample)
     leftover = re.findall(r"127\.0\.0\.1:80\d\d\b", text)
     assert not leftover, f"{sample}: unrendered lmgate addresses {leftover}"
     return text
@@ -230,13 +238,14 @@ async def run_nginx(
     lmgate_ports: Sequence[int],
     read_timeout: str | None = None,
     site_root: Path | None = None,
+    edits: Mapping[str, str] | None = None,
 ) -> AsyncIterator[RunningNginx]:
     """NGINX with ``sample`` in front of lmgate at ``lmgate_ports``, until the block exits."""
     for attempt in range(_PORT_ATTEMPTS):  # a free port may be taken before NGINX binds it
         port = free_port()
         site = write_nginx_config(
             directory, sample, listen_port=port, lmgate_ports=lmgate_ports, site_root=site_root,
-            read_timeout=read_timeout,
+            read_timeout=read_timeout, edits=edits,
         )  # fmt: skip
         error_log = directory / "error.log"
         error_log.unlink(missing_ok=True)
@@ -260,6 +269,24 @@ async def run_nginx(
         finally:
             await stop_process(process)
         return
+
+
+@pytest.fixture(params=SAMPLES)
+def sample(request: pytest.FixtureRequest) -> str:
+    """Each sample config in ``deploy/nginx/`` in turn."""
+    return str(request.param)
+
+
+@pytest.fixture
+def nginx_check(nginx_bin: str, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``nginx_check(sample, lmgate_ports=[...])``: render the sample and run ``nginx -t`` on it."""
+
+    def check(sample: str, **render: Any) -> subprocess.CompletedProcess[str]:
+        directory = tmp_path / f"check-{sample}"
+        write_nginx_config(directory, sample, listen_port=free_port(), **render)
+        return check_config(nginx_bin, directory)
+
+    return check
 
 
 @pytest.fixture
@@ -370,3 +397,26 @@ async def _announced_port(process: Process, stderr: Path) -> int:
         if process.returncode is not None or time.monotonic() > deadline:
             raise RuntimeError(f"lmgate did not announce its port:\n{stderr.read_text(errors='replace')}")
         await anyio.sleep(_POLL_S)
+
+
+@pytest.fixture
+def deployed(
+    nginx: Callable[..., AbstractAsyncContextManager[RunningNginx]],
+    lmgate: Callable[..., AbstractAsyncContextManager[Any]],
+) -> Callable[..., AbstractAsyncContextManager[RunningNginx]]:
+    """``async with deployed(sample, upstream_url) as proxy``: one in-process lmgate for each
+    address the sample names (two for the replicas sample), all forwarding to ``upstream_url``,
+    and NGINX in front of them. ``overrides`` go to lmgate's config, the rest to ``run_nginx``."""
+
+    @asynccontextmanager
+    async def start(
+        sample: str, upstream_url: str, overrides: Mapping[str, Any] | None = None, **nginx_options: Any
+    ) -> AsyncIterator[RunningNginx]:
+        async with AsyncExitStack() as stack:
+            ports = [
+                (await stack.enter_async_context(lmgate(upstream_url, overrides))).port
+                for _ in LMGATE_ADDRESSES[sample]
+            ]
+            yield await stack.enter_async_context(nginx(sample, lmgate_ports=ports, **nginx_options))
+
+    return start
