@@ -42,6 +42,7 @@ class CompletionAssembler:
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None
+        self._reasoning_frames = 0
         self._done = False
 
     def feed(self, text: str) -> None:
@@ -63,7 +64,7 @@ class CompletionAssembler:
             "choices": [self._choice(index) for index in sorted(self._choices)],
         }
         if self._usage is not None:
-            body["usage"] = self._usage
+            body["usage"] = self._usage_with_details()
         body["stats"] = {}
         if "system_fingerprint" in self._head:
             body["system_fingerprint"] = self._head["system_fingerprint"]
@@ -103,6 +104,8 @@ class CompletionAssembler:
                 state["fields"]["text"] = state["fields"].get("text", "") + text
             return
         delta = choice.get("delta") or {}
+        if delta.get("reasoning_content") or delta.get("reasoning"):
+            self._reasoning_frames += 1
         for key, value in delta.items():
             if key == "tool_calls":
                 for call in value or ():
@@ -111,6 +114,19 @@ class CompletionAssembler:
                 state["fields"].setdefault("role", value)
             elif isinstance(value, str):
                 state["fields"][key] = state["fields"].get(key, "") + value
+
+    def _usage_with_details(self) -> Any:
+        """LM Studio's non-streaming usage has ``completion_tokens_details``; its stream usage frame
+        does not. It sends one token per delta frame, so the reasoning frames counted are the count."""
+        usage = self._usage
+        if self.kind != "chat" or not isinstance(usage, dict) or "completion_tokens_details" in usage:
+            return usage
+        detailed: dict[str, Any] = {}
+        for key, value in usage.items():
+            detailed[key] = value
+            if key == "completion_tokens":
+                detailed["completion_tokens_details"] = {"reasoning_tokens": self._reasoning_frames}
+        return detailed
 
     def _choice(self, index: int) -> dict[str, Any]:
         state = self._choices[index]

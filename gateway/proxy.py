@@ -38,6 +38,7 @@ from gateway.errors import (
 from gateway.headers import downstream_response_headers, upstream_request_headers
 from gateway.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path, route_raw_path
 from gateway.sse import StreamMarkers
+from gateway.telemetry.stream import UsageTap, usage_tap
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, request_json
 from middleware.request_id import request_id
 from middleware.response import is_event_stream
@@ -86,7 +87,9 @@ class Proxy:
             raise NotFound(f"lmgate does not serve {path!r}; see the list of forwarded routes in docs.")
         body = await read_body(scope, receive, limit_bytes=self.body_limit_bytes)
         assemble_kind = self._assembly_kind(scope, path)
-        if assemble_kind is not None:
+        tap = usage_tap(scope, path)
+        if assemble_kind is not None or (tap is not None and tap.strip):
+            # Assembly needs a stream; telemetry needs the usage the client did not ask for.
             body = streaming_request_body(request_json(scope) or {})
         rid = request_id(scope)
         request = self.client.build_request(
@@ -99,6 +102,7 @@ class Proxy:
         )
 
         disconnected = False
+        completed = False
         failure: Exception | None = None
         async with anyio.create_task_group() as watchers:
 
@@ -113,12 +117,15 @@ class Proxy:
 
             watchers.start_soon(watch_disconnect)
             try:
-                await self._exchange(request, send, path=path, request_id=rid, assemble_kind=assemble_kind)
+                await self._exchange(request, send, path=path, request_id=rid, assemble_kind=assemble_kind, tap=tap)
+                completed = True
             except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
                 failure = exc
             finally:
                 watchers.cancel_scope.cancel()
-        if disconnected:
+        # Servers report http.disconnect as soon as a response is complete: only a disconnect
+        # before that is a client leaving.
+        if disconnected and not completed:
             raise ClientDisconnected()
         if failure is not None:
             raise failure
@@ -139,7 +146,14 @@ class Proxy:
         return f"{url}?{query.decode('latin-1')}" if query else url
 
     async def _exchange(
-        self, request: httpx.Request, send: Send, *, path: str, request_id: str, assemble_kind: str | None
+        self,
+        request: httpx.Request,
+        send: Send,
+        *,
+        path: str,
+        request_id: str,
+        assemble_kind: str | None,
+        tap: UsageTap | None = None,
     ) -> None:
         try:
             response = await self.client.send(request, stream=True)
@@ -160,10 +174,17 @@ class Proxy:
                         await self._send_error_body(response, head, send, request_id=request_id)
                         return
             if assemble_kind is not None and event_stream and response.status_code == 200:
-                await self._relay_assembled(response, send, kind=assemble_kind, request_id=request_id)
+                await self._relay_assembled(response, send, kind=assemble_kind, request_id=request_id, tap=tap)
             else:
                 await self._relay(
-                    response, chunks, send, head=head, path=path, request_id=request_id, event_stream=event_stream
+                    response,
+                    chunks,
+                    send,
+                    head=head,
+                    path=path,
+                    request_id=request_id,
+                    event_stream=event_stream,
+                    tap=tap if event_stream and response.status_code == 200 else None,
                 )
         finally:
             with anyio.CancelScope(shield=True):
@@ -179,18 +200,26 @@ class Proxy:
         path: str,
         request_id: str,
         event_stream: bool,
+        tap: UsageTap | None = None,
     ) -> None:
-        """Send the response on, chunk by chunk; ``head`` holds bytes already read from ``chunks``."""
+        """Send the response on, chunk by chunk; ``head`` holds bytes already read from ``chunks``.
+
+        ``tap`` (telemetry) may hold back a partial frame and remove the usage frame it asked for.
+        """
         headers = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=event_stream)
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         markers = StreamMarkers() if event_stream and path in DONE_TERMINATED else None
         chunk = head
         while True:
+            if tap is not None:
+                chunk = tap.feed(chunk)
             if chunk:
                 if markers is not None:
                     markers.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             chunk = await _next_chunk(chunks, started=True)
+            if not chunk and tap is not None:
+                chunk, tap = tap.close(), None
             if not chunk:
                 break
         if markers is not None and not markers.done and not markers.error:
@@ -215,14 +244,19 @@ class Proxy:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _relay_assembled(self, response: httpx.Response, send: Send, *, kind: str, request_id: str) -> None:
+    async def _relay_assembled(
+        self, response: httpx.Response, send: Send, *, kind: str, request_id: str, tap: UsageTap | None = None
+    ) -> None:
         assembler = CompletionAssembler(kind)
         try:
             async for text in response.aiter_text():
                 assembler.feed(text)
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response_started=False) from exc
-        body = json.dumps(assembler.result(), separators=(",", ":"), ensure_ascii=False).encode()
+        document = assembler.result()
+        if tap is not None:
+            tap.record.note_usage(document.get("usage"), document)
+        body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
         upstream = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=False)
         headers = [
             (k, v) for k, v in upstream if k not in (b"content-type", b"content-length", b"content-encoding", b"cache-control")

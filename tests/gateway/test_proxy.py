@@ -325,7 +325,9 @@ async def test_non_streaming_requests_are_streamed_upstream_and_assembled(upstre
                 "finish_reason": "tool_calls",
             }
         ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        # LM Studio's non-streaming usage carries the reasoning count its stream frame lacks.
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "completion_tokens_details": {"reasoning_tokens": 1},
+                  "total_tokens": 7},
         "stats": {},
         "system_fingerprint": "m",
     }

@@ -1,0 +1,313 @@
+"""The whole gateway (``build_app``) in front of the LM Studio simulator, over real sockets.
+
+Covers what the foundation and middleware issues ask to see end to end: streaming through the full
+stack with httpx and the official openai SDK, cancellation reaching LM Studio in each phase, the
+assembled non-streaming body matching LM Studio's own, and the resilience layers against real
+upstream failures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from gateway.app import build_app
+from gateway.config import Config
+from gateway.serving import serve_in_background
+from gateway.simulator import FakeClock, SimModel, SimSettings, Simulator
+
+pytestmark = pytest.mark.anyio
+
+WARM = "qwen2.5-7b-instruct"
+# LM Studio must notice a client that left within this budget (issue 3), in every phase.
+CANCEL_BUDGET_S = 0.25
+MESSAGES = [{"role": "user", "content": "Tell me about gateways."}]
+
+
+def gateway_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
+    document: dict[str, Any] = {"upstream": {"url": upstream_url}, "retry": {"backoff_base_s": 0.01}}
+    for name, values in sections.items():
+        document.setdefault(name, {}).update(values)
+    return Config.model_validate(document)
+
+
+@asynccontextmanager
+async def running_gateway(upstream_url: str, **sections: dict[str, Any]) -> AsyncIterator[str]:
+    app = build_app(gateway_config(upstream_url, **sections))
+    try:
+        async with serve_in_background(app) as server:
+            yield server.url
+    finally:
+        await app.aclose()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    models = [
+        SimModel(id=WARM, loaded=True, tokens_per_second=200.0, ttft_base_s=0.01, ttft_per_prompt_token_s=0.0),
+        SimModel(id="slow-7b", loaded=True, tokens_per_second=5.0, ttft_base_s=0.01, ttft_per_prompt_token_s=0.0),
+        SimModel(id="prefill-7b", loaded=True, ttft_base_s=0.6, ttft_per_prompt_token_s=0.0),
+        SimModel(id="cold-8b", load_delay_s=1.5, tokens_per_second=200.0),
+    ]
+    async with Simulator(models=models, control=True) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def gateway(sim: Simulator) -> AsyncIterator[str]:
+    async with running_gateway(sim.url) as url:
+        yield url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as c:
+        yield c
+
+
+def chat(model: str = WARM, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": MESSAGES, **extra}
+
+
+# --- streaming and the official SDK -------------------------------------------------------------
+
+
+async def test_a_stream_through_the_full_stack_is_byte_identical_to_lm_studios(sim, gateway, client):
+    direct = await client.post(sim.url + "/v1/chat/completions", json=chat(stream=True))
+    through = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
+    assert through.status_code == 200
+    assert through.content == direct.content
+    assert through.content.endswith(b"data: [DONE]\n\n")
+    assert through.headers["x-accel-buffering"] == "no"
+
+
+async def test_the_openai_sdk_streams_and_parses_through_lmgate(sim, gateway):
+    sdk = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    try:
+        stream = await sdk.chat.completions.create(model=WARM, messages=MESSAGES, stream=True)
+        text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        reply = await sdk.chat.completions.create(model=WARM, messages=MESSAGES)
+    finally:
+        await sdk.close()
+    assert text and text == reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+async def test_the_openai_sdk_sees_lm_studio_errors_as_api_errors(gateway):
+    sdk = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    try:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    finally:
+        await sdk.close()
+    assert caught.value.code == "model_not_found"
+
+
+async def test_an_sdk_client_that_stops_reading_cancels_generation(sim, gateway):
+    sdk = openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    try:
+        stream = await sdk.chat.completions.create(model="slow-7b", messages=MESSAGES, stream=True)
+        async for _ in stream:
+            break
+        await stream.close()
+        with anyio.fail_after(3):
+            await sim.wait_for(lambda c: c.generations_cancelled == 1)
+    finally:
+        await sdk.close()
+    assert sim.counters.generations_completed == 0
+
+
+# --- cancellation in each phase ------------------------------------------------------------------
+
+
+async def leave_after(client: httpx.AsyncClient, url: str, body: dict[str, Any], ready: Any) -> float:
+    """Stream ``body``, wait until ``ready()`` says the phase is reached, then hang up; return when."""
+    async with client.stream("POST", url, json=body) as response:
+        assert response.status_code == 200
+        await ready(response)
+        left_at = time.monotonic()
+    return left_at
+
+
+async def test_leaving_mid_stream_cancels_generation_within_budget(sim, gateway, client):
+    async def after_first_chunk(response: httpx.Response) -> None:
+        await anext(response.aiter_raw())
+
+    left_at = await leave_after(client, gateway + "/v1/chat/completions", chat("slow-7b", stream=True), after_first_chunk)
+    with anyio.fail_after(3):
+        await sim.wait_for(lambda c: c.generations_cancelled == 1)
+    propagation_s = sim.counters.cancel_times[0] - left_at
+    assert propagation_s < CANCEL_BUDGET_S
+    assert sim.counters.tokens_before_cancel[0] < 24
+
+
+async def test_leaving_during_prefill_is_noticed_at_once_and_stops_after_the_prefill(sim, gateway, client):
+    async def prefill_started(response: httpx.Response) -> None:
+        await sim.wait_for(lambda c: c.generations_started == 1)
+
+    left_at = await leave_after(client, gateway + "/v1/chat/completions", chat("prefill-7b", stream=True), prefill_started)
+    with anyio.fail_after(3):
+        await sim.wait_for(lambda c: c.generations_cancelled == 1)
+    propagation_s = sim.counters.cancel_times[0] - left_at
+    assert propagation_s < CANCEL_BUDGET_S
+    assert sim.counters.tokens_before_cancel == [0]
+
+
+async def test_leaving_during_a_model_load_reaches_lm_studio(sim, gateway, client):
+    async def loading(response: httpx.Response) -> None:
+        await sim.wait_for(lambda c: c.loading == 1)
+
+    left_at = await leave_after(client, gateway + "/v1/chat/completions", chat("cold-8b", stream=True), loading)
+    with anyio.fail_after(3):
+        await sim.wait_for(lambda c: c.disconnects == 1)
+    propagation_s = time.monotonic() - left_at
+    assert propagation_s < CANCEL_BUDGET_S
+    assert sim.counters.generations_started == 0
+
+
+async def test_a_non_streaming_client_that_leaves_stops_generation_too(sim, gateway, client):
+    # LM Studio would finish a non-streaming completion for nobody; lmgate streams it upstream.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: client.post(gateway + "/v1/chat/completions", json=chat("slow-7b")))
+        await sim.wait_for(lambda c: c.generations_started == 1)
+        tg.cancel_scope.cancel()
+    with anyio.fail_after(3):
+        await sim.wait_for(lambda c: c.generations_cancelled == 1)
+    assert sim.counters.generations_completed == 0
+
+
+# --- non-streaming assembly ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", chat()),
+        ("/v1/chat/completions", chat("reasoning-7b", max_tokens=5)),
+        ("/v1/completions", {"model": WARM, "prompt": "Once upon a time"}),
+    ],
+)
+async def test_the_assembled_body_matches_lm_studios_non_streaming_body(client, route, body):
+    models = [
+        SimModel(id=WARM, loaded=True, tokens_per_second=float("inf"), ttft_base_s=0.0, ttft_per_prompt_token_s=0.0),
+        SimModel(id="reasoning-7b", loaded=True, tokens_per_second=float("inf"), ttft_base_s=0.0,
+                 ttft_per_prompt_token_s=0.0, reasoning_tokens=4),
+    ]
+    async with Simulator(models=models, clock=FakeClock()) as sim, running_gateway(sim.url) as gateway:
+        direct = (await client.post(sim.url + route, json=body)).json()
+        assembled = await client.post(gateway + route, json=body)
+    assert assembled.status_code == 200
+    assert assembled.json() == direct
+
+
+async def test_the_assembly_switch_sends_non_streaming_requests_unchanged(sim, client):
+    async with running_gateway(sim.url, routes={"assemble_non_streaming": False}) as gateway:
+        response = await client.post(gateway + "/v1/chat/completions", json=chat())
+    assert response.status_code == 200
+    assert response.json()["object"] == "chat.completion"
+
+
+# --- resilience layers against real upstream failures ----------------------------------------------
+
+
+async def test_a_retry_succeeds_after_two_503s(sim, gateway, client):
+    sim.inject_fault("http_error", count=2, status=503, message="busy")
+    response = await client.post(gateway + "/v1/chat/completions", json=chat())
+    assert response.status_code == 200
+    assert response.headers["x-lmgate-attempts"] == "3"
+    assert sim.counters.requests == 3
+
+
+async def test_twenty_requests_through_limit_4_and_queue_8(client):
+    clock = FakeClock()
+    model = SimModel(id=WARM, loaded=True, parallel=8, tokens_per_second=float("inf"), ttft_base_s=1.0,
+                     ttft_per_prompt_token_s=0.0)
+    async with Simulator(models=[model], clock=clock) as sim, running_gateway(
+        sim.url, concurrency={"limit": 4, "max_queue": 8, "max_wait_s": 60}
+    ) as gateway:
+        results: list[httpx.Response] = []
+        eight_shed = anyio.Event()
+
+        async def one() -> None:
+            results.append(await client.post(gateway + "/v1/chat/completions", json=chat(stream=True)))
+            if sum(r.status_code == 503 for r in results) == 8:
+                eight_shed.set()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(one)
+            # Four reach LM Studio and wait on its (fake) clock; eight queue; eight are shed.
+            with anyio.fail_after(5):
+                await sim.wait_for(lambda c: c.generations_started == 4)
+                await eight_shed.wait()
+            assert [r.status_code for r in results] == [503] * 8
+            assert sim.counters.max_active_generations == 4
+            for round_ in range(3):  # 4 + 4 + 4 served in turn as slots free up
+                with anyio.fail_after(5):
+                    await sim.wait_for(lambda c, n=round_: c.generations_started == 4 * (n + 1))
+                clock.advance(1.0)
+    served = [r for r in results if r.status_code == 200]
+    shed = [r for r in results if r.status_code == 503]
+    assert len(served) == 12 and len(shed) == 8
+    assert all(r.content.endswith(b"data: [DONE]\n\n") for r in served)
+    assert all(r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1 for r in shed)
+    assert sim.counters.max_active_generations == 4
+
+
+async def test_the_breaker_opens_sheds_half_opens_and_closes(sim, client):
+    async with running_gateway(
+        sim.url, retry={"enabled": False}, circuit_breaker={"failure_threshold": 3, "reset_timeout_s": 0.3}
+    ) as gateway:
+        sim.inject_fault("http_error", count=3, status=500, message="engine down")
+        statuses = [(await client.post(gateway + "/v1/chat/completions", json=chat())).status_code for _ in range(3)]
+        assert statuses == [500, 500, 500]
+        contacted = sim.counters.requests
+        shed = await client.post(gateway + "/v1/chat/completions", json=chat())
+        assert shed.status_code == 503 and shed.json()["error"]["code"] == "circuit_open"
+        assert "retry-after" in shed.headers
+        assert sim.counters.requests == contacted  # no upstream contact while open
+        await anyio.sleep(0.35)  # the cool-down itself is what is under test
+        probe = await client.post(gateway + "/v1/chat/completions", json=chat())
+        assert probe.status_code == 200
+        after = await client.post(gateway + "/v1/chat/completions", json=chat())
+        assert after.status_code == 200
+
+
+async def test_an_idle_timeout_mid_stream_ends_with_an_error_frame_and_cancels_lm_studio(sim, client):
+    sim.inject_fault("slow_bytes", delay_s=5.0)  # first byte, then silence far past idle_s
+    async with running_gateway(sim.url, timeouts={"idle_s": 0.3}) as gateway:
+        response = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
+        with anyio.fail_after(3):
+            await sim.wait_for(lambda c: c.disconnects == 1)
+    assert response.status_code == 200
+    frames = response.content.split(b"\n\n")
+    error = [f for f in frames if f.startswith(b"event: error")]
+    assert len(error) == 1 and json.loads(error[0].split(b"data: ", 1)[1])["error"]["code"] == "timeout"
+    assert b"[DONE]" not in response.content
+
+
+async def test_a_first_token_timeout_is_a_504_before_anything_was_sent(sim, client):
+    sim.inject_fault("hang_before_headers")
+    async with running_gateway(sim.url, timeouts={"first_token_s": 0.3}, retry={"enabled": False}) as gateway:
+        response = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
+        with anyio.fail_after(3):
+            await sim.wait_for(lambda c: c.disconnects == 1)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert response.headers["x-lmgate-error"] == "timeout"
+
+
+async def test_lmgates_own_routes_answer_while_the_upstream_is_down(client):
+    async with running_gateway("http://127.0.0.1:9") as gateway:
+        assert (await client.get(gateway + "/healthz")).status_code == 200
+        response = await client.post(gateway + "/v1/chat/completions", json=chat())
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unavailable"
