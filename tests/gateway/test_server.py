@@ -1,0 +1,129 @@
+"""The ``lmgate`` process: start-up line, exit codes, and graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+import pytest
+import yaml
+from anyio.abc import Process
+
+from gateway.simulator import SimModel, Simulator
+
+pytestmark = pytest.mark.anyio
+LISTENING = re.compile(rb"lmgate listening on (http://\S+), forwarding to (\S+)")
+
+
+def lmgate(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway", *args]
+
+
+async def read_start_line(process: Process) -> str:
+    """The gateway's URL from its one start-up line on stderr."""
+    assert process.stderr is not None
+    buffered = b""
+    with anyio.fail_after(20):
+        async for chunk in process.stderr:
+            buffered += chunk
+            match = LISTENING.search(buffered)
+            if match:
+                return match.group(1).decode()
+    raise AssertionError(f"lmgate exited before listening: {buffered.decode(errors='replace')}")
+
+
+@asynccontextmanager
+async def lmgate_process(*args: str) -> AsyncIterator[tuple[Process, str]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await anyio.open_process(lmgate("serve", "--port", "0", *args), env=env)
+    try:
+        url = await read_start_line(process)
+        yield process, url
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+            await process.aclose()
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0(tmp_path):
+    model = SimModel(id="m", loaded=True, tokens_per_second=20.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0,
+                     parallel=16)
+    config = tmp_path / "lmgate.yaml"
+    config.write_text(yaml.safe_dump({"concurrency": {"limit": 16}}))
+    async with Simulator(models=[model]) as sim, lmgate_process(
+        "--upstream", sim.url, "--config", str(config)
+    ) as (process, url):
+        async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
+            bodies: list[bytes] = []
+            all_started = anyio.Event()
+            started = 0
+
+            async def stream() -> None:
+                nonlocal started
+                body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                    chunks = response.aiter_raw()
+                    received = [await anext(chunks)]
+                    started += 1
+                    if started == 10:
+                        all_started.set()
+                    received += [chunk async for chunk in chunks]
+                bodies.append(b"".join(received))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(stream)
+                with anyio.fail_after(10):
+                    await all_started.wait()
+                process.send_signal(signal.SIGTERM)
+                with anyio.fail_after(5):
+                    # Readiness flips at once; new work is refused with Connection: close.
+                    while (ready := await client.get(url + "/readyz")).status_code != 503:
+                        await anyio.sleep(0.02)  # the signal is delivered asynchronously
+                    refused = await client.post(url + "/v1/chat/completions", json={"model": "m", "messages": []})
+                assert ready.json() == {"status": "draining"}
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "draining"
+                assert refused.headers["connection"] == "close" and "retry-after" in refused.headers
+        with anyio.fail_after(15):
+            assert await process.wait() == 0
+    assert len(bodies) == 10
+    assert all(body.endswith(b"data: [DONE]\n\n") and b"event: error" not in body for body in bodies)
+    assert sim.counters.generations_completed == 10 and sim.counters.generations_cancelled == 0
+
+
+def test_a_bad_config_exits_2_before_binding_and_names_the_key(tmp_path):
+    bad = tmp_path / "lmgate.yaml"
+    bad.write_text("timeouts: {first_token_s: soon}\n")
+    result = subprocess.run(lmgate("serve", "--config", str(bad)), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert str(bad) in result.stderr and "timeouts.first_token_s" in result.stderr
+    assert "listening" not in result.stderr
+
+
+def test_config_check_prints_the_effective_config_without_secrets(tmp_path):
+    path = tmp_path / "lmgate.yaml"
+    path.write_text("upstream: {api_key: sk-lm-secret:token}\ntimeouts: {idle_s: 12}\n")
+    result = subprocess.run(lmgate("config", "check", str(path)), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["timeouts"]["idle_s"] == 12
+    assert "sk-lm-secret" not in result.stdout
+    assert "valid" in result.stderr
+
+
+def test_config_schema_is_json_schema():
+    result = subprocess.run(lmgate("config", "schema"), capture_output=True, text=True, timeout=30)
+    schema = json.loads(result.stdout)
+    assert schema["additionalProperties"] is False and "timeouts" in schema["properties"]
