@@ -36,12 +36,11 @@ def test_both_units_are_here():
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_the_commands_are_lmgate_commands(unit):
-    for key in ("ExecStartPre", "ExecStart"):
-        argv = shlex.split(service(unit)[key].replace("%i", "8081"))
-        assert argv[0] == BINARY
-        _parser().parse_args(argv[1:])  # exits (SystemExit) on an unknown flag
+    argv = shlex.split(service(unit)["ExecStart"].replace("%i", "8081"))
+    assert argv[0] == BINARY
+    args = _parser().parse_args(argv[1:])  # exits (SystemExit) on an unknown flag
+    assert args.command == "serve" and args.config == "/etc/lmgate/lmgate.yaml"
     serve = shlex.split(service(unit)["ExecStart"])
-    assert serve[1] == "serve"
     assert ("--port" in serve) == unit.startswith("lmgate@")
 
 
@@ -49,6 +48,7 @@ def test_the_commands_are_lmgate_commands(unit):
 def test_systemd_waits_for_the_drain_before_killing(unit):
     settings = service(unit)
     assert settings.get("KillSignal", "SIGTERM") == "SIGTERM"
+    assert settings["RestartPreventExitStatus"] == "2"  # lmgate's exit status for a bad config
     timeout = settings["TimeoutStopSec"]
     assert timeout.isdigit(), "keep TimeoutStopSec in plain seconds"
     assert int(timeout) > Config().drain.timeout_s + AFTER_DRAIN_S
