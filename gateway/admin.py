@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.routes import route_path
 from middleware.errors import NotFound
+from middleware.response import header_value
 from middleware.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-_EXACT = frozenset({"/healthz", "/readyz"})
+_EXACT = frozenset({"/healthz", "/readyz", "/metrics"})
+LLM_HEALTH = "/lmgate/health/llm"
 
 
 def is_admin_path(path: str) -> bool:
@@ -44,11 +46,19 @@ class AdminRoutes:
             await send_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
             await self._readyz(send)
+        elif path == "/metrics" and self.gateway.telemetry.metrics is not None:
+            await self._metrics(scope, send)
+        elif path == LLM_HEALTH:
+            await send_json(send, *await self.gateway.telemetry.llm_health.report())
         else:
             raise NotFound(f"lmgate has no route {path!r}.")
 
     async def _readyz(self, send: Send) -> None:
-        if self.gateway.drain.draining:
-            await send_json(send, 503, {"status": "draining"})
-            return
-        await send_json(send, 200, {"status": "ready"})
+        await send_json(send, *await self.gateway.telemetry.readiness(self.gateway.drain))
+
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        accept = header_value(scope.get("headers", ()), b"accept")
+        body, content_type = self.gateway.telemetry.metrics.render(accept.decode("latin-1") if accept else None)  # type: ignore[union-attr]
+        headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode("ascii"))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -3,9 +3,11 @@
 The request path, outermost first (read it like Envoy's filter list)::
 
     ErrorMiddleware                      renders every LmgateError; unknown errors -> logged 500
-      ├── lmgate's own routes            /healthz, /readyz, /lmgate/...
-      └── DrainMiddleware                503 draining once shutdown began
+      ├── lmgate's own routes            /healthz, /readyz, /metrics, /lmgate/...
+      └── TelemetryMiddleware            logs, metrics and the span of each request, once
+          DrainMiddleware                503 draining once shutdown began
             ConcurrencyMiddleware        limit + bounded FIFO queue
+              AdmissionMark              notes the queue wait for telemetry
               TimeoutMiddleware          first token / idle / total (retries included)
                 RetryMiddleware          only before the first byte reaches the client
                   CircuitBreakerMiddleware   per attempt
@@ -21,11 +23,13 @@ import os
 from collections.abc import Mapping
 
 import httpx
+from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.admin import AdminRoutes, is_admin_path
 from gateway.config import Config
 from gateway.proxy import Proxy
 from gateway.routes import RouteTable, route_path
+from gateway.telemetry import Telemetry
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainMiddleware, DrainState
@@ -59,11 +63,21 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
 class Gateway:
     """The composed gateway. Holds the shared objects (client, drain state, layers) for inspection."""
 
-    def __init__(self, config: Config, *, env: Mapping[str, str] | None = None, drain: DrainState | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        env: Mapping[str, str] | None = None,
+        drain: DrainState | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         env = os.environ if env is None else env
         self.config = config
         self.client = make_upstream_client(config)
         self.drain = drain or DrainState()
+        self.telemetry = Telemetry.from_config(
+            config, client=self.client, api_key=config.upstream.resolved_api_key(env), tracer_provider=tracer_provider
+        )
         self.proxy = Proxy(
             client=self.client,
             upstream_url=config.upstream.url,
@@ -88,6 +102,7 @@ class Gateway:
                 half_open_max_probes=cb.half_open_max_probes,
                 per_model=cb.per_model,
                 body_limit_bytes=config.limits.body_bytes,
+                on_state_change=self.telemetry.circuit_changed,
             )
         self.retry: RetryMiddleware | None = None
         if config.retry.enabled and config.retry.max_retries > 0:
@@ -115,6 +130,7 @@ class Gateway:
             },
             body_limit_bytes=config.limits.body_bytes,
         )
+        stack = self.telemetry.admission(stack)
         self.concurrency: ConcurrencyMiddleware | None = None
         if config.concurrency.enabled:
             c = config.concurrency
@@ -129,7 +145,9 @@ class Gateway:
                 max_limit=max(c.max_limit, c.limit),
                 latency_threshold_s=c.latency_threshold_s,
             )
-        self.forward: ASGIApp = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
+        stack = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
+        self.forward: ASGIApp = self.telemetry.middleware(stack)
+        self.telemetry.watch(drain=self.drain, retry=self.retry, breaker=self.breaker, concurrency=self.concurrency)
         self.admin = AdminRoutes(self)
         self._app = ErrorMiddleware(self._route)
 
@@ -156,8 +174,9 @@ class Gateway:
                 return
 
     async def aclose(self) -> None:
-        """Close the upstream connection pool (done by the lifespan; call it when mounted)."""
+        """Close the upstream connection pool and flush traces (done by the lifespan; call it when mounted)."""
         await self.client.aclose()
+        await self.telemetry.aclose()
 
 
 def build_app(config: Config | None = None, **kwargs: object) -> Gateway:

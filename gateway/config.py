@@ -175,6 +175,55 @@ class LoggingConfig(Section):
     pipeline_version: str | None = Field(None, description="Stamped on every log line (env EVAL_PIPELINE_VERSION).")
 
 
+# Doubling from 10 ms like the GenAI semantic conventions, continued past their 81.92 s to ~44 min:
+# local prefill of a long prompt, or a model load, takes minutes.
+DURATION_BUCKETS_S = tuple(round(0.01 * 2**n, 2) for n in range(19))
+
+
+class MetricsConfig(Section):
+    enabled: bool = Field(True, description="Serve GET /metrics (Prometheus text) and record request metrics.")
+    duration_buckets_s: tuple[float, ...] = Field(
+        DURATION_BUCKETS_S,
+        description="Histogram buckets (seconds) for request duration, time to first token and queue wait.",
+    )
+    request_stream_usage: bool = Field(
+        True,
+        description="Ask the upstream for token usage on streams (stream_options.include_usage) when the client "
+        "did not, and remove that extra frame before it reaches the client.",
+    )
+    max_models: int = Field(64, ge=1, description="Distinct model label values kept; further models count as 'other'.")
+
+    @field_validator("duration_buckets_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(b <= a for a, b in zip(value, value[1:])) or value[0] <= 0:
+            raise ValueError("expected positive, strictly increasing bucket bounds")
+        return value
+
+
+class TracingConfig(Section):
+    enabled: bool = Field(False, description="Export OpenTelemetry traces; off: nothing is instrumented.")
+    exporter: Literal["otlp", "console"] = Field("otlp", description="otlp (HTTP/protobuf) or console (stdout).")
+    endpoint: str | None = Field(
+        None, description="OTLP traces URL; unset: OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else localhost:4318."
+    )
+    service_name: str | None = Field(None, description="service.name; unset: OTEL_SERVICE_NAME, else 'lmgate'.")
+    sample_ratio: float | None = Field(
+        None, ge=0, le=1, description="Share of new traces kept (parent-based); unset: OTEL_TRACES_SAMPLER."
+    )
+
+
+class HealthConfig(Section):
+    upstream_probe_ttl_s: float = Field(2.0, ge=0, description="Readiness reuses an upstream probe this long.")
+    probe_timeout_s: float = Field(2.0, gt=0, description="Deadline of the readiness probe of the upstream.")
+    models: tuple[str, ...] = Field(
+        (), description="Models /lmgate/health/llm checks with a 1-token generation; empty: those recently served."
+    )
+    llm_check_ttl_s: float = Field(10.0, ge=0, description="/lmgate/health/llm reuses its last result this long.")
+    llm_check_timeout_s: float = Field(60.0, gt=0, description="Deadline of one model's 1-token check.")
+    latency_window_s: float = Field(300.0, gt=0, description="Window of the rolling latency percentiles.")
+
+
 class Config(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig, description="Where lmgate listens.")
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description="The server lmgate forwards to.")
@@ -186,6 +235,9 @@ class Config(Section):
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig, description="Concurrency limit and queue.")
     drain: DrainConfig = Field(default_factory=DrainConfig, description="Graceful shutdown.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logs.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry traces.")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Readiness and LLM health checks.")
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets masked (for ``config check`` and logs)."""

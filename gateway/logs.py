@@ -17,7 +17,8 @@ from typing import Any
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
-def _fields(record: logging.LogRecord) -> dict[str, Any]:
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields a record was given with ``extra=``."""
     return {key: value for key, value in vars(record).items() if key not in _STANDARD}
 
 
@@ -33,7 +34,7 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", None) or "log",
             "message": record.getMessage(),
         }
-        document.update(_fields(record))
+        document.update(record_fields(record))
         document.update(self.stamp)
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
@@ -42,7 +43,7 @@ class JsonFormatter(logging.Formatter):
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{key}={value}" for key, value in _fields(record).items() if key != "event")
+        fields = " ".join(f"{key}={value}" for key, value in record_fields(record).items() if key != "event")
         clock = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{clock} {record.levelname:<7} {record.getMessage()}" + (f"  {fields}" if fields else "")
         if record.exc_info:

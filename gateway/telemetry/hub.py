@@ -1,0 +1,247 @@
+"""``Telemetry``: one gateway's logs, metrics, traces and health checks, built from its config.
+
+One instance per ``Gateway`` (no module-level state): its own Prometheus registry, its own tracer
+provider (built from config, or injected), its own latency windows and probes. The gateway puts
+:meth:`middleware` right inside ``ErrorMiddleware`` and :meth:`admission` right inside the
+concurrency layer, and its admin routes ask :meth:`readiness`, ``metrics.render`` and
+``llm_health.report``.
+
+Layers that know things the telemetry layer cannot see report them here: a circuit changing
+state (:meth:`circuit_changed`), a model load (:meth:`model_load`, for the cold-start handling;
+it also marks the request ``model_state: cold``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import httpx
+from opentelemetry.sdk.trace import TracerProvider
+
+from gateway import __version__
+from gateway.config import Config
+from gateway.telemetry import events
+from gateway.telemetry.health import LatencyWindows, LlmHealth, UpstreamProbe
+from gateway.telemetry.metrics import GatewayMetrics, StateCollector
+from gateway.telemetry.middleware import AdmissionMark, TelemetryMiddleware, outcome_of
+from gateway.telemetry.record import NOT_INFERENCE, RequestOutcome, RequestRecord, record_of
+from gateway.telemetry.tracing import Tracing, add_event, build_tracer_provider, install_span_events
+from middleware.body import DEFAULT_LIMIT_BYTES
+from middleware.circuit_breaker import CircuitBreakerMiddleware
+from middleware.concurrency import ConcurrencyMiddleware
+from middleware.drain import DrainState
+from middleware.request_id import request_id
+from middleware.retry import RetryMiddleware
+from middleware.types import ASGIApp, Clock, Scope
+
+logger = logging.getLogger("lmgate.telemetry")
+
+RequestObserver = Callable[[RequestRecord, RequestOutcome], None]
+
+
+class Telemetry:
+    """See the module docstring. Build it with :meth:`from_config`; the constructor is for tests."""
+
+    def __init__(
+        self,
+        *,
+        metrics: GatewayMetrics | None,
+        tracing: Tracing | None,
+        windows: LatencyWindows,
+        probe: UpstreamProbe,
+        llm_health: LlmHealth,
+        log_prompts: bool = False,
+        request_stream_usage: bool = True,
+        first_token_s: Callable[[str | None], float] = lambda model: 45.0,
+        body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.tracing = tracing
+        self.windows = windows
+        self.probe = probe
+        self.llm_health = llm_health
+        self.log_prompts = log_prompts
+        self.request_stream_usage = request_stream_usage
+        self.first_token_s = first_token_s
+        self.body_limit_bytes = body_limit_bytes
+        self.clock = clock
+        #: Readiness waits for this; the cold-start preload sets it False, then True when done.
+        self.preloaded = True
+        #: Whether some layer reports model loads; until one does, ``model_state`` is "unknown".
+        self.loads_observed = False
+        #: Called with each finished request's record and outcome (status pages, tests).
+        self.on_request_end: list[RequestObserver] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        client: httpx.AsyncClient,
+        api_key: str | None = None,
+        tracer_provider: TracerProvider | None = None,
+        clock: Clock = time.monotonic,
+    ) -> Telemetry:
+        """Telemetry for a gateway forwarding with ``client``.
+
+        Tracing is on when ``config.tracing.enabled`` or a ``tracer_provider`` is given; then
+        ``client`` is instrumented, so each upstream attempt becomes a child span.
+        """
+        digest = config.digest()
+        pipeline = config.logging.pipeline_version or ""
+        metrics = None
+        if config.metrics.enabled:
+            metrics = GatewayMetrics(
+                duration_buckets_s=config.metrics.duration_buckets_s,
+                max_models=config.metrics.max_models,
+                models=config.health.models,
+                info={"version": __version__, "config_hash": digest, "pipeline_version": pipeline},
+            )
+        tracing = None
+        upstream = config.upstream.url
+        if tracer_provider is not None:
+            tracing = Tracing(tracer_provider, upstream_url=upstream)
+        elif config.tracing.enabled:
+            resource = {"service.version": __version__, "lmgate.config_hash": digest}
+            if pipeline:
+                resource["lmgate.pipeline_version"] = pipeline
+            tracing = Tracing(build_tracer_provider(config.tracing, resource=resource), upstream_url=upstream, owned=True)
+        if tracing is not None:
+            tracing.instrument(client)
+            install_span_events()
+        health = config.health
+        windows = LatencyWindows(window_s=health.latency_window_s, max_models=config.metrics.max_models, clock=clock)
+        timeouts = config.timeouts
+
+        def first_token_s(model: str | None) -> float:
+            override = timeouts.per_model.get(model) if model is not None else None
+            return (override.first_token_s if override is not None else None) or timeouts.first_token_s
+
+        return cls(
+            metrics=metrics,
+            tracing=tracing,
+            windows=windows,
+            probe=UpstreamProbe(client, upstream, ttl_s=health.upstream_probe_ttl_s, timeout_s=health.probe_timeout_s,
+                                clock=clock),
+            llm_health=LlmHealth(client, upstream, api_key=api_key, models=health.models, ttl_s=health.llm_check_ttl_s,
+                                 timeout_s=health.llm_check_timeout_s, windows=windows, clock=clock),
+            log_prompts=config.logging.prompts,
+            request_stream_usage=config.metrics.request_stream_usage,
+            first_token_s=first_token_s,
+            body_limit_bytes=config.limits.body_bytes,
+            clock=clock,
+        )
+
+    def middleware(self, app: ASGIApp) -> TelemetryMiddleware:
+        return TelemetryMiddleware(app, telemetry=self)
+
+    def admission(self, app: ASGIApp) -> AdmissionMark:
+        return AdmissionMark(app, telemetry=self)
+
+    def watch(
+        self,
+        *,
+        drain: DrainState,
+        retry: RetryMiddleware | None = None,
+        breaker: CircuitBreakerMiddleware | None = None,
+        concurrency: ConcurrencyMiddleware | None = None,
+    ) -> None:
+        """Expose the layers' own state (retries, circuits, slots, drain) as metrics at scrape time."""
+        if self.metrics is not None:
+            collector = StateCollector(retry=retry, breaker=breaker, concurrency=concurrency, drain=drain)
+            self.metrics.registry.register(collector)  # type: ignore[arg-type]
+
+    async def readiness(self, drain: DrainState) -> tuple[int, dict[str, str]]:
+        """(status, body) for ``/readyz``: not draining, preload done, upstream reachable."""
+        if drain.draining:
+            return 503, {"status": "draining"}
+        if not self.preloaded:
+            return 503, {"status": "preloading"}
+        reachable, reason = await self.probe.check()
+        if not reachable:
+            return 503, {"status": "upstream_unreachable", "reason": reason or ""}
+        return 200, {"status": "ready"}
+
+    def circuit_changed(self, circuit: str, old: str, new: str) -> None:
+        """The breaker's ``on_state_change``: counts transitions (the breaker logs them itself)."""
+        if self.metrics is not None:
+            self.metrics.circuit_transitions.labels(circuit, new).inc()
+
+    def model_load(
+        self, model: str, load_s: float, *, ok: bool = True, error: str | None = None, scope: Scope | None = None
+    ) -> None:
+        """Report a model load that took ``load_s``; with ``scope``, the request that waited for it."""
+        record = record_of(scope) if scope is not None else None
+        rid = request_id(scope) if scope is not None else None
+        if record is not None:
+            record.model_load_s = load_s
+            add_event(record, "lmgate.model_load", {"gen_ai.request.model": model, "lmgate.load_s": load_s, "lmgate.ok": ok})
+        if self.metrics is not None:
+            self.metrics.model_loads.labels(self.metrics.model_label(model), "ok" if ok else "failed").observe(load_s)
+        events.log_model_load(model, load_s, ok=ok, request_id=rid, error=error)
+
+    def finish(self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, object] | None) -> None:
+        """Turn a finished request into metrics, a log line and the span's end. Never raises:
+        a telemetry fault must not change what the client gets."""
+        model_label, token = begun if begun is not None else ("", None)
+        try:
+            outcome = outcome_of(record, scope, error, self.clock())
+            if self.metrics is not None:
+                if begun is not None:
+                    self.metrics.in_flight.labels(model_label).dec()
+                self.metrics.observe(record, outcome)
+            if outcome.category is None and record.model and record.operation != NOT_INFERENCE:
+                self.windows.add(record.model, outcome.latency_s, outcome.ttft_s)
+            self._log(scope, record, outcome)
+            for observer in self.on_request_end:
+                observer(record, outcome)
+        except Exception:
+            logger.exception("telemetry failed for a request", extra={"event": "telemetry_error"})
+            outcome = None
+        finally:
+            if token is not None and self.tracing is not None:
+                if outcome is None:
+                    outcome = outcome_of(record, scope, error, self.clock())
+                self.tracing.finish(record, outcome, token)
+
+    def _log(self, scope: Scope, record: RequestRecord, outcome: RequestOutcome) -> None:
+        inference = record.operation != NOT_INFERENCE
+        if outcome.category is None and not inference:
+            return
+        fields = {
+            "request_id": request_id(scope),
+            "route": record.route,
+            "model": record.model,
+            "stream": record.stream,
+            "status": outcome.status,
+            "latency_ms": round(outcome.latency_s * 1000),
+        }
+        if outcome.ttft_s is not None:
+            fields["ttft_ms"] = round(outcome.ttft_s * 1000)
+        if outcome.queue_wait_s is not None:
+            fields["queue_ms"] = round(outcome.queue_wait_s * 1000)
+        if outcome.category is not None:
+            fields.update(attempt=outcome.attempts, error_category=outcome.category, error_code=outcome.code)
+            events.log_error(outcome.message or outcome.category, fields)
+            return
+        fields.update(
+            tokens_in=outcome.tokens_in,
+            tokens_out=outcome.tokens_out,
+            tokens_per_s=round(outcome.tokens_per_s, 1) if outcome.tokens_per_s is not None else None,
+            attempts=outcome.attempts,
+            model_state=self._model_state(record),
+        )
+        events.log_success(fields)
+
+    def _model_state(self, record: RequestRecord) -> str:
+        if record.model_load_s is not None:
+            return "cold"
+        return "warm" if self.loads_observed else "unknown"
+
+    async def aclose(self) -> None:
+        """Flush traces (when the provider was built here)."""
+        if self.tracing is not None:
+            await self.tracing.aclose()

@@ -1,0 +1,201 @@
+"""Prometheus metrics, one ``CollectorRegistry`` per gateway, served at ``GET /metrics``.
+
+Names follow the OpenTelemetry GenAI semantic conventions where they exist, written as OTel
+names with their unit: a Prometheus that speaks UTF-8 names sees ``gen_ai.client.operation.duration_seconds``,
+every other scraper the escaped ``gen_ai_client_operation_duration_seconds`` (what the OTel
+Prometheus exporter would produce). Label names are the conventions' attributes
+(``gen_ai.request.model`` -> ``gen_ai_request_model``).
+
+Two kinds of series:
+
+* observed per request by the telemetry layer (durations, tokens, errors, queue wait, model
+  loads), recorded once when a request ends;
+* read at scrape time from the layers' own state (retry counters, circuit states, concurrency
+  slots and queues, draining) by :class:`StateCollector`, so the hot path pays nothing for them.
+
+Model ids come from clients, so the ``gen_ai.request.model`` label keeps the first
+``max_models`` distinct ids (configured health models first) and folds the rest into ``other``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gateway.telemetry.record import RequestRecord, RequestOutcome
+from middleware.circuit_breaker import CircuitBreakerMiddleware
+from middleware.concurrency import ConcurrencyMiddleware
+from middleware.drain import DrainState
+from middleware.retry import RetryMiddleware
+
+MODEL = "gen_ai.request.model"
+OPERATION = "gen_ai.operation.name"
+ROUTE = "http.route"
+STATUS = "http.response.status_code"
+ERROR_TYPE = "error.type"
+
+# The GenAI conventions' token buckets (powers of 4).
+TOKEN_BUCKETS = tuple(4.0**n for n in range(14))
+# Time per output token: the conventions' buckets, continued for CPU-bound models.
+PER_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000)
+MODEL_LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400)
+OTHER_MODELS = "other"
+
+
+class ModelLabels:
+    """Bounded label values for model ids: known ones as they are, the overflow as ``other``."""
+
+    def __init__(self, limit: int, preset: Iterable[str] = ()) -> None:
+        self.limit = limit
+        self.known = set(preset)
+
+    def __call__(self, model: str | None) -> str:
+        if model is None:
+            return ""
+        if model in self.known:
+            return model
+        if len(self.known) < self.limit:
+            self.known.add(model)
+            return model
+        return OTHER_MODELS
+
+
+class GatewayMetrics:
+    """The gateway's metrics and their registry; ``render`` answers a scrape."""
+
+    def __init__(
+        self,
+        *,
+        duration_buckets_s: Iterable[float],
+        max_models: int = 64,
+        models: Iterable[str] = (),
+        info: dict[str, str] | None = None,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.model_label = ModelLabels(max_models, models)
+        buckets = tuple(duration_buckets_s)
+        r = self.registry
+        self.duration = Histogram(
+            "gen_ai.client.operation.duration", "Request duration as the client sees it, every retry included.",
+            [OPERATION, MODEL, ROUTE, STATUS, ERROR_TYPE], unit="seconds", buckets=buckets, registry=r,
+        )
+        self.ttft = Histogram(
+            "gen_ai.server.time_to_first_token", "Request start to the first streamed body byte, successful streams.",
+            [OPERATION, MODEL, ROUTE], unit="seconds", buckets=buckets, registry=r,
+        )
+        self.per_token = Histogram(
+            "gen_ai.server.time_per_output_token", "Time per output token after the first, successful streams.",
+            [OPERATION, MODEL], unit="seconds", buckets=PER_TOKEN_BUCKETS_S, registry=r,
+        )
+        self.tokens = Histogram(
+            "gen_ai.client.token.usage", "Tokens per request from the upstream's usage report.",
+            [OPERATION, MODEL, "gen_ai.token.type"], buckets=TOKEN_BUCKETS, registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "lmgate.output.tokens_per_second", "Output tokens per second of generation (after the first token).",
+            [MODEL], buckets=TOKENS_PER_SECOND_BUCKETS, registry=r,
+        )
+        self.errors = Counter(
+            "lmgate.errors", "Failed requests by error category.", [ERROR_TYPE, MODEL, ROUTE], registry=r
+        )
+        self.in_flight = Gauge(
+            "lmgate.requests.in_flight", "Requests inside lmgate now, queued ones included.", [MODEL], registry=r
+        )
+        self.queue_wait = Histogram(
+            "lmgate.queue.wait", "Time from arrival to a concurrency slot.",
+            [MODEL], unit="seconds", buckets=buckets, registry=r,
+        )
+        self.model_loads = Histogram(
+            "lmgate.model.load.duration", "Model loads seen by lmgate, by outcome (the count is the number of loads).",
+            [MODEL, "outcome"], unit="seconds", buckets=MODEL_LOAD_BUCKETS_S, registry=r,
+        )
+        self.circuit_transitions = Counter(
+            "lmgate.circuit.transitions", "Circuit breaker state changes, by the state entered.",
+            ["circuit", "state"], registry=r,
+        )
+        if info:
+            Info("lmgate.build", "Version, config hash and pipeline version of this process.", registry=r).info(info)
+
+    def observe(self, record: RequestRecord, outcome: RequestOutcome) -> None:
+        """Record one finished request."""
+        model = self.model_label(record.model)
+        operation = record.operation
+        self.duration.labels(operation, model, record.route, str(outcome.status), outcome.category or "").observe(
+            outcome.latency_s
+        )
+        if outcome.category is not None:
+            self.errors.labels(outcome.category, model, record.route).inc()
+        if outcome.queue_wait_s is not None:
+            self.queue_wait.labels(model).observe(outcome.queue_wait_s)
+        for kind, count in (("input", outcome.tokens_in), ("output", outcome.tokens_out)):
+            if count is not None:
+                self.tokens.labels(operation, model, kind).observe(count)
+        if outcome.category is None:
+            if outcome.ttft_s is not None:
+                self.ttft.labels(operation, model, record.route).observe(outcome.ttft_s)
+            if outcome.time_per_token_s is not None:
+                self.per_token.labels(operation, model).observe(outcome.time_per_token_s)
+            if outcome.tokens_per_s is not None:
+                self.tokens_per_second.labels(model).observe(outcome.tokens_per_s)
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format ``accept`` asks for (Prometheus text, or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class StateCollector:
+    """Series read from the layers at scrape time: retries, circuits, slots and queues, drain."""
+
+    def __init__(
+        self,
+        *,
+        retry: RetryMiddleware | None,
+        breaker: CircuitBreakerMiddleware | None,
+        concurrency: ConcurrencyMiddleware | None,
+        drain: DrainState,
+    ) -> None:
+        self.retry = retry
+        self.breaker = breaker
+        self.concurrency = concurrency
+        self.drain = drain
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        if self.retry is not None:
+            stats = self.retry.stats
+            yield CounterMetricFamily("lmgate.upstream.attempts", "Attempts sent upstream, retries included.",
+                                      value=stats.attempts)
+            yield CounterMetricFamily("lmgate.retries", "Retries (attempts after the first).", value=stats.retries)
+            yield CounterMetricFamily("lmgate.retry.budget_exhausted", "Retries refused by the retry budget.",
+                                      value=stats.budget_exhausted)
+        if self.breaker is not None:
+            states = GaugeMetricFamily("lmgate.circuit.state", "1 for each circuit's current state.",
+                                       labels=["circuit", "state"])
+            for circuit, current in self.breaker.states().items():
+                for state in ("closed", "open", "half_open"):
+                    states.add_metric([circuit, state], 1.0 if state == current else 0.0)
+            yield states
+            yield CounterMetricFamily("lmgate.circuit.rejected", "Requests shed by an open circuit.",
+                                      value=self.breaker.rejected)
+        if self.concurrency is not None:
+            families = {
+                field: GaugeMetricFamily(f"lmgate.concurrency.{field}", help_text, labels=["key"])
+                for field, help_text in (
+                    ("in_flight", "Requests holding a concurrency slot ('*': all models share the limit)."),
+                    ("queued", "Requests waiting for a concurrency slot."),
+                    ("limit", "The concurrency limit in force."),
+                )
+            }
+            for key, snapshot in self.concurrency.snapshot().items():
+                for field, family in families.items():
+                    family.add_metric([key], float(snapshot[field]))
+            yield from families.values()
+        yield GaugeMetricFamily("lmgate.draining", "1 while shutting down.", value=1.0 if self.drain.draining else 0.0)
+        yield GaugeMetricFamily("lmgate.drain.in_flight", "Requests a drain waits for.", value=float(self.drain.in_flight))

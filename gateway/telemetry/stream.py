@@ -1,0 +1,179 @@
+"""What telemetry reads from event streams: the usage frame and error frames, by byte scans.
+
+Token counts come from the upstream's own usage report. On a streaming chat or text completion
+that report is a frame of its own, ``{"choices": [], "usage": {...}}``, sent right before
+``data: [DONE]``, and only when the request says ``stream_options.include_usage``. When the
+client did not ask for it, the proxy asks on its behalf and a :class:`UsageTap` removes that frame
+again, so the client's bytes are exactly what it would have received without lmgate.
+
+The per-chunk cost is what the relay can afford: two substring searches, no decoding, no copy.
+Only the frame that holds a ``"usage": {`` is parsed. The usage frame must arrive whole to be
+removed whole, so once the answer has finished (a frame with a ``finish_reason`` string went by)
+the tap passes on whole frames only: a chunk that ends inside a frame keeps that partial frame
+back until its end arrives. A client cannot act on half a frame anyway (an SSE event is
+dispatched at its blank line). Before that point chunks pass exactly as they came, so the first
+byte reaches the client (and the timeout layer) as early as without telemetry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gateway.errors import classify_upstream_message
+from gateway.routes import DONE_TERMINATED
+from gateway.sse import ERROR_EVENT_MARKER
+from gateway.telemetry.record import RequestRecord, record_of
+from middleware.types import Scope
+
+_USAGE_KEY = b'"usage"'
+_FINISH_KEY = b'"finish_reason"'
+# A partial frame longer than this is passed on rather than held (a stream that is not SSE).
+_HOLD_LIMIT = 64 * 1024
+_BLANKS = b" \t\r\n"
+
+
+def usage_tap(scope: Scope, path: str) -> UsageTap | None:
+    """A tap for this request's stream, when a telemetry layer is in front and the route ends
+    its streams with ``[DONE]``; None otherwise (the proxy then relays untouched)."""
+    record = record_of(scope)
+    if record is None or path not in DONE_TERMINATED:
+        return None
+    return UsageTap(record, strip=record.inject_usage)
+
+
+def client_asked_usage(document: dict[str, Any]) -> bool:
+    options = document.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class UsageTap:
+    """Per upstream attempt: finds the usage frame (removing it when ``strip``) and, at the end, an
+    error frame the upstream sent in place of ``[DONE]``; both land on the request's record."""
+
+    __slots__ = ("record", "strip", "_held", "_searching", "_finished", "_last")
+
+    def __init__(self, record: RequestRecord, *, strip: bool) -> None:
+        self.record = record
+        self.strip = strip
+        self._held = b""
+        self._searching = True
+        self._finished = False
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send on for ``chunk`` (possibly fewer, possibly with held ones first)."""
+        if self._held:
+            chunk = self._held + chunk
+            self._held = b""
+        if self._searching:
+            if not self._finished:
+                self._finished = _finish_reason_given(chunk)
+            if self._finished:
+                end = _whole_frames_end(chunk)
+                if end < len(chunk) and len(chunk) - end <= _HOLD_LIMIT:
+                    chunk, self._held = chunk[:end], chunk[end:]
+            if _USAGE_KEY in chunk:
+                chunk = self._take_usage(chunk)
+        if chunk:
+            self._last = chunk
+        return chunk
+
+    def close(self) -> bytes:
+        """At the end of the stream: what is still held, and the record of an upstream error frame."""
+        rest, self._held = self._held, b""
+        tail = self._last + rest
+        at = tail.rfind(ERROR_EVENT_MARKER)
+        if at >= 0:
+            code, message = error_frame_details(tail, at)
+            self.record.note_error(code, message)
+        return rest
+
+    def _take_usage(self, chunk: bytes) -> bytes:
+        search_from = 0
+        while (at := chunk.find(_USAGE_KEY, search_from)) >= 0:
+            search_from = at + len(_USAGE_KEY)
+            if not _value_follows(chunk, search_from, opening=0x7B):  # "{"
+                continue  # "usage": null on an ordinary chunk, or the word in generated text
+            begin, end = _frame_bounds(chunk, at)
+            document = _frame_json(chunk[begin:end])
+            if document is not None and document.get("choices") == [] and isinstance(document.get("usage"), dict):
+                self.record.note_usage(document["usage"], document)
+                self._searching = False
+                return chunk[:begin] + chunk[end:] if self.strip else chunk
+            search_from = end
+        return chunk
+
+
+def error_frame_details(data: bytes, at: int) -> tuple[str, str]:
+    """(code, message) of the ``event: error`` frame starting at ``data[at:]``.
+
+    Both lmgate's frames (``{"error": {"message", "type", "code"}}``) and LM Studio's
+    (``{"error": "text"}`` or ``{"error": {"message"}, "message"}``) are understood; a frame
+    without a code is classified by its message, as the proxy does for error bodies.
+    """
+    _, end = _frame_bounds(data, at)
+    document = _frame_json(data[at:end]) or {}
+    error = document.get("error")
+    message = ""
+    code: object = None
+    if isinstance(error, dict):
+        message, code = str(error.get("message") or document.get("message") or ""), error.get("code")
+    elif isinstance(error, str):
+        message = error
+    if not isinstance(code, str) or not code:
+        code = classify_upstream_message(message, 500)[0]
+    return code, message or "The upstream reported an error inside the stream."
+
+
+def _whole_frames_end(chunk: bytes) -> int:
+    """The index just past the last frame boundary (a blank line) in ``chunk``."""
+    if chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n"):
+        return len(chunk)
+    lf = chunk.rfind(b"\n\n")
+    crlf = chunk.rfind(b"\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+
+
+def _frame_bounds(chunk: bytes, at: int) -> tuple[int, int]:
+    """(begin, end) of the frame around index ``at``; ``end`` includes its blank line."""
+    lf = chunk.rfind(b"\n\n", 0, at)
+    crlf = chunk.rfind(b"\n\r\n", 0, at)
+    begin = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+    lf = chunk.find(b"\n\n", at)
+    crlf = chunk.find(b"\n\r\n", at)
+    ends = [i + 2 for i in (lf,) if i >= 0] + [i + 3 for i in (crlf,) if i >= 0]
+    return begin, min(ends) if ends else len(chunk)
+
+
+def _finish_reason_given(chunk: bytes) -> bool:
+    """Whether a ``"finish_reason": "..."`` (a string, not null) is in ``chunk``."""
+    at = chunk.find(_FINISH_KEY)
+    while at >= 0:
+        if _value_follows(chunk, at + len(_FINISH_KEY), opening=0x22):  # '"'
+            return True
+        at = chunk.find(_FINISH_KEY, at + len(_FINISH_KEY))
+    return False
+
+
+def _value_follows(chunk: bytes, index: int, *, opening: int) -> bool:
+    """Whether ``:`` and a value starting with byte ``opening`` follow ``index`` (blanks allowed)."""
+    size = len(chunk)
+    while index < size and chunk[index] in _BLANKS:
+        index += 1
+    if index >= size or chunk[index] != 0x3A:  # ":"
+        return False
+    index += 1
+    while index < size and chunk[index] in _BLANKS:
+        index += 1
+    return index < size and chunk[index] == opening
+
+
+def _frame_json(frame: bytes) -> dict[str, Any] | None:
+    """The JSON object in a frame's ``data:`` lines, or None."""
+    data = [line[6:] if line.startswith(b"data: ") else line[5:] for line in frame.splitlines() if line.startswith(b"data:")]
+    try:
+        document = json.loads(b"\n".join(data))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
