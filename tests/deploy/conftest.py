@@ -55,7 +55,7 @@ SHIPPED_READ_TIMEOUT = "proxy_read_timeout 300s;"
 ACCESS_LOG = "/var/log/nginx/lmgate.access.log"
 SITE_ROOT = "root /var/www/html;"
 
-_START_TIMEOUT_S = 10.0
+_START_TIMEOUT_S = 20.0  # a loaded CI machine can take seconds to start Python
 _STOP_TIMEOUT_S = 5.0
 _POLL_S = 0.02
 _PORT_ATTEMPTS = 3
@@ -150,13 +150,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def wait_for_port(port: int, *, alive: Callable[[], bool], what: str, timeout: float = _START_TIMEOUT_S) -> None:
-    """Poll until ``port`` accepts a connection (bounded); fail early when the process died."""
+async def wait_for_port(
+    port: int,
+    *,
+    alive: Callable[[], bool],
+    what: str,
+    bound: Callable[[], bool] = lambda: True,
+    timeout: float = _START_TIMEOUT_S,
+) -> None:
+    """Poll until the process says it has ``bound`` its socket and ``port`` accepts a connection
+    (bounded in time); fail early when the process died."""
     deadline = time.monotonic() + timeout
     while True:
         if not alive():
             raise RuntimeError(f"{what} exited before it listened on port {port}")
         try:
+            if not bound():
+                raise ConnectionRefusedError
             stream = await anyio.connect_tcp("127.0.0.1", port)
         except OSError:
             if time.monotonic() > deadline:
@@ -247,14 +257,17 @@ async def run_nginx(
             directory, sample, listen_port=port, lmgate_ports=lmgate_ports, site_root=site_root,
             read_timeout=read_timeout, edits=edits,
         )  # fmt: skip
-        error_log = directory / "error.log"
+        error_log, pid_file = directory / "error.log", directory / "nginx.pid"
         error_log.unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
         process = await anyio.open_process(
             nginx_command(binary, directory), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            await wait_for_port(port, alive=lambda: process.returncode is None, what="nginx")
+            # NGINX writes its pid file only after binding every listen socket: until then, a
+            # connection could reach whoever else took the port.
+            await wait_for_port(port, alive=lambda: process.returncode is None, bound=pid_file.exists, what="nginx")
         except RuntimeError:
             await stop_process(process)
             log = error_log.read_text(errors="replace") if error_log.exists() else ""
