@@ -175,13 +175,20 @@ async def test_nginx_own_failures_are_openai_shaped_json(sample, nginx, client):
     assert response.json()["error"]["code"] == "proxy_bad_gateway"
 
 
-async def test_health_routes_answer_through_nginx(sample, upstream, deployed, client):
+async def test_health_and_operator_routes_answer_through_nginx(sample, upstream, deployed, client):
+    async def handler(scope, receive, send):  # lmgate's readiness probes the upstream
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"object":"list","data":[]}'})
+
+    upstream.handler = handler
     async with deployed(sample, upstream.url) as proxy:
         ready = await client.get(proxy.base + "/readyz")
         alive = await client.get(proxy.base + "/healthz")
+        metrics = await client.get(proxy.base + "/metrics")  # allowed from this machine only
     assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
     assert (alive.status_code, alive.json()) == (200, {"status": "ok"})
-    assert not any("/readyz" in line or "/healthz" in line for line in proxy.access_log())
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    assert not any(path in line for line in proxy.access_log() for path in ("/readyz", "/healthz", "/metrics"))
 
 
 async def test_the_sub_path_sample_leaves_the_existing_site_alone(upstream, deployed, client, tmp_path):
