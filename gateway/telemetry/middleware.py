@@ -13,6 +13,7 @@ Per chunk it does two dict lookups and a comparison: everything else happens onc
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -42,6 +43,8 @@ from middleware.types import ASGIApp, Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from gateway.telemetry.hub import Telemetry
 
+_ERROR_BODY_LIMIT = 64 * 1024
+
 class TelemetryMiddleware:
     """Logs, metrics and the span of every request through ``app``; see the module docstring."""
 
@@ -69,6 +72,8 @@ class TelemetryMiddleware:
                     record.first_byte_at = clock()
                 if record.event_stream and not message.get("more_body", False):
                     _note_error_frame(record, message.get("body", b""))
+                elif record.status >= 400 and record.error_message is None:
+                    _note_error_body(record, message.get("body", b""))
             elif message["type"] == "http.response.start":
                 _note_start(record, message)
             await send(message)
@@ -153,6 +158,20 @@ def _note_start(record: RequestRecord, message: Message) -> None:
         code = header_value(headers, b"x-lmgate-error")
         if code is not None:
             record.note_error(code.decode("latin-1"), None)
+
+
+def _note_error_body(record: RequestRecord, body: bytes) -> None:
+    """The message of an error response (a small JSON document), for the ``gen_error`` line."""
+    if not body or len(body) > _ERROR_BODY_LIMIT:
+        return
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return
+    error = document.get("error") if isinstance(document, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    if isinstance(message, str) and message:
+        record.error_message = message
 
 
 def _note_error_frame(record: RequestRecord, body: bytes) -> None:

@@ -28,6 +28,9 @@ from middleware.types import Scope
 
 _USAGE_KEY = b'"usage"'
 _FINISH_KEY = b'"finish_reason"'
+# Bytes of a chunk that ended mid-frame kept to find a key split across chunks: the key, and
+# room for blanks, the colon and the value's first byte.
+_FINISH_WINDOW = len(_FINISH_KEY) + 16
 # A partial frame longer than this is passed on rather than held (a stream that is not SSE).
 _HOLD_LIMIT = 64 * 1024
 _BLANKS = b" \t\r\n"
@@ -51,7 +54,7 @@ class UsageTap:
     """Per upstream attempt: finds the usage frame (removing it when ``strip``) and, at the end, an
     error frame the upstream sent in place of ``[DONE]``; both land on the request's record."""
 
-    __slots__ = ("record", "strip", "_held", "_searching", "_finished", "_last")
+    __slots__ = ("record", "strip", "_held", "_searching", "_finished", "_tail", "_last")
 
     def __init__(self, record: RequestRecord, *, strip: bool) -> None:
         self.record = record
@@ -59,6 +62,7 @@ class UsageTap:
         self._held = b""
         self._searching = True
         self._finished = False
+        self._tail = b""
         self._last = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -68,7 +72,7 @@ class UsageTap:
             self._held = b""
         if self._searching:
             if not self._finished:
-                self._finished = _finish_reason_given(chunk)
+                self._finished = self._saw_finish(chunk)
             if self._finished:
                 end = _whole_frames_end(chunk)
                 if end < len(chunk) and len(chunk) - end <= _HOLD_LIMIT:
@@ -88,6 +92,16 @@ class UsageTap:
             code, message = error_frame_details(tail, at)
             self.record.note_error(code, message)
         return rest
+
+    def _saw_finish(self, chunk: bytes) -> bool:
+        """Whether the answer has finished, counting a ``finish_reason`` split across chunks."""
+        window = self._tail + chunk if self._tail else chunk
+        if _finish_reason_given(window):
+            self._tail = b""
+            return True
+        at_boundary = chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n")
+        self._tail = b"" if at_boundary else window[-_FINISH_WINDOW:]
+        return False
 
     def _take_usage(self, chunk: bytes) -> bytes:
         search_from = 0

@@ -1,0 +1,103 @@
+"""/healthz, /readyz and /lmgate/health/llm against the LM Studio simulator, over real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from gateway.app import Gateway, build_app
+from gateway.config import Config
+from gateway.serving import serve_in_background
+from gateway.simulator import SimModel, Simulator
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "qwen2.5-7b-instruct"
+LLM = "/lmgate/health/llm"
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    model = SimModel(id=MODEL, loaded=True, tokens_per_second=2000.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
+    async with Simulator(models=[model]) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as c:
+        yield c
+
+
+@asynccontextmanager
+async def gateway(upstream_url: str, **health: Any) -> AsyncIterator[tuple[str, Gateway]]:
+    app = build_app(Config.model_validate({"upstream": {"url": upstream_url}, "health": health}))
+    async with serve_in_background(app) as server:
+        yield server.url, app
+    await app.aclose()
+
+
+async def test_readiness_probes_the_upstream_once_per_ttl(sim, client):
+    async with gateway(sim.url, upstream_probe_ttl_s=60) as (url, _):
+        before = sim.counters.requests
+        answers = [await client.get(url + "/readyz") for _ in range(3)]
+        alive = await client.get(url + "/healthz")
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"status": "ready"})] * 3
+    assert sim.counters.requests == before + 1
+    assert (alive.status_code, alive.json()) == (200, {"status": "ok"})
+
+
+async def test_readiness_is_503_while_draining_preloading_or_unreachable(sim, client):
+    async with gateway("http://127.0.0.1:9") as (url, _):
+        unreachable = await client.get(url + "/readyz")
+    async with gateway(sim.url) as (url, app):
+        app.telemetry.preloaded = False
+        preloading = await client.get(url + "/readyz")
+        app.drain.start()
+        draining = await client.get(url + "/readyz")
+    assert unreachable.status_code == 503 and unreachable.json()["status"] == "upstream_unreachable"
+    assert "unreachable" in unreachable.json()["reason"]
+    assert (preloading.status_code, preloading.json()) == (503, {"status": "preloading"})
+    assert (draining.status_code, draining.json()) == (503, {"status": "draining"})
+
+
+async def test_the_llm_check_generates_one_token_and_is_cached(sim, client):
+    async with gateway(sim.url, models=[MODEL], llm_check_ttl_s=60) as (url, app):
+        finished = anyio.Event()
+        app.telemetry.on_request_end.append(lambda record, outcome: finished.set())
+        served = await client.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": [], "stream": True})
+        assert served.status_code == 200
+        with anyio.fail_after(5):
+            await finished.wait()
+        before = sim.counters.requests
+        first = await client.get(url + LLM)
+        second = await client.get(url + LLM)
+    assert sim.counters.requests == before + 1
+    assert first.status_code == 200 and first.json()["status"] == "ok" and not first.json()["cached"]
+    assert second.json()["cached"] and second.json()["models"] == first.json()["models"]
+    check = first.json()["models"][MODEL]
+    assert check["ok"] and check["reason"] is None and check["latency_ms"] >= 0
+    rolling = check["rolling"]
+    assert rolling["count"] == 1
+    assert set(rolling["latency_ms"]) == set(rolling["ttft_ms"]) == {"p50", "p95", "p99"}
+    assert rolling["ttft_ms"]["p50"] <= rolling["latency_ms"]["p50"]
+
+
+async def test_the_llm_check_is_503_with_the_reason_when_a_model_fails(sim, client):
+    async with gateway(sim.url, models=[MODEL, "missing-model"]) as (url, _):
+        answer = await client.get(url + LLM)
+    assert answer.status_code == 503
+    document = answer.json()
+    assert document["status"] == "unhealthy" and document["reason"].startswith("missing-model: HTTP 4")
+    assert document["models"][MODEL]["ok"] and not document["models"]["missing-model"]["ok"]
+
+
+async def test_without_models_or_traffic_there_is_nothing_to_vouch_for(sim, client):
+    async with gateway(sim.url) as (url, _):
+        answer = await client.get(url + LLM)
+    assert answer.status_code == 503 and "health.models" in answer.json()["reason"]
