@@ -1,0 +1,323 @@
+"""The model lifecycle: not-loaded -> loading -> loaded -> not-loaded (research §2, checklist §7.2).
+
+* **JIT load** on the first inference request for a downloaded model, taking ``load_delay_s`` of
+  simulated time. Concurrent first requests share one load, unless ``duplicate_instance_race`` is
+  on: then each starts its own and the model ends up loaded as ``key``, ``key:2``, ... (#1751).
+* **Idle TTL**: a JIT-loaded instance gets the request's ``ttl`` (or ``default_ttl_s``) once, when
+  it loads; it unloads after that long with no request in flight. The timer counts from the last
+  request's start or end. Out-of-band loads have no TTL unless one is given (as ``lms load``).
+* **Auto-Evict**: starting a JIT load unloads every *other* model's JIT-loaded instances, busy or
+  not, killing their in-flight generations with "Model unloaded." (#671, #1796). Out-of-band loads
+  are never evicted.
+* **Unload** (out of band, REST, TTL, evict, fault) fails every request using the instance.
+
+The manager is the single owner of this state; requests ask it for an instance and tell it when
+they start and stop using one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from gateway.simulator import errors
+from gateway.simulator.clock import Clock
+from gateway.simulator.counters import Counters
+from gateway.simulator.errors import SimError
+from gateway.simulator.faults import Faults
+from gateway.simulator.runtime import Runtime
+from gateway.simulator.signals import Signals
+from gateway.simulator.slots import Slots
+from gateway.simulator.spec import SimModel, SimSettings
+
+log = logging.getLogger("gateway.simulator")
+
+UnloadReason = Literal["unload", "evict", "ttl", "fault"]
+
+
+@dataclass(eq=False)
+class Instance:
+    """One loaded copy of a model, as ``lms ps`` lists it."""
+
+    identifier: str
+    model: SimModel
+    context_length: int
+    jit: bool
+    ttl_s: float | None
+    last_used: float
+    slots: Slots
+    users: set[Signals] = field(default_factory=set)  # requests queued on or generating with it
+    idle: anyio.Event | None = None  # set when the last user leaves (the TTL timer waits on it)
+    timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    unloaded: bool = False
+
+    @property
+    def status(self) -> str:
+        return "generating" if self.slots.busy else "idle"
+
+
+@dataclass(eq=False)
+class Load:
+    """A load under way; requests for the same model may wait on it together."""
+
+    model: SimModel
+    identifier: str
+    jit: bool
+    ttl_s: float | None
+    context_length: int
+    started_at: float
+    fault_kind: str | None = None
+    fault_message: str = ""
+    done: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    waiters: int = 0
+    instance: Instance | None = None
+    error: SimError | None = None
+
+
+class ModelManager:
+    def __init__(
+        self,
+        models: list[SimModel],
+        *,
+        settings: SimSettings,
+        clock: Clock,
+        counters: Counters,
+        faults: Faults,
+        runtime: Runtime,
+    ) -> None:
+        self.models = {model.id: model for model in models}
+        if len(self.models) != len(models):
+            raise ValueError("model ids must be unique")
+        self.settings = settings
+        self.clock = clock
+        self.counters = counters
+        self.faults = faults
+        self.runtime = runtime
+        self.instances: list[Instance] = []
+        self.loads: list[Load] = []
+        for model in models:
+            if model.loaded:
+                self._add_instance(model, model.id, jit=False, ttl_s=None, context_length=model.loaded_context_length)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def loaded(self, model: SimModel) -> list[Instance]:
+        return [i for i in self.instances if i.model is model]
+
+    def _least_busy(self, model: SimModel) -> Instance | None:
+        candidates = self.loaded(model)
+        return min(candidates, key=lambda i: len(i.users)) if candidates else None
+
+    def resolve(self, name: str | None) -> tuple[SimModel, Instance | None]:
+        """The model a request names and a loaded instance to serve it (None: it needs a JIT load).
+
+        Raises LM Studio's errors: unknown model, or nothing loaded when JIT is off.
+        """
+        jit = self.settings.jit
+        for instance in self.instances:
+            if instance.identifier == name:
+                return instance.model, instance
+        model = self.models.get(name) if name else None
+        if model is not None:
+            instance = self._least_busy(model)
+            if instance is not None or (jit and model.jit):
+                return model, instance
+        if not self.instances and (not jit or not name):
+            raise errors.no_models_loaded()
+        if self.settings.single_model_fallback and not jit and len(self.instances) == 1:
+            return self.instances[0].model, self.instances[0]
+        if not name and self.instances:
+            return self.instances[0].model, self.instances[0]
+        valid = list(self.models) if jit else [i.identifier for i in self.instances]
+        raise errors.unknown_model(name or "", valid)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    async def acquire(self, name: str | None, *, ttl_s: float | None, signals: Signals, abortable: bool) -> Instance | None:
+        """An instance to serve the request, JIT-loading it if needed; None if the client left
+        while waiting for a load that ``abortable`` let it abandon."""
+        model, instance = self.resolve(name)
+        if instance is not None:
+            return instance
+        load = None if self.settings.duplicate_instance_race else self._pending_jit(model)
+        if load is None:
+            ttl = ttl_s if ttl_s is not None else self.settings.default_ttl_s
+            load = self.start_load(model, jit=True, ttl_s=ttl, context_length=None)
+        return await self._wait(load, signals, abortable=abortable)
+
+    def _pending_jit(self, model: SimModel) -> Load | None:
+        return next((load for load in self.loads if load.model is model and load.jit), None)
+
+    def start_load(self, model: SimModel, *, jit: bool, ttl_s: float | None, context_length: int | None) -> Load:
+        # The start time is taken in the same step as loads_started, so a test that waits for the
+        # counter and then advances a FakeClock always advances from the load's real start.
+        load = Load(
+            model,
+            self._next_identifier(model),
+            jit,
+            ttl_s,
+            context_length or model.loaded_context_length,
+            started_at=self.clock.now(),
+        )
+        fault = self.faults.take_load_fault(model.id)
+        if fault is not None:
+            load.fault_kind, load.fault_message = fault.kind, fault.params.get("message", "")
+            self.counters.faults_applied += 1
+        if jit and self.settings.auto_evict:
+            for other in [i for i in self.instances if i.jit and i.model is not model]:
+                self.unload(other, reason="evict")
+        self.loads.append(load)
+        self.runtime.spawn(self._run_load, load)
+        self.counters.loading += 1
+        self.counters.loads_started += 1
+        return load
+
+    async def load(self, name: str, *, ttl_s: float | None = None, context_length: int | None = None) -> tuple[Instance, float]:
+        """An out-of-band load (``lms load``, ``POST /api/v1/models/load``): never JIT, never
+        evicted, a new instance (``key:2``) if the model is already loaded. Returns the instance and
+        the simulated load time in seconds."""
+        model = self.models.get(name)
+        if model is None:
+            raise errors.rest_error(404, f'Model "{name}" not found.', type_="model_not_found", code="model_not_found", param="model")
+        if context_length is not None and not 0 < context_length <= model.max_context_length:
+            raise errors.rest_error(
+                400,
+                f"context_length must be between 1 and {model.max_context_length}",
+                type_="invalid_request",
+                code="invalid_context_length",
+                param="context_length",
+            )
+        load = self.start_load(model, jit=False, ttl_s=ttl_s, context_length=context_length)
+        instance = await self._wait(load, None, abortable=False)
+        assert instance is not None
+        return instance, self.clock.now() - load.started_at
+
+    async def _wait(self, load: Load, signals: Signals | None, *, abortable: bool) -> Instance | None:
+        load.waiters += 1
+        try:
+            if signals is None:
+                await load.done.wait()
+            else:
+                with signals.phase(on_disconnect=abortable):
+                    await load.done.wait()
+        finally:
+            load.waiters -= 1
+            if abortable and load.waiters == 0 and not load.done.is_set():
+                load.scope.cancel()  # the last client waiting for it left: abort, as Ollama does
+        if not load.done.is_set():
+            return None
+        if load.error is not None:
+            raise load.error
+        assert load.instance is not None
+        if load.instance.unloaded:
+            raise errors.model_unloaded()
+        return load.instance
+
+    async def _run_load(self, load: Load) -> None:
+        with load.scope:
+            if load.fault_kind == "load_hang":
+                await anyio.sleep_forever()
+            await self.clock.sleep_until(load.started_at + load.model.load_delay_s)
+        self.loads.remove(load)
+        self.counters.loading -= 1
+        model = load.model
+        if load.scope.cancelled_caught:
+            load.error = errors.load_failed(model.id, "Operation canceled.")
+            self.counters.loads_aborted += 1
+        elif load.fault_kind == "load_failure":
+            load.error = errors.load_failed(model.id, load.fault_message)
+            self.counters.loads_failed += 1
+        else:
+            load.instance = self._add_instance(
+                model, load.identifier, jit=load.jit, ttl_s=load.ttl_s, context_length=load.context_length
+            )
+            self.counters.loads_completed += 1
+        load.done.set()
+
+    def _next_identifier(self, model: SimModel) -> str:
+        taken = {i.identifier for i in self.instances} | {load.identifier for load in self.loads}
+        identifier, n = model.id, 1
+        while identifier in taken:
+            n += 1
+            identifier = f"{model.id}:{n}"
+        return identifier
+
+    def _add_instance(self, model: SimModel, identifier: str, *, jit: bool, ttl_s: float | None, context_length: int) -> Instance:
+        instance = Instance(identifier, model, context_length, jit, ttl_s, self.clock.now(), Slots(model.parallel))
+        self.instances.append(instance)
+        self._count_instances()
+        if ttl_s is not None:
+            self.runtime.spawn(self._expire_when_idle, instance)
+        log.debug("loaded %s (jit=%s, ttl=%s)", identifier, jit, ttl_s)
+        return instance
+
+    # -- use, TTL, unload ---------------------------------------------------------------------
+
+    @contextmanager
+    def use(self, instance: Instance, signals: Signals) -> Iterator[None]:
+        """Mark a request as using ``instance``: it resets the idle timer and dies with the instance."""
+        if instance.unloaded:
+            raise errors.model_unloaded()
+        if not instance.users:
+            instance.idle = anyio.Event()
+        instance.users.add(signals)
+        instance.last_used = self.clock.now()
+        try:
+            yield
+        finally:
+            instance.users.discard(signals)
+            instance.last_used = self.clock.now()
+            if not instance.users and instance.idle is not None:
+                instance.idle.set()
+
+    async def _expire_when_idle(self, instance: Instance) -> None:
+        assert instance.ttl_s is not None
+        with instance.timer:
+            while True:
+                if instance.users and instance.idle is not None:
+                    await instance.idle.wait()
+                    continue
+                deadline = instance.last_used + instance.ttl_s
+                if self.clock.now() >= deadline:
+                    self.unload(instance, reason="ttl")
+                    return
+                await self.clock.sleep_until(deadline)
+
+    def unload(self, instance: Instance, *, reason: UnloadReason) -> None:
+        if instance.unloaded:
+            return
+        instance.unloaded = True
+        self.instances.remove(instance)
+        instance.timer.cancel()
+        for signals in list(instance.users):
+            signals.model_unloaded()
+        self._count_instances()
+        if reason == "evict":
+            self.counters.evictions += 1
+        elif reason == "ttl":
+            self.counters.ttl_unloads += 1
+        else:
+            self.counters.unloads += 1
+        log.debug("unloaded %s (%s)", instance.identifier, reason)
+
+    def unload_named(self, name: str, *, reason: UnloadReason = "unload") -> list[str]:
+        """Unload an instance by identifier, or every instance of a model key (and abort its loads)."""
+        matches = [i for i in self.instances if i.identifier == name] or [i for i in self.instances if i.model.id == name]
+        for instance in matches:
+            self.unload(instance, reason=reason)
+        for load in self.loads:
+            if load.model.id == name or load.identifier == name:
+                load.scope.cancel()
+        return [i.identifier for i in matches]
+
+    def _count_instances(self) -> None:
+        counts: dict[str, int] = {}
+        for instance in self.instances:
+            counts[instance.model.id] = counts.get(instance.model.id, 0) + 1
+        self.counters.instances = counts
