@@ -313,6 +313,37 @@ def nginx(nginx_bin: str, tmp_path: Path) -> Callable[..., AbstractAsyncContextM
     return start
 
 
+# --- a scripted upstream that looks like a plain OpenAI-compatible server ---------------------------
+
+_JSON = [(b"content-type", b"application/json")]
+_EMPTY_LISTING = b'{"object":"list","data":[]}'
+_NOT_FOUND = b'{"error":{"message":"no such route","type":"invalid_request_error","code":"not_found"}}'
+
+
+@pytest.fixture
+def script(upstream: Any) -> Callable[[Mapping[str, Any]], Any]:
+    """``script({"/v1/chat/completions": handler})``: the scripted upstream (``tests/conftest.py``)
+    answers those paths with those handlers, ``GET /v1/models`` with an empty list and anything else
+    with 404, as an OpenAI-compatible server without LM Studio's own APIs does. lmgate's model
+    tracking then forwards the scripted requests untouched, whatever else it asks the upstream.
+    Tests find their requests in ``upstream.requests`` by path."""
+
+    def set_routes(routes: Mapping[str, Any]) -> Any:
+        async def dispatch(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            handler = routes.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+            listing = scope["path"] == "/v1/models"
+            await send({"type": "http.response.start", "status": 200 if listing else 404, "headers": _JSON})
+            await send({"type": "http.response.body", "body": _EMPTY_LISTING if listing else _NOT_FOUND})
+
+        upstream.handler = dispatch
+        return upstream
+
+    return set_routes
+
+
 # --- lmgate ---------------------------------------------------------------------------------------
 
 

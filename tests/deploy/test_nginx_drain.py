@@ -41,7 +41,7 @@ async def poll_until(check, *, timeout: float, what: str) -> None:  # type: igno
         await anyio.sleep(0.02)
 
 
-async def test_draining_one_of_two_replicas_loses_no_request(upstream, lmgate_process, nginx):
+async def test_draining_one_of_two_replicas_loses_no_request(script, lmgate_process, nginx):
     finish = anyio.Event()
     held = 0
     all_held = anyio.Event()
@@ -57,7 +57,7 @@ async def test_draining_one_of_two_replicas_loses_no_request(upstream, lmgate_pr
             await finish.wait()
         await send({"type": "http.response.body", "body": frame("second") + b"data: [DONE]\n\n"})
 
-    upstream.handler = handler
+    upstream = script({CHAT: handler})
     async with (
         lmgate_process(upstream.url) as replica_a,
         lmgate_process(upstream.url) as replica_b,

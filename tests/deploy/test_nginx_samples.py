@@ -1,8 +1,8 @@
 """The sample NGINX configs in ``deploy/nginx/``, run as users deploy them, in front of real lmgates.
 
 Each test takes the ``sample`` fixture (every ``*.conf`` in turn) or names one. A scripted upstream
-stands in for LM Studio where a test must control each byte; test_nginx_cancel.py uses the
-simulator.
+(the ``script`` fixture) stands in for LM Studio where a test must control each byte;
+test_nginx_cancel.py and test_nginx_timeouts.py use the simulator.
 """
 
 from __future__ import annotations
@@ -20,6 +20,18 @@ pytestmark = pytest.mark.anyio
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream")]
 CHAT = "/v1/chat/completions"
+EMBEDDINGS = "/v1/embeddings"
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def embeddings_ok(scope, receive, send):  # type: ignore[no-untyped-def]
+    await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
+    await send({"type": "http.response.body", "body": b'{"object":"list","data":[]}'})
+
+
+def requests_to(upstream, path: str) -> list:  # type: ignore[no-untyped-def]
+    """The (scope, body) pairs the scripted upstream received on ``path``."""
+    return [(scope, body) for scope, body in upstream.requests if scope["path"] == path]
 
 
 def frame(n: int) -> bytes:
@@ -53,7 +65,7 @@ def test_every_sample_passes_nginx_t_as_rendered(sample, nginx_check):
     assert "test is successful" in result.stderr
 
 
-async def test_each_chunk_reaches_the_client_before_lmgate_reads_the_next(sample, upstream, deployed, client):
+async def test_each_chunk_reaches_the_client_before_lmgate_reads_the_next(sample, script, deployed, client):
     released = [anyio.Event() for _ in range(5)]
 
     async def handler(scope, receive, send):
@@ -63,7 +75,7 @@ async def test_each_chunk_reaches_the_client_before_lmgate_reads_the_next(sample
             await released[n].wait()  # chunk n+1 is not written until the client has chunk n
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
-    upstream.handler = handler
+    upstream = script({CHAT: handler})
     async with deployed(sample, upstream.url) as proxy:
         body = {"model": "m", "stream": True, "messages": []}
         async with client.stream("POST", proxy.base + CHAT, json=body) as response:
@@ -78,7 +90,7 @@ async def test_each_chunk_reaches_the_client_before_lmgate_reads_the_next(sample
         assert bytes(seen) == b"".join(frame(n) for n in range(5)) + b"data: [DONE]\n\n"
 
 
-async def test_the_harness_notices_an_nginx_that_buffers(upstream, deployed, client):
+async def test_the_harness_notices_an_nginx_that_buffers(script, deployed, client):
     # The control for the test above: the same exchange through single.conf with its streaming
     # settings undone (buffering on, lmgate's X-Accel-Buffering ignored, NGINX's default HTTP/1.0
     # to the upstream) holds the first chunk back. Without this, the test above could pass on a
@@ -91,7 +103,7 @@ async def test_the_harness_notices_an_nginx_that_buffers(upstream, deployed, cli
         await released.wait()
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
-    upstream.handler = handler
+    upstream = script({CHAT: handler})
     buffering = {
         "proxy_buffering off;": "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;",
         "proxy_http_version 1.1;": "proxy_http_version 1.0;",
@@ -114,13 +126,13 @@ async def test_the_harness_notices_an_nginx_that_buffers(upstream, deployed, cli
     assert b"".join(received) == b"(headers)" + frame(0) + b"data: [DONE]\n\n"
 
 
-async def test_a_client_leaving_at_nginx_closes_the_upstream_stream(sample, upstream, deployed, client):
+async def test_a_client_leaving_at_nginx_closes_the_upstream_stream(sample, script, deployed, client):
     async def handler(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         await send({"type": "http.response.body", "body": frame(0), "more_body": True})
         await upstream.disconnected.wait()
 
-    upstream.handler = handler
+    upstream = script({CHAT: handler})
     async with deployed(sample, upstream.url) as proxy:
         async with client.stream("POST", proxy.base + CHAT, json={"stream": True}) as response:
             await read_until(response.aiter_raw(), bytearray(), frame(0))
@@ -129,16 +141,13 @@ async def test_a_client_leaving_at_nginx_closes_the_upstream_stream(sample, upst
             await upstream.disconnected.wait()
 
 
-async def test_forwarded_headers_and_the_request_id_reach_lmgate(upstream, deployed, client):
-    async def handler(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": b'{"object":"list","data":[]}'})
-
-    upstream.handler = handler
+async def test_forwarded_headers_and_the_request_id_reach_lmgate(script, deployed, client):
+    upstream = script({EMBEDDINGS: embeddings_ok})
     async with deployed("single.conf", upstream.url) as proxy:
-        response = await client.get(proxy.base + "/v1/models", headers={"Host": "llm.example.com"})
+        body = {"model": "e", "input": "hi"}
+        response = await client.post(proxy.base + EMBEDDINGS, json=body, headers={"Host": "llm.example.com"})
     assert response.status_code == 200
-    scope, _ = upstream.requests[0]
+    ((scope, _),) = requests_to(upstream, EMBEDDINGS)
     sent = {key.decode(): value.decode() for key, value in scope["headers"]}
     # The client (as NGINX saw it) first, then NGINX as lmgate saw it.
     assert sent["x-forwarded-for"] == "127.0.0.1, 127.0.0.1"
@@ -149,18 +158,14 @@ async def test_forwarded_headers_and_the_request_id_reach_lmgate(upstream, deplo
     assert any(f"rid={sent['x-request-id']}" in line for line in proxy.access_log())
 
 
-async def test_long_prompts_pass_and_oversize_bodies_get_a_json_413(sample, upstream, deployed, client):
-    async def handler(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": b'{"object":"list","data":[]}'})
-
-    upstream.handler = handler
+async def test_long_prompts_pass_and_oversize_bodies_get_a_json_413(sample, script, deployed, client):
+    upstream = script({EMBEDDINGS: embeddings_ok})
     long_prompt = json.dumps({"model": "e", "input": "x" * (2 * 1024 * 1024)}).encode()  # NGINX's default: 1 MB
     async with deployed(sample, upstream.url) as proxy:
-        response = await client.post(proxy.base + "/v1/embeddings", content=long_prompt)
+        response = await client.post(proxy.base + EMBEDDINGS, content=long_prompt)
         assert response.status_code == 200
-        assert upstream.requests[-1][1] == long_prompt
-        too_big = await client.post(proxy.base + "/v1/embeddings", content=b"x" * (11 * 1024 * 1024))
+        assert [body for _, body in requests_to(upstream, EMBEDDINGS)] == [long_prompt]
+        too_big = await client.post(proxy.base + EMBEDDINGS, content=b"x" * (11 * 1024 * 1024))
     assert too_big.status_code == 413
     assert too_big.headers["x-lmgate-error"] == "payload_too_large"
     assert too_big.json()["error"]["code"] == "payload_too_large"
@@ -175,12 +180,8 @@ async def test_nginx_own_failures_are_openai_shaped_json(sample, nginx, client):
     assert response.json()["error"]["code"] == "proxy_bad_gateway"
 
 
-async def test_health_and_operator_routes_answer_through_nginx(sample, upstream, deployed, client):
-    async def handler(scope, receive, send):  # lmgate's readiness probes the upstream
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": b'{"object":"list","data":[]}'})
-
-    upstream.handler = handler
+async def test_health_and_operator_routes_answer_through_nginx(sample, script, deployed, client):
+    upstream = script({})  # readiness probes the upstream: it must answer
     async with deployed(sample, upstream.url) as proxy:
         ready = await client.get(proxy.base + "/readyz")
         alive = await client.get(proxy.base + "/healthz")
@@ -191,20 +192,17 @@ async def test_health_and_operator_routes_answer_through_nginx(sample, upstream,
     assert not any(path in line for line in proxy.access_log() for path in ("/readyz", "/healthz", "/metrics"))
 
 
-async def test_the_sub_path_sample_leaves_the_existing_site_alone(upstream, deployed, client, tmp_path):
-    async def handler(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": b'{"object":"list","data":[]}'})
-
-    upstream.handler = handler
+async def test_the_sub_path_sample_leaves_the_existing_site_alone(script, deployed, client, tmp_path):
+    upstream = script({EMBEDDINGS: embeddings_ok})
     site = tmp_path / "www"
     site.mkdir()
     (site / "index.html").write_text("the existing site\n")
+    body = {"model": "e", "input": "hi"}
     async with deployed("subpath.conf", upstream.url, site_root=site) as proxy:
         home = await client.get(proxy.url + "/")
-        models = await client.get(proxy.url + "/llm/v1/models")
-        outside = await client.get(proxy.url + "/v1/models")
+        inside = await client.post(proxy.url + "/llm" + EMBEDDINGS, json=body)
+        outside = await client.post(proxy.url + EMBEDDINGS, json=body)
     assert home.text == "the existing site\n"
-    assert models.json() == {"object": "list", "data": []}
-    assert upstream.requests[0][0]["path"] == "/v1/models"  # the prefix was removed
-    assert outside.status_code == 404 and len(upstream.requests) == 1
+    assert inside.json() == {"object": "list", "data": []}
+    assert len(requests_to(upstream, EMBEDDINGS)) == 1  # the prefix was removed; outside it, nothing
+    assert outside.status_code in (404, 405) and outside.headers["server"].startswith("nginx")
