@@ -67,7 +67,7 @@ async def test_draining_one_of_two_replicas_loses_no_request(script, lmgate_proc
         answers: list[bytes] = []
 
         async def stream(query: str = "") -> None:
-            body = {"model": "m", "stream": True, "messages": []}
+            body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
             async with client.stream("POST", proxy.base + CHAT + query, json=body) as response:
                 assert response.status_code == 200, await response.aread()
                 answers.append(b"".join([chunk async for chunk in response.aiter_raw()]))

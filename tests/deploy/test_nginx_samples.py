@@ -22,6 +22,7 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream")]
 CHAT = "/v1/chat/completions"
 EMBEDDINGS = "/v1/embeddings"
 JSON_HEADERS = [(b"content-type", b"application/json")]
+STREAM_REQUEST = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
 
 
 async def embeddings_ok(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -77,8 +78,7 @@ async def test_each_chunk_reaches_the_client_before_lmgate_reads_the_next(sample
 
     upstream = script({CHAT: handler})
     async with deployed(sample, upstream.url) as proxy:
-        body = {"model": "m", "stream": True, "messages": []}
-        async with client.stream("POST", proxy.base + CHAT, json=body) as response:
+        async with client.stream("POST", proxy.base + CHAT, json=STREAM_REQUEST) as response:
             assert response.status_code == 200
             assert response.headers["content-type"] == "text/event-stream"
             chunks = response.aiter_raw()
@@ -113,7 +113,7 @@ async def test_the_harness_notices_an_nginx_that_buffers(script, deployed, clien
         async with anyio.create_task_group() as tg:
 
             async def request() -> None:
-                async with client.stream("POST", proxy.base + CHAT, json={"stream": True}) as response:
+                async with client.stream("POST", proxy.base + CHAT, json=STREAM_REQUEST) as response:
                     received.append(b"(headers)")
                     async for chunk in response.aiter_raw():
                         received.append(chunk)
@@ -134,7 +134,7 @@ async def test_a_client_leaving_at_nginx_closes_the_upstream_stream(sample, scri
 
     upstream = script({CHAT: handler})
     async with deployed(sample, upstream.url) as proxy:
-        async with client.stream("POST", proxy.base + CHAT, json={"stream": True}) as response:
+        async with client.stream("POST", proxy.base + CHAT, json=STREAM_REQUEST) as response:
             await read_until(response.aiter_raw(), bytearray(), frame(0))
         # Leaving the block closed the connection to NGINX mid-stream.
         with anyio.fail_after(3):
@@ -174,7 +174,7 @@ async def test_long_prompts_pass_and_oversize_bodies_get_a_json_413(sample, scri
 async def test_nginx_own_failures_are_openai_shaped_json(sample, nginx, client):
     ports = [closed_port() for _ in range(2 if sample == "replicas.conf" else 1)]
     async with nginx(sample, lmgate_ports=ports) as proxy:
-        response = await client.post(proxy.base + CHAT, json={"model": "m", "messages": []})
+        response = await client.post(proxy.base + CHAT, json=STREAM_REQUEST)
     assert response.status_code == 502
     assert response.headers["x-lmgate-error"] == "proxy_bad_gateway"
     assert response.json()["error"]["code"] == "proxy_bad_gateway"
