@@ -58,7 +58,9 @@ class AdminRoutes:
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         accept = header_value(scope.get("headers", ()), b"accept")
-        body, content_type = self.gateway.telemetry.metrics.render(accept.decode("latin-1") if accept else None)  # type: ignore[union-attr]
-        headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode("ascii"))]
+        metrics = self.gateway.telemetry.metrics
+        assert metrics is not None  # the route exists only with metrics on
+        body, content_type = metrics.render(accept.decode("latin-1") if accept else None)
+        headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})

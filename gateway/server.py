@@ -45,7 +45,13 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
         announce(f"lmgate listening on {url}, forwarding to {what}{config.upstream.url}")
         logger.info(
             "config loaded",
-            extra={"event": "config_loaded", "listen": url, "upstream": config.upstream.url},
+            extra={
+                "event": "config_loaded",
+                "listen": url,
+                "upstream": config.upstream.url,
+                "metrics": config.metrics.enabled,
+                "tracing": config.tracing.enabled,
+            },
         )
 
         async def drain_on_signal() -> None:

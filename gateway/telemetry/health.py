@@ -39,7 +39,9 @@ class LatencyWindows:
     window emptied are forgotten first; past that, new models are not tracked).
     """
 
-    def __init__(self, *, window_s: float, max_samples: int = 1000, max_models: int = 64, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, *, window_s: float, max_samples: int = 1000, max_models: int = 64, clock: Clock = time.monotonic
+    ) -> None:
         self.window_s = window_s
         self.max_samples = max_samples
         self.max_models = max_models

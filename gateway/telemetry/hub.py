@@ -108,7 +108,8 @@ class Telemetry:
             resource = {"service.version": __version__, "lmgate.config_hash": digest}
             if pipeline:
                 resource["lmgate.pipeline_version"] = pipeline
-            tracing = Tracing(build_tracer_provider(config.tracing, resource=resource), upstream_url=upstream, owned=True)
+            provider = build_tracer_provider(config.tracing, resource=resource)
+            tracing = Tracing(provider, upstream_url=upstream, owned=True)
         if tracing is not None:
             tracing.instrument(client)
             install_span_events()
@@ -178,15 +179,19 @@ class Telemetry:
         rid = request_id(scope) if scope is not None else None
         if record is not None:
             record.model_load_s = load_s
-            add_event(record, "lmgate.model_load", {"gen_ai.request.model": model, "lmgate.load_s": load_s, "lmgate.ok": ok})
+            attributes = {"gen_ai.request.model": model, "lmgate.load_s": load_s, "lmgate.ok": ok}
+            add_event(record, "lmgate.model_load", attributes)
         if self.metrics is not None:
             self.metrics.model_loads.labels(self.metrics.model_label(model), "ok" if ok else "failed").observe(load_s)
         events.log_model_load(model, load_s, ok=ok, request_id=rid, error=error)
 
-    def finish(self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, object] | None) -> None:
+    def finish(
+        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, object] | None
+    ) -> None:
         """Turn a finished request into metrics, a log line and the span's end. Never raises:
         a telemetry fault must not change what the client gets."""
         model_label, token = begun if begun is not None else ("", None)
+        outcome: RequestOutcome | None = None
         try:
             outcome = outcome_of(record, scope, error, self.clock())
             if self.metrics is not None:
@@ -200,11 +205,8 @@ class Telemetry:
                 observer(record, outcome)
         except Exception:
             logger.exception("telemetry failed for a request", extra={"event": "telemetry_error"})
-            outcome = None
         finally:
             if token is not None and self.tracing is not None:
-                if outcome is None:
-                    outcome = outcome_of(record, scope, error, self.clock())
                 self.tracing.finish(record, outcome, token)
 
     def _log(self, scope: Scope, record: RequestRecord, outcome: RequestOutcome) -> None:
@@ -225,6 +227,8 @@ class Telemetry:
             fields["queue_ms"] = round(outcome.queue_wait_s * 1000)
         if outcome.category is not None:
             fields.update(attempt=outcome.attempts, error_category=outcome.category, error_code=outcome.code)
+            if record.model_state is not None:
+                fields["model_state"] = record.model_state
             events.log_error(outcome.message or outcome.category, fields)
             return
         fields.update(
@@ -234,9 +238,13 @@ class Telemetry:
             attempts=outcome.attempts,
             model_state=self._model_state(record),
         )
+        if record.model_load_s is not None:
+            fields["load_ms"] = round(record.model_load_s * 1000)
         events.log_success(fields)
 
     def _model_state(self, record: RequestRecord) -> str:
+        if record.model_state is not None:
+            return record.model_state
         if record.model_load_s is not None:
             return "cold"
         return "warm" if self.loads_observed else "unknown"

@@ -198,4 +198,5 @@ class StateCollector:
                     family.add_metric([key], float(snapshot[field]))
             yield from families.values()
         yield GaugeMetricFamily("lmgate.draining", "1 while shutting down.", value=1.0 if self.drain.draining else 0.0)
-        yield GaugeMetricFamily("lmgate.drain.in_flight", "Requests a drain waits for.", value=float(self.drain.in_flight))
+        in_flight = float(self.drain.in_flight)
+        yield GaugeMetricFamily("lmgate.drain.in_flight", "Requests a drain waits for.", value=in_flight)

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from gateway.telemetry.hub import Telemetry
 
 _ERROR_BODY_LIMIT = 64 * 1024
+# Set by the cold-start layer on the response start: whether the model was loaded, and the wait.
+MODEL_STATE_HEADER = b"x-lmgate-model-state"
+LOAD_MS_HEADER = b"x-lmgate-load-ms"
 
 class TelemetryMiddleware:
     """Logs, metrics and the span of every request through ``app``; see the module docstring."""
@@ -102,11 +105,12 @@ class TelemetryMiddleware:
         record.prompt_chars = len(text)
         if self.telemetry.log_prompts:
             record.prompt = text
-        record.inject_usage = (
-            self.telemetry.request_stream_usage and record.stream and path in DONE_TERMINATED and not client_asked_usage(body)
-        )
+        wanted = self.telemetry.request_stream_usage and record.stream and path in DONE_TERMINATED
+        record.inject_usage = wanted and not client_asked_usage(body)
 
-    def _begin(self, scope: Scope, record: RequestRecord, body: dict[str, Any] | None, began_ns: int) -> tuple[str, object]:
+    def _begin(
+        self, scope: Scope, record: RequestRecord, body: dict[str, Any] | None, began_ns: int
+    ) -> tuple[str, object]:
         """Open the span, count the request in flight, log ``gen_request``; what ``finish`` undoes."""
         hub = self.telemetry
         rid = request_id(scope)
@@ -154,6 +158,12 @@ def _note_start(record: RequestRecord, message: Message) -> None:
     record.status = message["status"]
     headers = message.get("headers", ())
     record.event_stream = is_event_stream(headers)
+    state = header_value(headers, MODEL_STATE_HEADER)
+    if state is not None:
+        record.model_state = state.decode("latin-1")
+        waited_ms = header_value(headers, LOAD_MS_HEADER)
+        if waited_ms is not None and waited_ms.isdigit():
+            record.model_load_s = int(waited_ms) / 1000
     if record.status >= 400:
         code = header_value(headers, b"x-lmgate-error")
         if code is not None:
@@ -197,12 +207,13 @@ def outcome_of(record: RequestRecord, scope: Scope, error: BaseException | None,
     if category is not None and message is None:
         message = f"HTTP {status}" + (f" {code}" if code else "")
     latency_s = ended_at - record.started_at
-    ttft_s = record.first_byte_at - record.started_at if record.event_stream and record.first_byte_at else None
+    first = record.first_byte_at if record.event_stream else None  # a time to first *token*: streams only
+    ttft_s = first - record.started_at if first is not None else None
     tokens_in, tokens_out = record.tokens("prompt_tokens"), record.tokens("completion_tokens")
     tokens_per_s = time_per_token_s = None
     if tokens_out and category is None:
-        if record.first_byte_at is not None and record.event_stream and tokens_out > 1 and ended_at > record.first_byte_at:
-            time_per_token_s = (ended_at - record.first_byte_at) / (tokens_out - 1)
+        if first is not None and tokens_out > 1 and ended_at > first:
+            time_per_token_s = (ended_at - first) / (tokens_out - 1)
             tokens_per_s = 1 / time_per_token_s
         elif latency_s > 0:
             tokens_per_s = tokens_out / latency_s

@@ -54,6 +54,7 @@ class RequestRecord:
         "first_byte_at",
         "admitted_at",
         "model_load_s",
+        "model_state",
         "span",
     )
 
@@ -78,6 +79,8 @@ class RequestRecord:
         self.first_byte_at: float | None = None
         self.admitted_at: float | None = None
         self.model_load_s: float | None = None
+        #: "warm", "cold" or "unknown" as the cold-start layer reported it (X-Lmgate-Model-State).
+        self.model_state: str | None = None
         self.span: Any = None  # an OpenTelemetry span while tracing, else None
 
     def note_usage(self, usage: object, document: dict[str, Any] | None = None) -> None:

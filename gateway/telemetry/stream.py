@@ -6,10 +6,11 @@ that report is a frame of its own, ``{"choices": [], "usage": {...}}``, sent rig
 client did not ask for it, the proxy asks on its behalf and a :class:`UsageTap` removes that frame
 again, so the client's bytes are exactly what it would have received without lmgate.
 
-The per-chunk cost is what the relay can afford: two substring searches, no decoding, no copy.
-Only the frame that holds a ``"usage": {`` is parsed. The usage frame must arrive whole to be
-removed whole, so once the answer has finished (a frame with a ``finish_reason`` string went by)
-the tap passes on whole frames only: a chunk that ends inside a frame keeps that partial frame
+The per-chunk cost is what the relay can afford: one substring search while the answer streams
+(for a ``finish_reason`` that is a string, not null), no decoding, no copy. The usage frame comes
+after the answer finished; from then on the tap also looks for ``"usage": {`` and parses only the
+frame that holds it. That frame must arrive whole to be removed whole, so from then on the tap
+passes on whole frames only: a chunk that ends inside a frame keeps that partial frame
 back until its end arrives. A client cannot act on half a frame anyway (an SSE event is
 dispatched at its blank line). Before that point chunks pass exactly as they came, so the first
 byte reaches the client (and the timeout layer) as early as without telemetry.
@@ -77,8 +78,8 @@ class UsageTap:
                 end = _whole_frames_end(chunk)
                 if end < len(chunk) and len(chunk) - end <= _HOLD_LIMIT:
                     chunk, self._held = chunk[:end], chunk[end:]
-            if _USAGE_KEY in chunk:
-                chunk = self._take_usage(chunk)
+                if _USAGE_KEY in chunk:
+                    chunk = self._take_usage(chunk)
         if chunk:
             self._last = chunk
         return chunk
@@ -185,7 +186,8 @@ def _value_follows(chunk: bytes, index: int, *, opening: int) -> bool:
 
 def _frame_json(frame: bytes) -> dict[str, Any] | None:
     """The JSON object in a frame's ``data:`` lines, or None."""
-    data = [line[6:] if line.startswith(b"data: ") else line[5:] for line in frame.splitlines() if line.startswith(b"data:")]
+    lines = [line[5:] for line in frame.splitlines() if line.startswith(b"data:")]
+    data = [line[1:] if line.startswith(b" ") else line for line in lines]
     try:
         document = json.loads(b"\n".join(data))
     except (ValueError, UnicodeDecodeError):

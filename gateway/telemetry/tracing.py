@@ -87,13 +87,16 @@ class Tracing:
         parts = urlsplit(upstream_url)
         self.server_address = parts.hostname or ""
         self.server_port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._carrier_headers = frozenset(field.lower().encode("latin-1") for field in propagate.get_global_textmap().fields)
+        fields = propagate.get_global_textmap().fields
+        self._carrier_headers = frozenset(field.lower().encode("latin-1") for field in fields)
 
     def instrument(self, client: httpx.AsyncClient) -> None:
         """Give every upstream attempt a client span and a ``traceparent`` header."""
         HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
 
-    def start(self, scope: Scope, record: RequestRecord, *, start_ns: int, request_id: str, body: dict[str, Any] | None) -> object:
+    def start(
+        self, scope: Scope, record: RequestRecord, *, start_ns: int, request_id: str, body: dict[str, Any] | None
+    ) -> object:
         """Start the request's span as a child of the client's ``traceparent`` and make it current.
 
         Returns the token that :meth:`finish` needs to restore the previous context.
@@ -105,7 +108,10 @@ class Tracing:
         }
         parent = propagate.extract(carrier) if carrier else None
         inference = record.operation != NOT_INFERENCE
-        name = f"{record.operation} {record.model}" if inference and record.model else f"{scope['method']} {record.route}"
+        if inference and record.model:
+            name = f"{record.operation} {record.model}"
+        else:
+            name = f"{scope['method']} {record.route}"
         span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, start_time=start_ns)
         record.span = span
         if span.is_recording():
@@ -130,20 +136,27 @@ class Tracing:
             span.set_attributes(attributes)
         return otel_context.attach(trace.set_span_in_context(span, parent))
 
-    def finish(self, record: RequestRecord, outcome: RequestOutcome, token: object) -> None:
-        """Close the span with how the request ended, and restore the previous context."""
+    def finish(self, record: RequestRecord, outcome: RequestOutcome | None, token: object) -> None:
+        """Close the span with how the request ended (None: unknown), and restore the previous context."""
         span = record.span
         otel_context.detach(token)  # type: ignore[arg-type]
-        if span.is_recording():
-            attributes: dict[str, Any] = {"http.response.status_code": outcome.status, "lmgate.attempts": outcome.attempts}
+        if outcome is not None and span.is_recording():
+            attributes: dict[str, Any] = {
+                "http.response.status_code": outcome.status,
+                "lmgate.attempts": outcome.attempts,
+            }
             optional = {
                 "gen_ai.usage.input_tokens": outcome.tokens_in,
                 "gen_ai.usage.output_tokens": outcome.tokens_out,
                 "gen_ai.response.time_to_first_chunk": outcome.ttft_s,
                 "gen_ai.response.model": record.response_model,
                 "gen_ai.response.id": record.response_id,
+                "lmgate.model_state": record.model_state,
+                "lmgate.model_load_wait_s": record.model_load_s,
             }
             attributes.update((key, value) for key, value in optional.items() if value is not None)
+            if outcome.code == "circuit_open":
+                span.add_event("lmgate.circuit_open", {"message": outcome.message or ""})  # the breaker shed it
             if outcome.category is not None:
                 attributes["error.type"] = outcome.category
                 attributes["lmgate.error_code"] = outcome.code or ""

@@ -42,13 +42,18 @@ async def gateway(upstream_url: str, **health: Any) -> AsyncIterator[tuple[str, 
     await app.aclose()
 
 
-async def test_readiness_probes_the_upstream_once_per_ttl(sim, client):
-    async with gateway(sim.url, upstream_probe_ttl_s=60) as (url, _):
-        before = sim.counters.requests
+async def test_readiness_probes_the_upstream_once_per_ttl(upstream, client):
+    async def handler(scope, receive, send):
+        # Any answer proves the upstream is there, even one that is not LM Studio's.
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    upstream.handler = handler
+    async with gateway(upstream.url, upstream_probe_ttl_s=60) as (url, _):
         answers = [await client.get(url + "/readyz") for _ in range(3)]
         alive = await client.get(url + "/healthz")
     assert [(a.status_code, a.json()) for a in answers] == [(200, {"status": "ready"})] * 3
-    assert sim.counters.requests == before + 1
+    assert [scope["path"] for scope, _ in upstream.requests].count("/lmstudio-greeting") == 1
     assert (alive.status_code, alive.json()) == (200, {"status": "ok"})
 
 
@@ -74,10 +79,10 @@ async def test_the_llm_check_generates_one_token_and_is_cached(sim, client):
         assert served.status_code == 200
         with anyio.fail_after(5):
             await finished.wait()
-        before = sim.counters.requests
+        before = sim.counters.generations_started
         first = await client.get(url + LLM)
         second = await client.get(url + LLM)
-    assert sim.counters.requests == before + 1
+    assert sim.counters.generations_started == before + 1
     assert first.status_code == 200 and first.json()["status"] == "ok" and not first.json()["cached"]
     assert second.json()["cached"] and second.json()["models"] == first.json()["models"]
     check = first.json()["models"][MODEL]

@@ -43,7 +43,9 @@ async def sim() -> AsyncIterator[Simulator]:
         yield simulator
 
 
-async def logged_lines(capsys: pytest.CaptureFixture[str], config: dict[str, Any], *bodies: dict[str, Any]) -> list[dict[str, Any]]:
+async def logged_lines(
+    capsys: pytest.CaptureFixture[str], config: dict[str, Any], *bodies: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Send ``bodies`` through a gateway logging JSON to stdout; the parsed ``gen_*`` lines."""
     gateway_config = Config.model_validate(config)
     configure_logging(level="info", fmt="json", pipeline_version="eval-7", config_hash=gateway_config.digest())
@@ -81,7 +83,7 @@ async def test_a_stream_logs_request_and_success_in_the_seeds_shape(sim, capsys,
     }
     assert success["tokens_out"] == 24 and success["tokens_per_s"] > 0 and success["attempts"] == 1
     assert 0 <= success["ttft_ms"] <= success["latency_ms"]
-    assert success["model_state"] == "unknown"  # nothing reports model loads yet
+    assert success["model_state"] in ("warm", "unknown")  # "unknown" without the cold-start layer
     assert PROMPT not in json.dumps([request, success])
 
 
@@ -100,6 +102,22 @@ async def test_failures_log_gen_error_with_category_status_and_message(sim, caps
     _, unknown = await logged_lines(capsys, {"upstream": {"url": sim.url}}, chat(model="no-such-model"))
     assert (unknown["error_category"], unknown["error_code"]) == ("model_not_found", "model_not_found")
     assert "no-such-model" in unknown["message"]
+
+
+async def test_a_cold_start_reported_by_the_layers_is_logged(upstream, capsys, restore_logging):
+    async def handler(scope, receive, send):
+        if scope["path"] != "/v1/chat/completions":
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        state = [(b"x-lmgate-model-state", b"cold"), (b"x-lmgate-load-ms", b"1500")]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), *state]})
+        await send({"type": "http.response.body", "body": b'{"choices":[{"index":0,"message":{}}]}'})
+
+    upstream.handler = handler
+    config = {"upstream": {"url": upstream.url}, "routes": {"assemble_non_streaming": False}}
+    _, success = await logged_lines(capsys, config, chat())
+    assert (success["model_state"], success["load_ms"]) == ("cold", 1500)
 
 
 def test_the_console_format_on_a_terminal(restore_logging, monkeypatch):

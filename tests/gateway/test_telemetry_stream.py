@@ -73,6 +73,7 @@ def test_chunks_before_the_answer_finished_pass_at_once_even_mid_frame():
 )
 def test_frames_that_only_look_like_usage_pass_and_count_nothing(chunk):
     t = tap()
+    t.feed(token("", finish="stop"))  # from here on the tap looks for the usage frame
     assert t.feed(chunk) == chunk
     assert t.record.usage is None
 

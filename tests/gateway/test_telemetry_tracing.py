@@ -18,12 +18,15 @@ from opentelemetry.trace import SpanKind, StatusCode
 from gateway.app import Gateway, build_app
 from gateway.config import Config
 from gateway.serving import serve_in_background
+from gateway.simulator import SimModel, Simulator
 from gateway.telemetry import RequestOutcome
+from gateway.telemetry.tracing import build_tracer_provider
 
 pytestmark = pytest.mark.anyio
 
 CHAT = "/v1/chat/completions"
 SSE = [(b"content-type", b"text/event-stream")]
+JSON = [(b"content-type", b"application/json")]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
@@ -46,6 +49,23 @@ async def answer(send, *, usage: bool) -> None:  # type: ignore[no-untyped-def]
     await send({"type": "http.response.body", "body": body})
 
 
+def chat_only(upstream, handler):  # type: ignore[no-untyped-def]
+    """Script the upstream's chat route; anything else lmgate asks (model listings) gets a 404."""
+
+    async def route(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["path"] != CHAT:
+            await send({"type": "http.response.start", "status": 404, "headers": JSON})
+            await send({"type": "http.response.body", "body": b'{"error":"Unexpected endpoint or method."}'})
+            return
+        await handler(scope, receive, send)
+
+    upstream.handler = route
+
+
+def chat_headers(upstream) -> list[dict[bytes, bytes]]:  # type: ignore[no-untyped-def]
+    return [dict(scope["headers"]) for scope, _ in upstream.requests if scope["path"] == CHAT]
+
+
 @dataclass
 class Traced:
     url: str
@@ -54,7 +74,11 @@ class Traced:
     ended: anyio.abc.ObjectReceiveStream[RequestOutcome]
 
     def spans(self, kind: SpanKind) -> list[ReadableSpan]:
-        return [span for span in self.exporter.get_finished_spans() if span.kind is kind]
+        """Finished spans of ``kind``; client spans only for chat attempts (not model listings)."""
+        spans = [span for span in self.exporter.get_finished_spans() if span.kind is kind]
+        if kind is SpanKind.CLIENT:
+            spans = [span for span in spans if str(dict(span.attributes or {}).get("http.url")).endswith(CHAT)]
+        return spans
 
 
 @asynccontextmanager
@@ -82,7 +106,7 @@ async def test_a_stream_is_one_server_span_with_genai_attributes_under_the_clien
     async def handler(scope, receive, send):
         await answer(send, usage=True)
 
-    upstream.handler = handler
+    chat_only(upstream, handler)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 9}
     async with traced_gateway(upstream.url) as gw:
         response = await client.post(gw.url + CHAT, json=body, headers={"traceparent": CLIENT_TRACEPARENT})
@@ -91,7 +115,8 @@ async def test_a_stream_is_one_server_span_with_genai_attributes_under_the_clien
     assert response.status_code == 200 and b'"usage"' not in response.content
     [server] = gw.spans(SpanKind.SERVER)
     [attempt] = gw.spans(SpanKind.CLIENT)
-    assert len(gw.exporter.get_finished_spans()) == 2  # nothing per chunk
+    # Nothing per chunk: the server span and upstream calls (model listings may add their own).
+    assert {span.kind for span in gw.exporter.get_finished_spans()} == {SpanKind.SERVER, SpanKind.CLIENT}
     assert server.name == "chat m"
     assert format(server.context.trace_id, "032x") == TRACE_ID
     assert server.parent is not None and format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
@@ -106,23 +131,19 @@ async def test_a_stream_is_one_server_span_with_genai_attributes_under_the_clien
     assert attributes["http.response.status_code"] == 200
     assert "error.type" not in attributes
     # The upstream got the attempt span's context, in the client's trace.
-    sent = dict(upstream.requests[0][0]["headers"])
+    [sent] = chat_headers(upstream)
     assert sent[b"traceparent"].decode() == f"00-{TRACE_ID}-{attempt.context.span_id:016x}-01"
 
 
-async def test_a_stream_the_client_cancels_ends_its_span_as_client_cancelled(upstream, client):
-    async def handler(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": SSE})
-        await send({"type": "http.response.body", "body": frame("a"), "more_body": True})
-        await upstream.disconnected.wait()
-
-    upstream.handler = handler
-    async with traced_gateway(upstream.url) as gw:
-        body = {"model": "m", "messages": [], "stream": True}
+async def test_a_stream_the_client_cancels_ends_its_span_as_client_cancelled(client):
+    slow = SimModel(id="slow-7b", loaded=True, tokens_per_second=5.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
+    async with Simulator(models=[slow]) as sim, traced_gateway(sim.url) as gw:
+        body = {"model": slow.id, "messages": [{"role": "user", "content": "hi"}], "stream": True}
         async with client.stream("POST", gw.url + CHAT, json=body) as response:
             await anext(response.aiter_raw())
         with anyio.fail_after(5):
             outcome = await gw.ended.receive()
+            await sim.wait_for(lambda counters: counters.disconnects == 1)
     assert outcome.category == "client_cancelled"
     [server] = gw.spans(SpanKind.SERVER)
     assert len(gw.spans(SpanKind.CLIENT)) == 1
@@ -133,13 +154,13 @@ async def test_a_stream_the_client_cancels_ends_its_span_as_client_cancelled(ups
 
 async def test_a_retried_request_has_one_client_span_per_attempt_and_a_retry_event(upstream, client):
     async def handler(scope, receive, send):
-        if len(upstream.requests) == 1:
-            await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]})
+        if len(chat_headers(upstream)) == 1:
+            await send({"type": "http.response.start", "status": 503, "headers": JSON})
             await send({"type": "http.response.body", "body": b'{"error":"busy"}'})
             return
         await answer(send, usage=False)
 
-    upstream.handler = handler
+    chat_only(upstream, handler)
     async with traced_gateway(upstream.url) as gw:
         response = await client.post(gw.url + CHAT, json={"model": "m", "messages": [], "stream": True})
         with anyio.fail_after(5):
@@ -159,7 +180,7 @@ async def test_with_tracing_off_nothing_is_instrumented_and_traceparent_passes_t
     async def handler(scope, receive, send):
         await answer(send, usage=True)
 
-    upstream.handler = handler
+    chat_only(upstream, handler)
     async with traced_gateway(upstream.url, tracing=False) as gw:
         body = {"model": "m", "messages": [], "stream": True}
         await client.post(gw.url + CHAT, json=body, headers={"traceparent": CLIENT_TRACEPARENT})
@@ -168,4 +189,25 @@ async def test_with_tracing_off_nothing_is_instrumented_and_traceparent_passes_t
     assert gw.app.telemetry.tracing is None
     assert not getattr(gw.app.client, "_is_instrumented_by_opentelemetry", False)
     assert gw.exporter.get_finished_spans() == ()
-    assert dict(upstream.requests[0][0]["headers"])[b"traceparent"] == CLIENT_TRACEPARENT.encode()
+    assert [sent[b"traceparent"] for sent in chat_headers(upstream)] == [CLIENT_TRACEPARENT.encode()]
+
+
+@pytest.mark.parametrize(
+    ("section", "env", "service", "sampler"),
+    [
+        ({"exporter": "console"}, {}, "lmgate", "ParentBased{root:AlwaysOnSampler"),
+        ({"exporter": "console", "sample_ratio": 0.25}, {"OTEL_SERVICE_NAME": "edge"}, "edge", "TraceIdRatio"),
+        ({"endpoint": "http://127.0.0.1:9/x", "service_name": "gw"}, {"OTEL_SERVICE_NAME": "x"}, "gw", "AlwaysOn"),
+    ],
+)
+def test_the_provider_is_built_from_yaml_and_the_otel_variables(monkeypatch, section, env, service, sampler):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = Config.model_validate({"tracing": {"enabled": True, **section}})
+    provider = build_tracer_provider(config.tracing, resource={"lmgate.config_hash": config.digest()})
+    try:
+        assert provider.resource.attributes["service.name"] == service
+        assert provider.resource.attributes["lmgate.config_hash"] == config.digest()
+        assert sampler in provider.sampler.get_description()
+    finally:
+        provider.shutdown()
