@@ -364,19 +364,27 @@ async def cancel_storm(args: argparse.Namespace, host: str, port: int) -> dict[s
     while loop.time() < settle_until:
         await asyncio.sleep(0.05)
         stats = await mock_stats(mock.hostname or "127.0.0.1", mock.port or 80)
-        if len(stats["cancels"]) >= len(closed_at) and stats["streams_active"] == 0:  # type: ignore[arg-type]
+        if stats["streams_active"] == 0:
             break
     await asyncio.sleep(args.linger_s)
     stats = await mock_stats(mock.hostname or "127.0.0.1", mock.port or 80)
     seen: dict[str, float] = stats["cancels"]  # type: ignore[assignment]
-    delays = [seen[cid] - at for cid, at in closed_at.items() if cid in seen]
+    started: dict[str, float] = stats["started"]  # type: ignore[assignment]
+    finished: dict[str, float] = stats["finished"]  # type: ignore[assignment]
+    # A cancel is owed for every stream the upstream had started and not yet finished when its
+    # client closed; one that reached the upstream only later is "late start", also owed a cancel.
+    owed = [cid for cid in closed_at if not (cid in finished and finished[cid] <= closed_at[cid])]
+    delays = [seen[cid] - closed_at[cid] for cid in owed if cid in seen]
     within = sum(1 for d in delays if d <= args.cancel_target_ms / 1000)
     return {
         "streams": args.streams,
         "streaming_when_closed": streaming,
         "closed": len(closed_at),
+        "upstream_started": sum(1 for cid in closed_at if cid in started),
+        "finished_before_close": len(closed_at) - len(owed),
+        "cancels_owed": len(owed),
         "cancels_seen": len(delays),
-        "cancels_missing": len(closed_at) - len(delays),
+        "cancels_missing": len(owed) - len(delays),
         "cancel_ms": percentiles(delays),
         "within_target": within,
         "target_ms": args.cancel_target_ms,

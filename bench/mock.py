@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import socket
 import sys
@@ -109,6 +110,8 @@ class Stats:
         self.otlp_bytes = 0
         self.cancels: dict[str, float] = {}  # cid -> monotonic time the close was seen
         self.cancel_frames: dict[str, int] = {}
+        self.started: dict[str, float] = {}  # cid -> when its stream started (paced streams)
+        self.finished: dict[str, float] = {}  # cid -> when its last frame went out
 
     def snapshot(self, open_conns: int, active: int) -> dict[str, object]:
         return {
@@ -124,6 +127,8 @@ class Stats:
             "otlp_bytes": self.otlp_bytes,
             "cancels": self.cancels,
             "cancel_frames": self.cancel_frames,
+            "started": self.started,
+            "finished": self.finished,
         }
 
 
@@ -131,6 +136,8 @@ class Stream:
     """One SSE answer being written on a schedule."""
 
     __slots__ = ("conn", "cid", "left", "interval", "next_at", "usage", "chunks", "handle", "sent")
+
+    handle: asyncio.Handle | None
 
     def __init__(self, conn: MockProtocol, cid: str, chunks: int, interval: float, usage: bool) -> None:
         self.conn = conn
@@ -140,7 +147,7 @@ class Stream:
         self.interval = interval
         self.usage = usage
         self.next_at = 0.0
-        self.handle: asyncio.TimerHandle | None = None
+        self.handle = None
         self.sent = 0
 
 
@@ -149,6 +156,22 @@ class MockServer:
         self.stats = Stats()
         self.open: set[MockProtocol] = set()
         self.active: set[Stream] = set()
+        # Paced frames are due on 1 ms slots: one timer per slot serves every stream due in it
+        # (1,000 streams at 20 ms make 50,000 frames a second but only 1,000 timers).
+        self.slots: dict[int, list[Stream]] = {}
+
+    def schedule(self, stream: Stream, at: float) -> None:
+        slot = math.ceil(at * 1000)
+        due = self.slots.get(slot)
+        if due is None:
+            due = self.slots[slot] = []
+            loop = asyncio.get_running_loop()
+            loop.call_at(slot / 1000, self._run_slot, slot)
+        due.append(stream)
+
+    def _run_slot(self, slot: int) -> None:
+        for stream in self.slots.pop(slot, ()):
+            stream.conn._tick(stream)
 
 
 class MockProtocol(asyncio.Protocol):
@@ -242,6 +265,12 @@ class MockProtocol(asyncio.Protocol):
         elif path == b"/_bench/stats":
             snapshot = stats.snapshot(len(self.server.open), len(self.server.active))
             transport.write(_response("200 OK", json.dumps(snapshot).encode()))
+        elif path == b"/_bench/abort" and method == b"POST":
+            # End streams a proxy never cancelled, so they do not load the next measurement.
+            streams = list(self.server.active)
+            for stream in streams:
+                stream.conn.transport.abort()  # type: ignore[union-attr]
+            transport.write(_response("200 OK", json.dumps({"aborted": len(streams)}).encode()))
         elif path == b"/_bench/reset" and method == b"POST":
             stats.reset()
             transport.write(_response("200 OK", b"{}"))
@@ -265,6 +294,8 @@ class MockProtocol(asyncio.Protocol):
             stats.streams_finished += 1
             return
         stream = Stream(self, script.get("cid", ""), chunks, float(script.get("interval_ms", 0)) / 1000, usage)
+        if stream.interval > 0 and stream.cid:
+            stats.started[stream.cid] = time.monotonic()
         self.stream = stream
         self.server.active.add(stream)
         transport.write(_SSE_HEAD)
@@ -293,12 +324,17 @@ class MockProtocol(asyncio.Protocol):
         stream.sent += 1
         if stream.left > 0:
             transport.write(_CONTENT_CHUNK)
-            stream.next_at += stream.interval
-            stream.handle = self.loop.call_at(stream.next_at, self._tick, stream)
+            if stream.interval > 0:
+                stream.next_at += stream.interval
+                self.server.schedule(stream, stream.next_at)
+            else:
+                stream.handle = self.loop.call_soon(self._tick, stream)
             return
         tail = _CONTENT + _FINISH + (_usage_frame(stream.chunks) if stream.usage else b"") + _DONE
         transport.write(_chunk(tail) + b"0\r\n\r\n")
         self.server.stats.streams_finished += 1
+        if stream.interval > 0 and stream.cid:
+            self.server.stats.finished[stream.cid] = time.monotonic()
         self._end_stream(stream)
         if self.buffer:
             self.data_received(b"")
