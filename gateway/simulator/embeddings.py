@@ -36,19 +36,22 @@ async def serve_embeddings(ctx: SimContext, exchange: Exchange, body: dict[str, 
         ttl = body.get("ttl") if isinstance(body.get("ttl"), int | float) else None
         model, _ = ctx.manager.resolve(name)
         check_model_type(model, embeddings=True)
+        arrived = ctx.clock.now()
         instance = await ctx.manager.acquire(name, ttl_s=ttl, signals=exchange.signals, abortable=False)
         assert instance is not None
-        with ctx.manager.use(instance, exchange.signals):
-            await instance.slots.take(ctx.clock, None)
+        start = max(arrived, instance.loaded_at)  # simulated time, as in generation.py
+        with ctx.manager.use(instance, exchange.signals, at=start) as usage:
+            start = await instance.slots.take(ctx.clock, start, None) or start
+            tokens = sum(text.count_tokens(item) for item in inputs)
+            done = start + model.ttft_base_s + model.ttft_per_prompt_token_s * tokens
+            usage.ended_at = done
             try:
-                tokens = sum(text.count_tokens(item) for item in inputs)
-                started = ctx.clock.now()
                 with exchange.signals.phase(on_disconnect=False):
-                    await ctx.clock.sleep_until(started + model.ttft_base_s + model.ttft_per_prompt_token_s * tokens)
+                    await ctx.clock.sleep_until(done)
                 if exchange.signals.unloaded:
                     raise errors.model_unloaded()
             finally:
-                instance.slots.release()
+                instance.slots.release(done)
     except errors.SimError as error:
         await exchange.respond(error.status, dialect.error_body(error), error.headers)
         return

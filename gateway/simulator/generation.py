@@ -13,6 +13,11 @@ When a streaming client leaves (research §3.3):
 * during a JIT load: keep loading (the model ends up loaded) unless ``abort_load_on_disconnect``.
 A non-streaming request is generated to completion whether or not its client is still there.
 
+Timing is discrete-event: ``self.t`` is the request's own simulated time, carried from one phase to
+the next (arrival, load finished, slot freed, each token). A phase's deadline is computed from it,
+never from whenever the task happened to wake, so a single ``FakeClock.advance(60)`` plays out the
+load, the prefill and every token at exactly the simulated times they would have had.
+
 When the serving instance is unloaded (Auto-Evict, ``lms unload``, a fault), the request fails with
 "Model unloaded.": an in-band ``event: error`` frame on a stream, a 400 otherwise.
 """
@@ -95,6 +100,7 @@ class Generation:
         self.request = request
         self.body = body
         self.fault = fault
+        self.t = ctx.clock.now()  # the request's simulated time (see the module docstring)
 
     async def run(self) -> None:
         try:
@@ -130,7 +136,8 @@ class Generation:
         instance = await ctx.manager.acquire(request.model, ttl_s=request.ttl_s, signals=self.signals, abortable=abortable)
         if instance is None or (request.stream and self.signals.has_left):
             return  # the client left while the model loaded: nothing to generate for
-        with ctx.manager.use(instance, self.signals):
+        self.t = max(self.t, instance.loaded_at)
+        with ctx.manager.use(instance, self.signals, at=self.t) as usage:
             prompt_tokens = text.count_tokens(request.prompt_text)
             if await self._overflowed(instance, prompt_tokens):
                 return
@@ -139,7 +146,10 @@ class Generation:
             try:
                 await self._generate(instance, prompt_tokens)
             finally:
-                instance.slots.release()
+                if self.signals.has_left or self.signals.unloaded:
+                    self.t = max(self.t, ctx.clock.now())  # stopped by an outside event, not on schedule
+                usage.ended_at = self.t
+                instance.slots.release(self.t)
 
     def _reject_if_queue_full(self, instance: Instance | None) -> None:
         """503 when every slot is busy and the queue is at ``max_queued`` (checked before headers too)."""
@@ -174,20 +184,21 @@ class Generation:
         self._reject_if_queue_full(instance)
         log.info(QUEUING_LINE)
         timeout = ctx.settings.queue_timeout_s
-        deadline = None if timeout is None else ctx.clock.now() + timeout
-        granted = False
+        deadline = None if timeout is None else self.t + timeout
+        granted_at: float | None = None
         ctx.counters.queued += 1
         try:
             with self.signals.phase(on_disconnect=self.request.stream):
-                granted = await slots.take(ctx.clock, deadline)
+                granted_at = await slots.take(ctx.clock, self.t, deadline)
         finally:
             ctx.counters.queued -= 1
         self._raise_if_unloaded(counted=False)
         if self.signals.has_left and self.request.stream:
             return False
-        if not granted:
+        if granted_at is None:
             ctx.counters.rejected += 1
             raise errors.server_busy("the request waited too long for a free slot")
+        self.t = granted_at
         return True
 
     def _raise_if_unloaded(self, *, counted: bool) -> None:
@@ -238,15 +249,15 @@ class Generation:
 
     async def _generate(self, instance: Instance, prompt_tokens: int) -> None:
         ctx = self.ctx
-        started = ctx.clock.now()  # taken in the same step as generations_started (see clock.py)
         ctx.counters.generations_started += 1
         ctx.counters.active_generations += 1
         ctx.counters.max_active_generations = max(ctx.counters.max_active_generations, ctx.counters.active_generations)
         try:
             answer = self._plan(instance.model, prompt_tokens)
-            first_token_at = started + answer.ttft_s
+            first_token_at = self.t + answer.ttft_s
             with self.signals.phase(on_disconnect=False):  # a prefill under way finishes first
                 await ctx.clock.sleep_until(first_token_at)
+            self.t = first_token_at
             self._raise_if_unloaded(counted=True)
             if self.request.stream and self.signals.has_left:
                 self._count_cancel(answer)
@@ -265,12 +276,14 @@ class Generation:
         for index, (kind, piece) in enumerate(schedule):
             if await self._mid_stream_fault(instance, index, len(schedule)):
                 return False
+            due = first_token_at + index * interval
             with self.signals.phase(on_disconnect=stream):
-                await self.ctx.clock.sleep_until(first_token_at + index * interval)
+                await self.ctx.clock.sleep_until(due)
             self._raise_if_unloaded(counted=True)
             if stream and self.signals.has_left:
                 self._count_cancel(answer)
                 return False
+            self.t = due
             if kind == "reasoning":
                 answer.emitted_reasoning += 1
             else:

@@ -49,7 +49,8 @@ class Instance:
     context_length: int
     jit: bool
     ttl_s: float | None
-    last_used: float
+    loaded_at: float  # simulated time the load finished
+    last_used: float  # simulated time of the last request's start or end (the idle timer's origin)
     slots: Slots
     users: set[Signals] = field(default_factory=set)  # requests queued on or generating with it
     idle: anyio.Event | None = None  # set when the last user leaves (the TTL timer waits on it)
@@ -61,6 +62,13 @@ class Instance:
         return "generating" if self.slots.busy else "idle"
 
 
+@dataclass
+class Usage:
+    """Set ``ended_at`` to the simulated time a request finished with its instance (default: now)."""
+
+    ended_at: float | None = None
+
+
 @dataclass(eq=False)
 class Load:
     """A load under way; requests for the same model may wait on it together."""
@@ -70,7 +78,7 @@ class Load:
     jit: bool
     ttl_s: float | None
     context_length: int
-    started_at: float
+    started_at: float  # taken when loads_started is counted, so a FakeClock test cannot race it
     fault_kind: str | None = None
     fault_message: str = ""
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -103,7 +111,9 @@ class ModelManager:
         self.loads: list[Load] = []
         for model in models:
             if model.loaded:
-                self._add_instance(model, model.id, jit=False, ttl_s=None, context_length=model.loaded_context_length)
+                self._add_instance(
+                    model, model.id, jit=False, ttl_s=None, context_length=model.loaded_context_length, at=clock.now()
+                )
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -155,8 +165,6 @@ class ModelManager:
         return next((load for load in self.loads if load.model is model and load.jit), None)
 
     def start_load(self, model: SimModel, *, jit: bool, ttl_s: float | None, context_length: int | None) -> Load:
-        # The start time is taken in the same step as loads_started, so a test that waits for the
-        # counter and then advances a FakeClock always advances from the load's real start.
         load = Load(
             model,
             self._next_identifier(model),
@@ -194,9 +202,13 @@ class ModelManager:
                 param="context_length",
             )
         load = self.start_load(model, jit=False, ttl_s=ttl_s, context_length=context_length)
-        instance = await self._wait(load, None, abortable=False)
+        try:
+            instance = await self._wait(load, None, abortable=False)
+        except SimError as error:
+            # The REST API's error object (exact JSON not captured; see docs/simulator.md).
+            raise errors.rest_error(400, error.message, type_="internal_error", code="model_load_failed") from None
         assert instance is not None
-        return instance, self.clock.now() - load.started_at
+        return instance, instance.loaded_at - load.started_at
 
     async def _wait(self, load: Load, signals: Signals | None, *, abortable: bool) -> Instance | None:
         load.waiters += 1
@@ -235,7 +247,12 @@ class ModelManager:
             self.counters.loads_failed += 1
         else:
             load.instance = self._add_instance(
-                model, load.identifier, jit=load.jit, ttl_s=load.ttl_s, context_length=load.context_length
+                model,
+                load.identifier,
+                jit=load.jit,
+                ttl_s=load.ttl_s,
+                context_length=load.context_length,
+                at=load.started_at + model.load_delay_s,
             )
             self.counters.loads_completed += 1
         load.done.set()
@@ -248,8 +265,10 @@ class ModelManager:
             identifier = f"{model.id}:{n}"
         return identifier
 
-    def _add_instance(self, model: SimModel, identifier: str, *, jit: bool, ttl_s: float | None, context_length: int) -> Instance:
-        instance = Instance(identifier, model, context_length, jit, ttl_s, self.clock.now(), Slots(model.parallel))
+    def _add_instance(
+        self, model: SimModel, identifier: str, *, jit: bool, ttl_s: float | None, context_length: int, at: float
+    ) -> Instance:
+        instance = Instance(identifier, model, context_length, jit, ttl_s, at, at, Slots(model.parallel))
         self.instances.append(instance)
         self._count_instances()
         if ttl_s is not None:
@@ -260,19 +279,22 @@ class ModelManager:
     # -- use, TTL, unload ---------------------------------------------------------------------
 
     @contextmanager
-    def use(self, instance: Instance, signals: Signals) -> Iterator[None]:
-        """Mark a request as using ``instance``: it resets the idle timer and dies with the instance."""
+    def use(self, instance: Instance, signals: Signals, *, at: float) -> Iterator[Usage]:
+        """Mark a request as using ``instance`` from simulated time ``at``: it resets the idle timer
+        (at its start and at its end) and dies with the instance."""
         if instance.unloaded:
             raise errors.model_unloaded()
         if not instance.users:
             instance.idle = anyio.Event()
         instance.users.add(signals)
-        instance.last_used = self.clock.now()
+        instance.last_used = max(instance.last_used, at)
+        usage = Usage()
         try:
-            yield
+            yield usage
         finally:
             instance.users.discard(signals)
-            instance.last_used = self.clock.now()
+            ended = usage.ended_at if usage.ended_at is not None else self.clock.now()
+            instance.last_used = max(instance.last_used, ended)
             if not instance.users and instance.idle is not None:
                 instance.idle.set()
 
@@ -307,14 +329,16 @@ class ModelManager:
         log.debug("unloaded %s (%s)", instance.identifier, reason)
 
     def unload_named(self, name: str, *, reason: UnloadReason = "unload") -> list[str]:
-        """Unload an instance by identifier, or every instance of a model key (and abort its loads)."""
+        """Unload an instance by identifier, or every instance of a model key; with nothing loaded
+        under that name, abort the loads under way for it instead (a hung load ends this way).
+        Returns the identifiers affected."""
         matches = [i for i in self.instances if i.identifier == name] or [i for i in self.instances if i.model.id == name]
         for instance in matches:
             self.unload(instance, reason=reason)
-        for load in self.loads:
-            if load.model.id == name or load.identifier == name:
-                load.scope.cancel()
-        return [i.identifier for i in matches]
+        aborted = [] if matches else [load for load in self.loads if name in (load.model.id, load.identifier)]
+        for load in aborted:
+            load.scope.cancel()
+        return [i.identifier for i in matches] + [load.identifier for load in aborted]
 
     def _count_instances(self) -> None:
         counts: dict[str, int] = {}

@@ -3,6 +3,8 @@
 * :func:`parse_sse` splits raw SSE bytes into events, keeping the exact bytes of each frame.
 * :class:`FrameReader` reads frames from a streaming ``httpx`` response as they arrive, so a test
   can read "the first three tokens", then hang up.
+* :class:`BackgroundStream` runs a streaming request in a task, records frames as they arrive and
+  can hang up at any moment (before headers, during the silent load, mid-generation).
 * :class:`ASGICall` calls the ASGI app in-process and records every message it sends, for
   assertions no socket can make deterministically (for example "nothing at all was sent while the
   model loaded": with a FakeClock standing still, the recorded list is exactly the headers).
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +78,65 @@ class FrameReader:
     async def rest(self) -> list[SSEEvent]:
         """Every remaining frame until the stream ends."""
         return await self.next(10**9)
+
+
+class BackgroundStream:
+    """A streaming POST run with ``tg.start_soon(stream.run)``; the test watches and hangs up.
+
+    ``hang_up()`` cancels the request wherever it is; httpx then closes the connection, which is
+    how a client leaving looks to the server. ``hung_up_at`` (``time.monotonic()``) lets a test
+    measure how fast the server noticed.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, url: str, body: Any, headers: dict[str, str] | None = None) -> None:
+        self.client = client
+        self.url = url
+        self.body = body
+        self.headers = headers or {}
+        self.status: int | None = None
+        self.response_headers: httpx.Headers | None = None
+        self.raw = b""
+        self.frames: list[SSEEvent] = []
+        self.error: Exception | None = None  # a transport error (e.g. the server cut the stream)
+        self.started = anyio.Event()  # headers received
+        self.done = anyio.Event()  # the stream ended, failed, or was hung up
+        self.hung_up_at: float | None = None
+        self._scope = anyio.CancelScope()
+        self._changed = anyio.Event()
+
+    async def run(self) -> None:
+        with self._scope:
+            try:
+                async with self.client.stream("POST", self.url, json=self.body, headers=self.headers) as response:
+                    self.status, self.response_headers = response.status_code, response.headers
+                    self.started.set()
+                    async for chunk in response.aiter_raw():
+                        self.raw += chunk
+                        self.frames = parse_sse(self.raw)
+                        self._notify()
+            except httpx.HTTPError as exc:
+                self.error = exc
+        self.done.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_frames(self, count: int, timeout: float = 5.0) -> list[SSEEvent]:
+        """Wait until ``count`` frames arrived (or the stream ended); return all frames so far."""
+        with anyio.fail_after(timeout):
+            while len(self.frames) < count and not self.done.is_set():
+                await self._changed.wait()
+        return self.frames
+
+    async def wait_done(self, timeout: float = 5.0) -> None:
+        with anyio.fail_after(timeout):
+            await self.done.wait()
+
+    def hang_up(self) -> None:
+        self.hung_up_at = time.monotonic()
+        self._scope.cancel()
 
 
 class ASGICall:
