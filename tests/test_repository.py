@@ -1,0 +1,31 @@
+"""Guards on the repository itself: what CI and a fresh clone must never carry."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_TRACKED_BYTES = 2 * 1024 * 1024
+
+
+def tracked_files() -> list[Path]:
+    listing = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    return [ROOT / name for name in listing.decode().split("\0") if name]
+
+
+def test_no_tracked_file_is_large():
+    # A stray temp file once reached 32 GB; submissions have hard size limits.
+    large = [(p.relative_to(ROOT), p.stat().st_size) for p in tracked_files() if p.is_file() and p.stat().st_size > MAX_TRACKED_BYTES]
+    assert large == []
+
+
+def test_no_machine_paths_in_tracked_text():
+    needles = ("/work/", "/root/", "/home/", "/tmp/pytest")
+    offenders = []
+    for path in tracked_files():
+        if not path.is_file() or path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".conf", ".service", ""}:
+            continue
+        text = path.read_text(errors="replace")
+        offenders += [f"{path.relative_to(ROOT)}: {n}" for n in needles if n in text]
+    assert offenders == []
