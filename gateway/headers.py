@@ -25,6 +25,8 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+#: Peers whose X-Forwarded-Proto/-Host are believed: a proxy on the same machine (NGINX in front).
+LOOPBACK_PROXIES = frozenset({"127.0.0.1", "::1"})
 # Set by the gateway itself on the upstream request.
 _REPLACED_UPSTREAM = frozenset(
     {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
@@ -46,8 +48,14 @@ def upstream_request_headers(
     request_id: str,
     api_key: str | None,
     forward_client_auth: bool,
+    trusted_proxies: frozenset[str] = LOOPBACK_PROXIES,
 ) -> list[tuple[bytes, bytes]]:
-    """Headers for the upstream request built from the client's request."""
+    """Headers for the upstream request built from the client's request.
+
+    ``X-Forwarded-For`` gets the peer appended. ``X-Forwarded-Proto``/``-Host`` describe the
+    original request, so they are kept when the peer is a trusted proxy (NGINX terminating TLS
+    says ``https``) and set from this hop otherwise, so a client cannot forge them.
+    """
     client_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
     dropped = HOP_BY_HOP | _REPLACED_UPSTREAM | _connection_named(client_headers)
     if api_key is not None or not forward_client_auth:
@@ -55,21 +63,29 @@ def upstream_request_headers(
     headers: list[tuple[bytes, bytes]] = []
     forwarded_for = b""
     host = b""
+    proxied_proto = proxied_host = b""
     for key, value in client_headers:
         name = key.lower()
         if name == b"x-forwarded-for":
             forwarded_for = value
         elif name == b"host":
             host = value
+        elif name == b"x-forwarded-proto":
+            proxied_proto = value
+        elif name == b"x-forwarded-host":
+            proxied_host = value
         if name not in dropped:
             headers.append((name, value))
     client = scope.get("client")
+    trusted = bool(client) and client[0] in trusted_proxies
     if client:
         peer = client[0].encode("latin-1")
         forwarded_for = forwarded_for + b", " + peer if forwarded_for else peer
     if forwarded_for:
         headers.append((b"x-forwarded-for", forwarded_for))
-    headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+    proto = proxied_proto if trusted and proxied_proto else scope.get("scheme", "http").encode("latin-1")
+    headers.append((b"x-forwarded-proto", proto))
+    host = proxied_host if trusted and proxied_host else host
     if host:
         headers.append((b"x-forwarded-host", host))
     headers.append((b"x-request-id", request_id.encode("latin-1")))

@@ -360,3 +360,28 @@ async def test_the_assembly_switch_forwards_non_streaming_requests_as_they_are(u
             response = await client.post(server.url + "/v1/chat/completions", json={"model": "m"})
     assert response.json() == {"object": "chat.completion"}
     assert json.loads(upstream.requests[0][1]) == {"model": "m"}
+
+
+async def test_forwarded_proto_and_host_from_a_proxy_in_front_are_kept(upstream, gateway, client):
+    async def handler(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    upstream.handler = handler
+    # The test client connects from 127.0.0.1, like NGINX on the same machine terminating TLS.
+    await client.get(gateway + "/v1/models", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "llm.example",
+                                                       "X-Forwarded-For": "203.0.113.9"})
+    sent = {k.decode(): v.decode() for k, v in upstream.requests[0][0]["headers"]}
+    assert sent["x-forwarded-proto"] == "https"
+    assert sent["x-forwarded-host"] == "llm.example"
+    assert sent["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+
+
+def test_forwarded_proto_and_host_from_an_untrusted_peer_are_replaced():
+    from gateway.headers import upstream_request_headers
+
+    scope = {"client": ("198.51.100.7", 5000), "scheme": "http",
+             "headers": [(b"host", b"gw:8080"), (b"x-forwarded-proto", b"https"), (b"x-forwarded-host", b"evil")]}
+    sent = dict(upstream_request_headers(scope, request_id="r", api_key=None, forward_client_auth=False))
+    assert sent[b"x-forwarded-proto"] == b"http"
+    assert sent[b"x-forwarded-host"] == b"gw:8080"
