@@ -50,10 +50,15 @@ class AdminRoutes:
             await self._metrics(scope, send)
         elif path == LLM_HEALTH:
             await send_json(send, *await self.gateway.telemetry.llm_health.report())
+        elif path == "/lmgate/models" or path.startswith("/lmgate/models/"):
+            await self.gateway.models.serve_admin(scope, receive, send)
         else:
             raise NotFound(f"lmgate has no route {path!r}.")
 
     async def _readyz(self, send: Send) -> None:
+        if not self.gateway.models.ready:  # models.preload still loading
+            await send_json(send, 503, {"status": "preloading", "models": sorted(self.gateway.models.warmer.pending)})
+            return
         await send_json(send, *await self.gateway.telemetry.readiness(self.gateway.drain))
 
     async def _metrics(self, scope: Scope, send: Send) -> None:

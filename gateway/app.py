@@ -6,6 +6,8 @@ The request path, outermost first (read it like Envoy's filter list)::
       ├── lmgate's own routes            /healthz, /readyz, /metrics, /lmgate/...
       └── TelemetryMiddleware            logs, metrics and the span of each request, once
           DrainMiddleware                503 draining once shutdown began
+          HeartbeatMiddleware            SSE comments in silences; starts a slow event stream early
+          ColdStartMiddleware            loads a cold model first (single flight); X-Lmgate-Model-State
             ConcurrencyMiddleware        limit + bounded FIFO queue
               AdmissionMark              notes the queue wait for telemetry
               TimeoutMiddleware          first token / idle / total (retries included)
@@ -27,6 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.admin import AdminRoutes, is_admin_path
 from gateway.config import Config
+from gateway.models import ModelService
 from gateway.proxy import Proxy
 from gateway.routes import RouteTable, route_path
 from gateway.telemetry import Telemetry
@@ -145,6 +148,10 @@ class Gateway:
                 max_limit=max(c.max_limit, c.limit),
                 latency_threshold_s=c.latency_threshold_s,
             )
+        # Outside concurrency and the timeout: heartbeats cover the queue and the load, and the
+        # first-token clock starts once the model is loaded (docs/cold-starts.md).
+        self.models = ModelService.from_config(config, client=self.client, api_key=config.upstream.resolved_api_key(env))
+        stack = self.models.wrap(stack, body_limit_bytes=config.limits.body_bytes)
         stack = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
         self.forward: ASGIApp = self.telemetry.middleware(stack)
         self.telemetry.watch(drain=self.drain, retry=self.retry, breaker=self.breaker, concurrency=self.concurrency)
@@ -164,14 +171,15 @@ class Gateway:
             await self.forward(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        async with self.models.running():  # background loads, state refresh, preload, keep-warm
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    break
+        await self.aclose()
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def aclose(self) -> None:
         """Close the upstream connection pool and flush traces (done by the lifespan; call it when mounted)."""

@@ -168,6 +168,58 @@ class DrainConfig(Section):
     retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 draining.")
 
 
+class ModelsConfig(Section):
+    enabled: bool = Field(
+        True, description="Track model state and load a model before forwarding to it (single flight); off: pass through."
+    )
+    heartbeat_s: float | None = Field(
+        10.0, gt=0, description="An SSE comment after this long without a byte on an event stream, loads included; null: none."
+    )
+    status_events: bool = Field(
+        False,
+        description="Also send `event: lmgate.status` JSON frames (loading, eta) for front ends; SDKs see them as "
+        "empty chunks.",
+    )
+    load_timeout_s: float = Field(
+        300.0, gt=0, description="Longest model load; the first-token deadline starts only once the model is loaded."
+    )
+    max_concurrent_loads: int = Field(1, ge=1, description="Loads at once on the upstream (two big ones exhaust memory).")
+    on_loading: Literal["wait", "reject"] = Field(
+        "wait", description="Non-streaming requests for a loading model: wait, or 503 model_loading with Retry-After."
+    )
+    preload: tuple[str, ...] = Field((), description="Models loaded at start-up; /readyz is 503 until they are.")
+    keep_warm: tuple[str, ...] = Field(
+        (), description="Models kept loaded: reloaded when unloaded, pinged with 1 token before their idle TTL ends."
+    )
+    refresh_s: float = Field(5.0, gt=0, description="How often model state is read from the upstream (and its max age).")
+    ttl_s: float | dict[str, float] | None = Field(
+        None,
+        description="Idle TTL (s) lmgate asks for when it loads or warms a model, for all or per model id; "
+        "null: LM Studio's rule (none for API loads).",
+    )
+    assumed_ttl_s: float = Field(
+        3600.0, gt=0, description="The idle TTL keep_warm assumes without ttl_s (LM Studio's JIT default); pings at half."
+    )
+    load_method: Literal["auto", "rest", "generate"] = Field(
+        "auto", description="rest: POST /api/v1/models/load; generate: a 1-token request; auto: rest where it exists."
+    )
+
+    @field_validator("ttl_s")
+    @classmethod
+    def _positive_ttls(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = value.values() if isinstance(value, dict) else () if value is None else (value,)
+        if any(not v > 0 for v in values):
+            raise ValueError("expected TTLs above 0 seconds")
+        return value
+
+    @field_validator("preload", "keep_warm")
+    @classmethod
+    def _model_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not model or model != model.strip() for model in value):
+            raise ValueError("expected model ids without surrounding spaces")
+        return value
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a terminal, else JSON.")
@@ -234,6 +286,7 @@ class Config(Section):
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig, description="Circuit breaker.")
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig, description="Concurrency limit and queue.")
     drain: DrainConfig = Field(default_factory=DrainConfig, description="Graceful shutdown.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="Cold starts: model state, loads, heartbeats.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logs.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry traces.")

@@ -109,7 +109,6 @@ async def test_lmgate_answers_first_when_its_deadline_is_shorter_than_nginx(depl
         assert sim.counters.generations_completed == 0
 
 
-@pytest.mark.skip(reason="needs issue 5 heartbeats (models.heartbeat_s)")
 async def test_a_silent_load_passes_a_short_proxy_read_timeout_with_heartbeats(deployed, client):
     # Same load and NGINX as the cut above; lmgate now sends a heartbeat every 0.3 s while the
     # model loads, so NGINX never waits 1 s for a byte and the answer arrives whole.

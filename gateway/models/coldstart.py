@@ -1,0 +1,231 @@
+"""The cold-start layer: load a model that is not loaded before the request goes on, and say so.
+
+It sits under the heartbeat layer and above concurrency and the timeout::
+
+    HeartbeatMiddleware -> ColdStartMiddleware -> Concurrency -> Timeout -> Retry -> Breaker -> Proxy
+
+so the load is waited for before the timeout layer starts its first-token clock (a 60 s load does
+not eat a 45 s first-token deadline; ``models.load_timeout_s`` bounds it instead), the request does
+not hold a concurrency slot while the model loads, and heartbeats cover the load.
+
+For an inference request naming a model:
+
+* **loaded** (the upstream's listing, refreshed when older than ``refresh_s``): forwarded at once,
+  ``X-Lmgate-Model-State: warm``.
+* **not loaded, loading or failed**: the request joins the model's single-flight load (or starts it)
+  and is forwarded once the model is loaded, ``X-Lmgate-Model-State: cold`` and
+  ``X-Lmgate-Load-Ms`` (how long this request waited for the load). A failed or timed-out load is
+  ``502 model_load_failed`` with the upstream's message. A non-streaming request with
+  ``models.on_loading: reject`` is answered ``503 model_loading`` with ``Retry-After`` set to the
+  expected remaining load time, while the load goes on in the background.
+* **unknown** (a plain OpenAI-compatible server, or a model the upstream does not list): forwarded
+  untouched, ``X-Lmgate-Model-State: unknown``; the upstream loads it as it does, under heartbeats.
+
+A client that leaves while the model loads ends its own request only; the load goes on for the
+others (see ``gateway.models.loader``).
+
+The layer publishes what the request is waiting for in ``scope["state"]``, from which
+:func:`heartbeat_describer` builds the heartbeat text: ``: lmgate loading model=<id> elapsed_s=12
+eta_s=30`` while the model loads, ``: lmgate waiting model=<id> elapsed_s=40`` after (queue,
+prompt processing, a pause between tokens), and, with ``models.status_events``, an
+``event: lmgate.status`` frame carrying the same as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+
+from gateway.errors import ClientDisconnected, ModelLoadFailed, ModelLoading
+from gateway.models.loader import Loader, LoadJob
+from gateway.models.registry import ModelRecord, ModelRegistry
+from gateway.routes import DONE_TERMINATED, route_path
+from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive, request_json
+from middleware.heartbeat import Describe, comment_frame, event_frame
+from middleware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["INFERENCE_PATHS", "ColdStartMiddleware", "RequestPhase", "heartbeat_describer"]
+
+#: Routes whose requests make the upstream load the model they name.
+INFERENCE_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/api/v0/chat/completions",
+        "/api/v0/completions",
+        "/api/v0/embeddings",
+        "/api/v1/chat",
+    }
+)
+#: Routes where an ``event: lmgate.status`` frame is safe: OpenAI-style chunk streams, whose clients
+#: already skip chunks without ``choices`` (the usage chunk). The Responses and Messages SDKs
+#: dispatch on event types and get comments only.
+STATUS_EVENT_PATHS = DONE_TERMINATED
+STATE_HEADER = b"x-lmgate-model-state"
+LOAD_MS_HEADER = b"x-lmgate-load-ms"
+#: Retry-After for ``on_loading: reject`` when no load of the model (or of any model) was seen yet.
+UNKNOWN_ETA_RETRY_AFTER_S = 10.0
+_PHASE_KEY = "lmgate.model_phase"
+
+
+@dataclass(eq=False)
+class RequestPhase:
+    """What one request is waiting for, for its heartbeats."""
+
+    model: str
+    job: LoadJob | None = None
+
+
+def request_phase(scope: Scope) -> RequestPhase | None:
+    return (scope.get("state") or {}).get(_PHASE_KEY)
+
+
+class ColdStartMiddleware:
+    """Load before forwarding, single flight; see the module docstring."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: ModelRegistry,
+        loader: Loader,
+        on_loading: Literal["wait", "reject"] = "wait",
+        body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
+    ) -> None:
+        self.app = app
+        self.registry = registry
+        self.loader = loader
+        self.on_loading = on_loading
+        self.body_limit_bytes = body_limit_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or route_path(scope) not in INFERENCE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        model = await model_of(scope, receive, limit_bytes=self.body_limit_bytes)
+        if model is None:
+            await self.app(scope, replaying_receive(scope, receive), send)
+            return
+        phase = RequestPhase(model)
+        scope.setdefault("state", {})[_PHASE_KEY] = phase
+        await self.registry.refresh()
+        # Unreachable upstream: stale knowledge would turn its failure into a misleading load error.
+        record = self.registry.find(model) if self.registry.refresh_error is None else None
+        if record is None:
+            await self._forward(scope, receive, send, [(STATE_HEADER, b"unknown")])
+            return
+        record.in_flight += 1
+        try:
+            headers = await self._prepare(scope, receive, phase, record)
+            await self._forward(scope, receive, send, headers)
+        finally:
+            record.in_flight -= 1
+            self.registry.used(record)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
+        async def send_with_state(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            await send(message)
+
+        await self.app(scope, replaying_receive(scope, receive), send_with_state)
+
+    async def _prepare(
+        self, scope: Scope, receive: Receive, phase: RequestPhase, record: ModelRecord
+    ) -> list[tuple[bytes, bytes]]:
+        """Wait for the model to be loaded if it is not; the headers that say how it went."""
+        state = self.registry.state(phase.model)
+        if state == "loaded":
+            return [(STATE_HEADER, b"warm")]
+        if state == "unknown":
+            return [(STATE_HEADER, b"unknown")]
+        arrived_at = anyio.current_time()
+        job, created = self.loader.start(record.id)
+        streaming = (request_json(scope) or {}).get("stream") is True
+        if self.on_loading == "reject" and not streaming and self.loader.in_background:
+            raise self._loading(job)  # the load goes on in the background for the retry
+        phase.job = job
+        record.waiting += 1
+        try:
+            await self._wait(job, created, scope, receive)
+        finally:
+            record.waiting -= 1
+        if job.error is not None:
+            raise ModelLoadFailed(job.error)
+        waited_ms = round((anyio.current_time() - arrived_at) * 1000)
+        return [(STATE_HEADER, b"cold"), (LOAD_MS_HEADER, str(waited_ms).encode("ascii"))]
+
+    async def _wait(self, job: LoadJob, created: bool, scope: Scope, receive: Receive) -> None:
+        """Wait for ``job``, watching for the client leaving (which ends this request only)."""
+        left = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                nonlocal left
+                messages = replaying_receive(scope, receive)  # the body first, then the server's channel
+                while (await messages())["type"] != "http.disconnect":
+                    pass
+                left = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_disconnect)
+            await self.loader.wait(job, runner=created)
+            tg.cancel_scope.cancel()
+        if left:
+            raise ClientDisconnected()
+
+    def _loading(self, job: LoadJob) -> ModelLoading:
+        elapsed = anyio.current_time() - (job.began_at or job.asked_at)
+        remaining = self.registry.remaining_load_s(job.model, elapsed)
+        retry_after = float(max(1, remaining)) if remaining is not None else UNKNOWN_ETA_RETRY_AFTER_S
+        eta = f"; expected in about {math.ceil(retry_after)} s" if remaining is not None else ""
+        return ModelLoading(f'The model "{job.model}" is loading{eta}. Try again then.', retry_after_s=retry_after)
+
+
+def heartbeat_describer(registry: ModelRegistry, *, status_events: bool = False) -> Describe:
+    """The heartbeat frames for a request, from what :class:`ColdStartMiddleware` published."""
+
+    def describe(scope: Scope, elapsed_s: float) -> bytes:
+        phase = request_phase(scope)
+        if phase is None:
+            return comment_frame(f"lmgate waiting elapsed_s={_seconds(elapsed_s)}")
+        job = phase.job
+        fields: dict[str, object]
+        if job is not None and not job.finished:
+            now = anyio.current_time()
+            running_s = now - job.began_at if job.began_at is not None else 0.0
+            fields = {
+                "state": "loading",
+                "model": phase.model,
+                "elapsed_s": _seconds(now - job.asked_at),
+                "eta_s": registry.remaining_load_s(phase.model, running_s),
+            }
+        else:
+            fields = {"state": "waiting", "model": phase.model, "elapsed_s": _seconds(elapsed_s)}
+        text = " ".join(
+            [f"lmgate {fields['state']}"]
+            + [f"{key}={_token(value)}" for key, value in fields.items() if key != "state" and value is not None]
+        )
+        frame = comment_frame(text)
+        if status_events and route_path(scope) in STATUS_EVENT_PATHS:
+            # "choices": [] makes the frame an empty chunk to OpenAI SDKs, which skip it like the usage chunk.
+            frame += event_frame("lmgate.status", {"object": "lmgate.status", **fields, "choices": []})
+        return frame
+
+    return describe
+
+
+def _seconds(value: float) -> float | int:
+    """Whole seconds from 10 s up, tenths below (a heartbeat every 0.2 s in tests stays readable)."""
+    return round(value) if value >= 10 else round(value, 1)
+
+
+def _token(value: object) -> str:
+    """A value as one space-free token of the comment line."""
+    return "".join(str(value).split()) or "-"

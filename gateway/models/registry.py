@@ -1,0 +1,252 @@
+"""What lmgate knows about each model of its upstream: the upstream's word plus its own observations.
+
+The upstream's listing (``gateway.models.upstream``) says whether a model is loaded; it cannot say
+that one is *loading* (LM Studio has no such state), nor how long loads take. lmgate adds what it
+saw itself: its own loads under way and their outcome, load durations (the ETA shown to clients),
+load count, last use, and the requests in flight or waiting for a load.
+
+State, in order of precedence: ``loading`` (lmgate is loading it), ``loaded`` / ``not-loaded`` (the
+upstream's listing, corrected at once after lmgate's own loads), ``failed`` (lmgate's last load of
+it failed and it is not loaded), ``unknown`` (the upstream does not say: a plain OpenAI-compatible
+server, or a model it does not list).
+
+The listing is re-read every ``refresh_s`` and on demand when a request finds it older than that.
+Concurrent refreshes are merged into one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import anyio
+
+from gateway.models.clock import Clock
+from gateway.models.upstream import Listed, UpstreamError, UpstreamModels
+
+logger = logging.getLogger("lmgate.models")
+
+State = Literal["unknown", "not-loaded", "loading", "loaded", "failed"]
+#: Load durations remembered per model, for the median.
+DURATIONS_KEPT = 20
+
+
+@dataclass(eq=False)
+class ModelRecord:
+    """One model. Mutated only on the event loop, by the parts of the model service."""
+
+    id: str
+    listed: Listed | None = None
+    loading_since: float | None = None  # anyio time lmgate's load was asked for
+    load_error: str | None = None  # the upstream's message for lmgate's last failed load
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))
+    load_count: int = 0
+    last_used: float | None = None  # registry clock: the end of the last request or warm-up
+    in_flight: int = 0  # requests through the cold-start layer now (waiting for a load included)
+    waiting: int = 0  # requests waiting for a load now
+
+    @property
+    def state(self) -> State:
+        if self.loading_since is not None:
+            return "loading"
+        loaded = self.listed.loaded if self.listed is not None else None
+        if loaded:
+            return "loaded"
+        if self.load_error is not None:
+            return "failed"
+        return "unknown" if loaded is None else "not-loaded"
+
+    @property
+    def median_load_s(self) -> float | None:
+        return statistics.median(self.durations) if self.durations else None
+
+
+class ModelRegistry:
+    """Every model lmgate has heard of on one upstream, and the freshness of that knowledge."""
+
+    def __init__(self, upstream: UpstreamModels, *, clock: Clock, refresh_s: float) -> None:
+        self.upstream = upstream
+        self.clock = clock
+        self.refresh_s = refresh_s
+        self.records: dict[str, ModelRecord] = {}
+        self.refreshed_at: float | None = None
+        self.refresh_error: str | None = None
+        self._refreshing: anyio.Event | None = None
+        self._changed: anyio.Event | None = None
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def find(self, name: str) -> ModelRecord | None:
+        """The record for a model key, or for the model that has ``name`` as a loaded instance id."""
+        record = self.records.get(name)
+        if record is not None:
+            return record
+        for candidate in self.records.values():
+            if candidate.listed is not None and name in candidate.listed.instances:
+                return candidate
+        return None
+
+    def record(self, model: str) -> ModelRecord:
+        """The record for ``model``, created if lmgate has not heard of it (preload, keep-warm, admin)."""
+        record = self.find(model)
+        if record is None:
+            record = self.records[model] = ModelRecord(model)
+        return record
+
+    def state(self, name: str) -> State:
+        record = self.find(name)
+        if record is None:
+            return "unknown"
+        if record.id != name and record.listed is not None and name in record.listed.instances:
+            return "loaded"  # a loaded instance named directly ("key:2")
+        return record.state
+
+    def expected_load_s(self, model: str) -> float | None:
+        """How long a load of ``model`` should take: its median; else scaled by size from others."""
+        record = self.find(model)
+        if record is not None and record.durations:
+            return record.median_load_s
+        size = record.listed.size_bytes if record is not None and record.listed is not None else None
+        rates = [
+            r.median_load_s / r.listed.size_bytes  # type: ignore[operator]
+            for r in self.records.values()
+            if r.durations and r.listed is not None and r.listed.size_bytes
+        ]
+        if size and rates:
+            return size * statistics.median(rates)
+        return None
+
+    def remaining_load_s(self, model: str, elapsed_s: float) -> int | None:
+        """Whole seconds a load running for ``elapsed_s`` should still take (0 once overdue); None: unknown."""
+        expected = self.expected_load_s(model)
+        if expected is None:
+            return None
+        return max(0, math.ceil(expected - elapsed_s))
+
+    # -- refresh --------------------------------------------------------------------------------
+
+    @property
+    def fresh(self) -> bool:
+        return self.refreshed_at is not None and self.clock.now() - self.refreshed_at < self.refresh_s
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Re-read the listing if it is older than ``refresh_s`` (always with ``force``).
+
+        Callers that arrive during a refresh wait for it instead of starting another. A failure
+        keeps the previous knowledge and is reported in ``refresh_error``.
+        """
+        if self._refreshing is not None:
+            await self._refreshing.wait()
+            if not force:
+                return
+        if not force and self.fresh:
+            return
+        done = self._refreshing = anyio.Event()
+        try:
+            listed = await self.upstream.listing()
+        except UpstreamError as exc:
+            if self.refresh_error != str(exc):
+                logger.warning("model state refresh failed: %s", exc, extra={"event": "models_refresh_failed"})
+            self.refresh_error = str(exc)
+            self.refreshed_at = self.clock.now()
+        else:
+            self._apply(listed)
+            self.refresh_error = None
+            self.refreshed_at = self.clock.now()
+        finally:
+            # Also when cancelled (the requester that refreshed left): the waiters try again.
+            self._refreshing = None
+            done.set()
+            self.changed()
+
+    def _apply(self, listed: list[Listed]) -> None:
+        seen = set()
+        for entry in listed:
+            seen.add(entry.id)
+            record = self.records.get(entry.id)
+            if record is None:
+                record = self.records[entry.id] = ModelRecord(entry.id)
+            record.listed = entry
+            if entry.loaded:
+                record.load_error = None
+        for model, record in self.records.items():
+            if model not in seen:
+                record.listed = None
+
+    # -- what lmgate saw ------------------------------------------------------------------------
+
+    def load_started(self, model: str, at: float) -> None:
+        self.record(model).loading_since = at
+        self.changed()
+
+    def load_finished(self, model: str, *, instance: str | None, seconds: float | None, error: str | None) -> None:
+        """Record a load's outcome; a success marks the model loaded without waiting for a refresh.
+
+        ``seconds`` is None when lmgate found the model loaded already: nothing to count.
+        """
+        record = self.record(model)
+        record.loading_since = None
+        record.load_error = error
+        if error is None:
+            if seconds is not None:
+                record.durations.append(seconds)
+                record.load_count += 1
+            record.last_used = self.clock.now()
+            listed = record.listed or Listed(model, loaded=None)
+            if listed.loaded is not None or self.upstream.api in ("api/v1", "api/v0"):
+                instances = listed.instances if instance is None or instance in listed.instances else (*listed.instances, instance)
+                record.listed = replace(listed, loaded=True, instances=instances)
+        self.changed()
+
+    def used(self, record: ModelRecord) -> None:
+        record.last_used = self.clock.now()
+        self.changed()
+
+    # -- change notification (admin view, tests) ------------------------------------------------
+
+    def changed(self) -> None:
+        """Wake whoever waits in :meth:`wait_for`; call after mutating a record."""
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
+
+    async def wait_for(self, predicate: Callable[[ModelRegistry], bool], timeout: float = 5.0) -> None:
+        """Block until ``predicate(self)`` holds (event-driven); ``TimeoutError`` after ``timeout`` s."""
+        with anyio.fail_after(timeout):
+            while not predicate(self):
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
+
+    # -- the admin view -------------------------------------------------------------------------
+
+    def describe(self, record: ModelRecord, *, now: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        listed = record.listed
+        loading = None
+        if record.loading_since is not None:
+            elapsed = now - record.loading_since
+            loading = {"elapsed_s": round(elapsed, 1), "eta_s": self.remaining_load_s(record.id, elapsed)}
+        median = record.median_load_s
+        return {
+            "id": record.id,
+            "type": listed.type if listed else None,
+            "state": record.state,
+            "instances": list(listed.instances) if listed else [],
+            "size_bytes": listed.size_bytes if listed else None,
+            "loading": loading,
+            "load_error": record.load_error,
+            "loads": {
+                "count": record.load_count,
+                "last_s": round(record.durations[-1], 3) if record.durations else None,
+                "median_s": round(median, 3) if median is not None else None,
+            },
+            "idle_s": round(self.clock.now() - record.last_used, 1) if record.last_used is not None else None,
+            "in_flight": record.in_flight,
+            "queued": record.waiting,
+            **(extra or {}),
+        }

@@ -1,0 +1,183 @@
+"""``ModelService``: the registry, loader, warmer and layers of one upstream, built from ``models:``.
+
+The gateway creates one, puts :meth:`ModelService.wrap` into its request path (heartbeats and cold
+starts, outside concurrency and the timeout), runs :meth:`ModelService.running` for the life of its
+ASGI lifespan (background loads, refresh, preload, keep-warm), and serves
+:meth:`ModelService.snapshot`, :meth:`load` and :meth:`unload` on ``/lmgate/models``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+
+from gateway.config import Config, ModelsConfig
+from gateway.errors import ModelLoadFailed
+from gateway.models.admin import serve_models
+from gateway.models.clock import Clock, MonotonicClock
+from gateway.models.coldstart import ColdStartMiddleware, heartbeat_describer
+from gateway.models.loader import Loader, LoadJob
+from gateway.models.registry import ModelRegistry
+from gateway.models.upstream import UpstreamModels
+from gateway.models.warm import Warmer
+from middleware.body import DEFAULT_LIMIT_BYTES
+from middleware.heartbeat import HeartbeatMiddleware
+from middleware.types import ASGIApp, Receive, Scope, Send
+
+
+class ModelService:
+    """Everything lmgate knows and does about the models of one upstream."""
+
+    def __init__(
+        self,
+        options: ModelsConfig,
+        *,
+        client: httpx.AsyncClient,
+        upstream_url: str,
+        api_key: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.options = options
+        self.clock = clock or MonotonicClock()
+        self.upstream = UpstreamModels(client, upstream_url, api_key=api_key, load_method=options.load_method)
+        self.registry = ModelRegistry(self.upstream, clock=self.clock, refresh_s=options.refresh_s)
+        self.loader = Loader(
+            self.registry,
+            self.upstream,
+            max_concurrent=options.max_concurrent_loads,
+            timeout_s=options.load_timeout_s,
+            ttl_for=self.ttl_for,
+        )
+        self.warmer = Warmer(
+            self.registry,
+            self.loader,
+            self.upstream,
+            clock=self.clock,
+            preload=options.preload if options.enabled else (),
+            keep_warm=options.keep_warm if options.enabled else (),
+            ping_after_s=lambda model: (self.ttl_for(model) or options.assumed_ttl_s) / 2,
+            ttl_for=self.ttl_for,
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: Config, *, client: httpx.AsyncClient, api_key: str | None = None, clock: Clock | None = None
+    ) -> ModelService:
+        return cls(config.models, client=client, upstream_url=config.upstream.url, api_key=api_key, clock=clock)
+
+    def ttl_for(self, model: str) -> float | None:
+        """The idle TTL lmgate asks for when it loads or warms ``model`` (None: the upstream's rule)."""
+        ttl = self.options.ttl_s
+        if isinstance(ttl, Mapping):
+            return ttl.get(model)
+        return ttl
+
+    # -- the request path -----------------------------------------------------------------------
+
+    def wrap(self, app: ASGIApp, *, body_limit_bytes: int = DEFAULT_LIMIT_BYTES) -> ASGIApp:
+        """``app`` under the cold-start layer and the heartbeat layer, as configured."""
+        if self.options.enabled:
+            app = ColdStartMiddleware(
+                app,
+                registry=self.registry,
+                loader=self.loader,
+                on_loading=self.options.on_loading,
+                body_limit_bytes=body_limit_bytes,
+            )
+        if self.options.heartbeat_s is not None:
+            app = HeartbeatMiddleware(
+                app,
+                interval_s=self.options.heartbeat_s,
+                describe=heartbeat_describer(self.registry, status_events=self.options.status_events),
+                body_limit_bytes=body_limit_bytes,
+            )
+        return app
+
+    # -- background tasks -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Own loads, refresh, preload and keep-warm for the block (the gateway's lifespan)."""
+        if not self.options.enabled:
+            yield
+            return
+        async with anyio.create_task_group() as tg:
+            self.loader.attach(tg)
+            tg.start_soon(self.warmer.run)
+            try:
+                yield
+            finally:
+                self.loader.detach()
+                tg.cancel_scope.cancel()
+
+    @property
+    def ready(self) -> bool:
+        """Every ``models.preload`` model has been loaded once."""
+        return self.warmer.ready
+
+    async def wait_ready(self) -> None:
+        await self.warmer.wait_ready()
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    async def serve_admin(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer ``/lmgate/models...`` (see ``gateway.models.admin``)."""
+        await serve_models(self, scope, send)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``GET /lmgate/models`` document."""
+        registry = self.registry
+        now = anyio.current_time()
+        models = [
+            registry.describe(
+                record,
+                now=now,
+                extra={
+                    "preload": record.id in self.options.preload,
+                    "keep_warm": record.id in self.options.keep_warm,
+                    "ttl_s": self.ttl_for(record.id),
+                },
+            )
+            for record in sorted(registry.records.values(), key=lambda r: r.id)
+        ]
+        return {
+            "upstream": self.upstream.url,
+            "api": self.upstream.api,
+            "refreshed_s_ago": round(self.clock.now() - registry.refreshed_at, 1) if registry.refreshed_at is not None else None,
+            "refresh_error": registry.refresh_error,
+            "ready": self.ready,
+            "preload_pending": sorted(self.warmer.pending),
+            "loads": {
+                "in_progress": sorted(self.loader.jobs),
+                "max_concurrent": self.loader.max_concurrent,
+                "timeout_s": self.loader.timeout_s,
+            },
+            "models": models,
+        }
+
+    async def load(self, model: str) -> LoadJob | None:
+        """Load ``model`` unless it is loaded (None then); raises ``ModelLoadFailed``."""
+        await self.registry.refresh(force=True)
+        if self.registry.state(model) == "loaded":
+            return None
+        job = await self.loader.load(model)
+        if job.error is not None:
+            raise ModelLoadFailed(job.error)
+        return job
+
+    async def unload(self, model: str) -> list[str]:
+        """Unload every instance of ``model``; returns their ids (raises ``UpstreamError``)."""
+        await self.registry.refresh(force=True)
+        record = self.registry.find(model)
+        instances = list(record.listed.instances) if record is not None and record.listed is not None else []
+        if record is not None and record.id != model and model in instances:
+            instances = [model]  # one instance named directly
+        for instance in instances:
+            await self.upstream.unload(instance)
+        if instances:
+            await self.registry.refresh(force=True)
+        return instances

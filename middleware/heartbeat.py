@@ -1,0 +1,260 @@
+"""Heartbeats: keep a silent event stream open, and open it early when the app is slow to answer.
+
+Proxies and clients give up on a connection that sends nothing: NGINX after ``proxy_read_timeout``
+(60 s by default), browsers' and Node's fetch after their idle timeouts. An LLM stream can be
+silent for minutes (a model load, a long prompt, a queue) while nothing is wrong. This layer fills
+such silences with SSE comment lines (``: ...``), which every SSE parser skips, so the answer a
+client parses is unchanged.
+
+For a request that expects an event stream (``"stream": true`` in its JSON body, or ``Accept:
+text/event-stream``):
+
+* If the inner app has sent nothing for ``interval_s``, the layer starts the response itself:
+  ``200``, ``text/event-stream``, ``Cache-Control: no-cache``, ``X-Accel-Buffering: no`` and the
+  request's ``X-Request-ID``; then a
+  heartbeat frame every ``interval_s`` of silence.
+* From then on the inner app's ``http.response.start`` is swallowed. Its headers that matter to a
+  client (``carry_headers`` prefixes, ``X-Lmgate-*`` by default) are sent as one SSE comment
+  when that start arrives, the first moment they are known. An inner error response (status 400 or
+  more, or any answer that is not an event stream) becomes an ``event: error`` frame carrying the
+  inner JSON error body, which ends the stream, so the client still sees the failure.
+* If the inner app starts first (a warm model), the layer adds nothing until a silence of
+  ``interval_s``: a stream without such a pause reaches the client byte for byte as the app sent it.
+
+Once any event-stream response has started, a heartbeat goes out after each ``interval_s`` of
+silence, and only at a frame boundary (never inside a frame the app has half sent). Every send,
+the app's and the layer's, goes through one lock, so a heartbeat never interleaves with an app
+chunk.
+
+Starting the response early commits the status to 200: a failure after that can only be an SSE
+error frame. That is why the layer sits *above* retry and the timeout: retries inside it still see
+only the upstream's response (they stay possible while only heartbeats went out), and heartbeat
+bytes never count as a first token or reset an idle deadline. Exceptions from the inner app
+propagate unchanged; an ``ErrorMiddleware`` outside renders them as an SSE error frame, since it
+sees the started stream.
+
+What a heartbeat says is up to ``describe(scope, elapsed_s)``, which returns the frame bytes (one
+or more complete frames); the default is ``: lmgate waiting elapsed_s=12``. lmgate's cold-start
+layer supplies one that reports model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Collection
+
+import anyio
+
+from middleware.body import DEFAULT_LIMIT_BYTES, read_body, replaying_receive, request_json
+from middleware.errors import StreamCut, UpstreamProtocolError
+from middleware.request_id import request_id
+from middleware.response import ResponseState, header_value, is_event_stream
+from middleware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["Describe", "HeartbeatMiddleware", "comment_frame", "event_frame", "expects_event_stream"]
+
+#: ``describe(scope, elapsed_s)`` -> the heartbeat frame(s), each ending in a blank line.
+Describe = Callable[[Scope, float], bytes]
+
+PRESTART_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+DEFAULT_CARRY_HEADERS: tuple[bytes, ...] = (b"x-lmgate-",)
+# An inner error body is a small JSON document; past this it is cut before being framed.
+_HELD_LIMIT_BYTES = 64 * 1024
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def comment_frame(text: str) -> bytes:
+    """``text`` as one SSE comment frame (line breaks become spaces: a comment is one line)."""
+    line = " ".join(text.splitlines())
+    return f": {line}\n\n".encode()
+
+
+def event_frame(event: str, data: object) -> bytes:
+    """A named SSE event whose data is ``data`` as compact JSON."""
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+def default_describe(scope: Scope, elapsed_s: float) -> bytes:
+    return comment_frame(f"lmgate waiting elapsed_s={elapsed_s:.0f}")
+
+
+async def expects_event_stream(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> bool:
+    """Whether the client asked for an event stream: ``Accept: text/event-stream`` or ``"stream": true``.
+
+    Reads (and caches, see ``middleware.body``) the body of POST/PUT/PATCH requests.
+    """
+    accept = header_value(scope.get("headers", ()), b"accept")
+    if accept is not None and b"text/event-stream" in accept.lower():
+        return True
+    if scope.get("method") not in _BODY_METHODS:
+        return False
+    await read_body(scope, receive, limit_bytes=limit_bytes)
+    document = request_json(scope)
+    return document is not None and document.get("stream") is True
+
+
+class HeartbeatMiddleware:
+    """Send SSE heartbeats during silences and start slow event streams early; see the module doc.
+
+    ``interval_s``: silence before a heartbeat (and before an early start). ``describe``: the
+    heartbeat frame(s) for a request. ``carry_headers``: lower-case name prefixes of inner headers
+    worth a comment when the inner start had to be swallowed.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        interval_s: float = 10.0,
+        describe: Describe | None = None,
+        carry_headers: Collection[bytes] = DEFAULT_CARRY_HEADERS,
+        body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
+    ) -> None:
+        if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
+            raise ValueError(f"interval_s must be a number of seconds above 0, got {interval_s!r}")
+        if math.isinf(interval_s):
+            raise ValueError("interval_s must be finite")
+        self.app = app
+        self.interval_s = float(interval_s)
+        self.describe = describe or default_describe
+        self.carry_headers = tuple(carry_headers)
+        self.body_limit_bytes = body_limit_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        wants_stream = await expects_event_stream(scope, receive, limit_bytes=self.body_limit_bytes)
+        relay = _Relay(send, scope, carry_headers=self.carry_headers, wants_stream=wants_stream)
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._beat, scope, relay)
+            try:
+                await self.app(scope, replaying_receive(scope, receive), relay.inner_send)
+            except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
+                failure = exc
+            finally:
+                # Under the lock: a heartbeat being sent finishes before the ticker is stopped, so an
+                # error frame rendered further out never interleaves with it.
+                async with relay.lock:
+                    tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if relay.prestarted and not relay.client.finished:
+            raise StreamCut("The response ended before it was complete.")
+
+    async def _beat(self, scope: Scope, relay: _Relay) -> None:
+        """Wake after each ``interval_s`` of silence and send a heartbeat where one may go."""
+        arrived_at = anyio.current_time()
+        next_at = arrived_at + self.interval_s
+        while True:
+            await anyio.sleep(max(0.0, next_at - anyio.current_time()))
+            async with relay.lock:
+                now = anyio.current_time()
+                if relay.done:
+                    return
+                if now - relay.last_byte_at < self.interval_s:
+                    next_at = relay.last_byte_at + self.interval_s  # the app sent something meanwhile
+                    continue
+                next_at = now + self.interval_s
+                if relay.may_beat():
+                    await relay.heartbeat(self.describe(scope, now - arrived_at))
+
+
+class _Relay:
+    """One response as the client sees it: the app's messages, the layer's own, under one lock."""
+
+    __slots__ = (
+        "send", "scope", "carry_headers", "wants_stream", "lock", "client", "prestarted",
+        "last_byte_at", "converting", "inner_status", "inner_headers", "held",
+    )
+
+    def __init__(self, send: Send, scope: Scope, *, carry_headers: tuple[bytes, ...], wants_stream: bool) -> None:
+        self.send = send
+        self.scope = scope
+        self.carry_headers = carry_headers
+        self.wants_stream = wants_stream
+        self.lock = anyio.Lock()
+        self.client = ResponseState()  # what the client has been sent, by anyone
+        self.prestarted = False
+        self.last_byte_at = anyio.current_time()
+        self.converting = False  # the inner answer is an error being turned into an SSE frame
+        self.inner_status = 0
+        self.inner_headers: list[tuple[bytes, bytes]] = []
+        self.held = bytearray()
+
+    @property
+    def done(self) -> bool:
+        """Nothing more will ever be sent by the layer: the response ended, or it is not a stream."""
+        return self.client.finished or (self.client.started and not self.client.event_stream)
+
+    def may_beat(self) -> bool:
+        if not self.client.started:
+            return self.wants_stream
+        return self.client.event_stream and self.client.at_frame_boundary and not self.converting
+
+    async def _send(self, message: Message) -> None:
+        self.client.observe(message)
+        await self.send(message)
+        self.last_byte_at = anyio.current_time()
+
+    async def heartbeat(self, frame: bytes) -> None:
+        if not self.client.started:
+            self.prestarted = True
+            headers = [*PRESTART_HEADERS, (b"x-request-id", request_id(self.scope).encode("latin-1"))]
+            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self._send({"type": "http.response.body", "body": frame, "more_body": True})
+
+    async def inner_send(self, message: Message) -> None:
+        async with self.lock:
+            if not self.prestarted:
+                await self._send(message)
+            elif message["type"] == "http.response.start":
+                await self._inner_start(message)
+            elif message["type"] == "http.response.body":
+                await self._inner_body(message)
+
+    async def _inner_start(self, message: Message) -> None:
+        self.inner_status = int(message["status"])
+        self.inner_headers = list(message.get("headers", ()))
+        if self.inner_status >= 400 or not is_event_stream(self.inner_headers):
+            self.converting = True
+            return
+        carried = [f"{k.decode('latin-1')}={v.decode('latin-1')}" for k, v in self.inner_headers if self._carried(k)]
+        if carried:
+            await self._send({"type": "http.response.body", "body": comment_frame("lmgate " + " ".join(carried)), "more_body": True})
+
+    def _carried(self, name: bytes) -> bool:
+        return bool(self.carry_headers) and name.lower().startswith(self.carry_headers)
+
+    async def _inner_body(self, message: Message) -> None:
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if not self.converting:
+            if body or not more:
+                await self._send({"type": "http.response.body", "body": body, "more_body": more})
+            return
+        room = _HELD_LIMIT_BYTES - len(self.held)
+        self.held += body[: max(0, room)]
+        if not more:
+            await self._send({"type": "http.response.body", "body": self._error_frame(), "more_body": False})
+
+    def _error_frame(self) -> bytes:
+        """The inner answer as an ``event: error`` frame: its own JSON error if it has one."""
+        try:
+            document = json.loads(bytes(self.held))
+        except (ValueError, UnicodeDecodeError):
+            document = None
+        if not (isinstance(document, dict) and "error" in document):
+            content_type = (header_value(self.inner_headers, b"content-type") or b"no content type").decode("latin-1")
+            document = UpstreamProtocolError(
+                f"The answer was HTTP {self.inner_status} ({content_type}), not an event stream."
+            ).to_dict()
+        payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False)
+        return f"event: error\ndata: {payload}\n\n".encode()
