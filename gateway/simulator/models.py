@@ -54,7 +54,7 @@ class Instance:
     slots: Slots
     users: set[Signals] = field(default_factory=set)  # requests queued on or generating with it
     idle: anyio.Event | None = None  # set when the last user leaves (the TTL timer waits on it)
-    timer: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    timer: anyio.CancelScope | None = None  # the TTL timer, created when it starts (needs an event loop)
     unloaded: bool = False
 
     @property
@@ -300,6 +300,9 @@ class ModelManager:
 
     async def _expire_when_idle(self, instance: Instance) -> None:
         assert instance.ttl_s is not None
+        instance.timer = anyio.CancelScope()
+        if instance.unloaded:
+            return
         with instance.timer:
             while True:
                 if instance.users and instance.idle is not None:
@@ -316,7 +319,8 @@ class ModelManager:
             return
         instance.unloaded = True
         self.instances.remove(instance)
-        instance.timer.cancel()
+        if instance.timer is not None:
+            instance.timer.cancel()
         for signals in list(instance.users):
             signals.model_unloaded()
         self._count_instances()
