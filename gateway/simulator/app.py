@@ -18,6 +18,7 @@ from gateway.simulator import catalog, errors
 from gateway.simulator.context import SimContext
 from gateway.simulator.embeddings import serve_embeddings
 from gateway.simulator.errors import SimError
+from gateway.simulator.faults import Fault
 from gateway.simulator.formats import DIALECTS, Dialect
 from gateway.simulator.formats.chat import Completions
 from gateway.simulator.generation import Generation, apply_early_fault
@@ -28,6 +29,12 @@ Handler = Callable[[SimContext, Exchange, dict[str, Any]], Awaitable[None]]
 ControlHandler = Callable[[Exchange, bytes], Awaitable[None]]
 
 CONTROL_PREFIX = "/__sim/"
+#: What Express's cors() middleware answers to a preflight OPTIONS request.
+PREFLIGHT_HEADERS = (
+    *EXPRESS_HEADERS,
+    (b"access-control-allow-methods", b"GET,HEAD,PUT,PATCH,POST,DELETE"),
+    (b"content-length", b"0"),
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ def _inference(dialect_class: type[Dialect]) -> Handler:
     return handle
 
 
-def _take_fault(ctx: SimContext, model: str | None) -> Any:
+def _take_fault(ctx: SimContext, model: str | None) -> Fault | None:
     fault = ctx.faults.take_request_fault(model)
     if fault is not None:
         ctx.counters.faults_applied += 1
@@ -81,8 +88,7 @@ async def _v0_model(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) -
     name = exchange.path.removeprefix("/api/v0/models/")
     model = ctx.manager.models.get(name)
     if model is None:
-        error = errors.SimError(404, {"error": {"message": f'Model "{name}" not found', "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
-        await exchange.respond_error(error)
+        await exchange.respond_error(errors.no_such_model(name))
         return
     await exchange.respond(200, catalog.v0_model(ctx.manager, model))
 
@@ -94,16 +100,17 @@ async def _v1_models(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) 
 def _required_string(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
-        raise errors.rest_error(400, f'"{key}" is required', type_="invalid_request", code="missing_required_parameter", param=key)
+        raise errors.missing_parameter(key)
     return value
 
 
-def _optional_number(body: dict[str, Any], key: str, kind: type = float) -> Any:
+def _optional_positive(body: dict[str, Any], key: str, *, integer: bool = False) -> Any:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0 or (kind is int and not isinstance(value, int)):
-        raise errors.rest_error(400, f'"{key}" must be a positive number', type_="invalid_request", code="invalid_parameter", param=key)
+    kinds = int if integer else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise errors.invalid_parameter(key, "a positive integer" if integer else "a positive number")
     return value
 
 
@@ -112,8 +119,9 @@ async def _rest_load(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) 
     extension (undocumented by LM Studio); without it the instance never expires, as with ``lms load``."""
     try:
         name = _required_string(body, "model")
-        context_length = _optional_number(body, "context_length", int)
-        instance, seconds = await ctx.manager.load(name, ttl_s=_optional_number(body, "ttl"), context_length=context_length)
+        context_length = _optional_positive(body, "context_length", integer=True)
+        ttl_s = _optional_positive(body, "ttl")
+        instance, seconds = await ctx.manager.load(name, ttl_s=ttl_s, context_length=context_length)
     except SimError as error:
         await exchange.respond_error(error)
         return
@@ -137,7 +145,7 @@ async def _rest_unload(ctx: SimContext, exchange: Exchange, body: dict[str, Any]
     try:
         name = _required_string(body, "instance_id")
         if not any(i.identifier == name for i in ctx.manager.instances):
-            raise errors.rest_error(404, f'No loaded model instance found with ID "{name}"', type_="model_not_found", code="model_not_found", param="instance_id")
+            raise errors.no_such_instance(name)
     except SimError as error:
         await exchange.respond_error(error)
         return
@@ -229,8 +237,8 @@ class SimulatorApp:
             await self.control(exchange, raw)
             return
         self.ctx.counters.requests += 1
-        if exchange.method == "OPTIONS":  # the cors() middleware's preflight answer
-            await exchange.start(204, (*EXPRESS_HEADERS, (b"access-control-allow-methods", b"GET,HEAD,PUT,PATCH,POST,DELETE"), (b"content-length", b"0")))
+        if exchange.method == "OPTIONS":
+            await exchange.start(204, PREFLIGHT_HEADERS)
             await exchange.finish()
             return
         route = find_route(exchange.method, exchange.path)

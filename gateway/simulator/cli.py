@@ -23,7 +23,7 @@ EXIT_CONFIG = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1, as LM Studio)")
-    parser.add_argument("--port", type=int, default=1234, help="listen port (default 1234, as LM Studio; 0: a free one)")
+    parser.add_argument("--port", type=int, default=1234, help="listen port (default 1234, as LM Studio; 0: any free)")
     parser.add_argument("--config", metavar="FILE", help="YAML file with models and settings (see docs/simulator.md)")
     parser.add_argument("--control", action="store_true", help="enable the private /__sim/ control API")
     parser.add_argument(

@@ -60,4 +60,5 @@ async def serve_embeddings(ctx: SimContext, exchange: Exchange, body: dict[str, 
         {"object": "embedding", "embedding": text.embedding(key, item, model.embedding_dimensions), "index": index}
         for index, item in enumerate(inputs)
     ]
-    await exchange.respond(200, {"object": "list", "data": data, "model": model.id, "usage": {"prompt_tokens": 0, "total_tokens": 0}})
+    zeros = {"prompt_tokens": 0, "total_tokens": 0}  # as in LM Studio's documented example
+    await exchange.respond(200, {"object": "list", "data": data, "model": model.id, "usage": zeros})

@@ -114,3 +114,24 @@ def bad_request(message: str, *, param: str | None = None) -> SimError:
 def rest_error(status: int, message: str, *, type_: str, code: str, param: str | None = None) -> SimError:
     """The native REST API's error object (``/api/v1``), as in its ``error`` stream events."""
     return SimError(status, {"error": {"type": type_, "message": message, "code": code, "param": param}})
+
+
+def missing_parameter(key: str) -> SimError:
+    """As ``/api/v1/chat`` reports it: ``"model" is required``."""
+    message = f'"{key}" is required'
+    return rest_error(400, message, type_="invalid_request", code="missing_required_parameter", param=key)
+
+
+def invalid_parameter(key: str, expected: str) -> SimError:
+    return rest_error(400, f'"{key}" must be {expected}', type_="invalid_request", code="invalid_parameter", param=key)
+
+
+def no_such_model(name: str, *, status: int = 404) -> SimError:
+    """A model key that is not downloaded, on the REST and v0 model routes (assumed wording)."""
+    message = f'Model "{name}" not found.'
+    return rest_error(status, message, type_="model_not_found", code="model_not_found", param="model")
+
+
+def no_such_instance(name: str) -> SimError:
+    message = f'No loaded model instance found with ID "{name}"'
+    return rest_error(404, message, type_="model_not_found", code="model_not_found", param="instance_id")

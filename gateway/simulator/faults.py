@@ -31,7 +31,7 @@ REQUEST_FAULTS: dict[str, dict[str, Any]] = {
     # Every body byte in its own write, `delay_s` simulated seconds apart.
     "slow_bytes": {"delay_s": 0.01},
     # After `after_tokens` tokens, one broken SSE frame (`payload`), then the stream carries on.
-    "malformed_sse": {"after_tokens": 0, "payload": 'data: {"id":"chatcmpl-broken","choices":[{"delta":{"content":\n\n'},
+    "malformed_sse": {"after_tokens": 0, "payload": 'data: {"id":"chatcmpl-broken","choices":[{"delta":\n\n'},
     # A 200 non-streaming body cut in half (streams: the first frame's JSON cut in half).
     "invalid_json": {},
     # A valid answer whose content is `size_bytes` long (one delta when streaming).

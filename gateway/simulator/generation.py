@@ -133,7 +133,9 @@ class Generation:
             await self.exchange.wait_until_client_leaves()
             return
         abortable = request.stream and ctx.settings.abort_load_on_disconnect
-        instance = await ctx.manager.acquire(request.model, ttl_s=request.ttl_s, signals=self.signals, abortable=abortable)
+        instance = await ctx.manager.acquire(
+            request.model, ttl_s=request.ttl_s, signals=self.signals, abortable=abortable
+        )
         if instance is None or (request.stream and self.signals.has_left):
             return  # the client left while the model loaded: nothing to generate for
         self.t = max(self.t, instance.loaded_at)
@@ -173,7 +175,7 @@ class Generation:
             raise errors.context_overflow_keep(shown, limit)
         if mode == "b":
             raise errors.context_overflow_event(shown, limit)
-        answer = self._plan(instance.model, prompt_tokens, silent=True)  # mode c: a well-formed empty answer
+        answer = self._plan(instance, prompt_tokens, silent=True)  # mode c: a well-formed empty answer
         await self._finish(answer)
         return True
 
@@ -207,7 +209,9 @@ class Generation:
                 self.ctx.counters.generations_killed += 1
             raise errors.model_unloaded()
 
-    def _plan(self, model: SimModel, prompt_tokens: int, *, silent: bool = False) -> Answer:
+    def _plan(self, instance: Instance, prompt_tokens: int, *, silent: bool = False) -> Answer:
+        """The answer this request gets: deterministic tokens, cut by ``max_tokens``, and its timing."""
+        model = instance.model
         settings, request = self.ctx.settings, self.request
         key = text.request_key(settings.seed, self.dialect.route, self.body)
         reasoning = model.reasoning_tokens if self.dialect.reasoning else 0
@@ -223,7 +227,8 @@ class Generation:
         answer = Answer(
             id=text.make_id(key, self.dialect.id_prefix),
             created=int(self.ctx.clock.wall()),
-            model=model.id,
+            spec=model,
+            context_length=instance.context_length,
             prompt_tokens=prompt_tokens,
             reasoning=text.pieces(key, "reasoning", reasoning),
             content=text.pieces(key, "content", content),
@@ -234,17 +239,6 @@ class Generation:
         )
         if self._fault_is("huge_body") and self.fault is not None:
             answer.reasoning, answer.content = [], ["x" * int(self.fault["size_bytes"])]
-        answer.extra["model_info"] = {
-            "arch": model.arch,
-            "quant": model.quantization,
-            "format": model.format,
-            "context_length": model.loaded_context_length,
-        }
-        answer.extra["runtime"] = {
-            "name": "llama.cpp-linux-x86_64-avx2",
-            "version": "1.3.0",
-            "supported_formats": ["gguf"],
-        }
         return answer
 
     async def _generate(self, instance: Instance, prompt_tokens: int) -> None:
@@ -253,7 +247,7 @@ class Generation:
         ctx.counters.active_generations += 1
         ctx.counters.max_active_generations = max(ctx.counters.max_active_generations, ctx.counters.active_generations)
         try:
-            answer = self._plan(instance.model, prompt_tokens)
+            answer = self._plan(instance, prompt_tokens)
             first_token_at = self.t + answer.ttft_s
             with self.signals.phase(on_disconnect=False):  # a prefill under way finishes first
                 await ctx.clock.sleep_until(first_token_at)

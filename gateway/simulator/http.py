@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import socket
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -215,7 +215,7 @@ def _find_transport(scope: Scope) -> asyncio.Transport | None:
         except Exception:  # noqa: BLE001 - a transport closing under us is simply not ours
             continue
         if peer and local and tuple(peer[:2]) == tuple(client) and tuple(local[:2]) == tuple(server):
-            return transport
+            return cast(asyncio.Transport, transport)
     return None
 
 

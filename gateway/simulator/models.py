@@ -130,26 +130,30 @@ class ModelManager:
         Raises LM Studio's errors: unknown model, or nothing loaded when JIT is off.
         """
         jit = self.settings.jit
-        for instance in self.instances:
-            if instance.identifier == name:
-                return instance.model, instance
-        model = self.models.get(name) if name else None
-        if model is not None:
-            instance = self._least_busy(model)
-            if instance is not None or (jit and model.jit):
-                return model, instance
-        if not self.instances and (not jit or not name):
+        if not name:  # LM Studio answers a request without a model with whatever is loaded
+            if self.instances:
+                return self.instances[0].model, self.instances[0]
             raise errors.no_models_loaded()
-        if self.settings.single_model_fallback and not jit and len(self.instances) == 1:
-            return self.instances[0].model, self.instances[0]
-        if not name and self.instances:
+        named = next((i for i in self.instances if i.identifier == name), None)  # "key:2" picks that one
+        if named is not None:
+            return named.model, named
+        model = self.models.get(name)
+        if model is not None:
+            loaded = self._least_busy(model)
+            if loaded is not None or (jit and model.jit):
+                return model, loaded
+        if not self.instances and (model is not None or not jit):
+            raise errors.no_models_loaded()
+        if not jit and self.settings.single_model_fallback and len(self.instances) == 1:
             return self.instances[0].model, self.instances[0]
         valid = list(self.models) if jit else [i.identifier for i in self.instances]
-        raise errors.unknown_model(name or "", valid)
+        raise errors.unknown_model(name, valid)
 
     # -- loading ----------------------------------------------------------------------------
 
-    async def acquire(self, name: str | None, *, ttl_s: float | None, signals: Signals, abortable: bool) -> Instance | None:
+    async def acquire(
+        self, name: str | None, *, ttl_s: float | None, signals: Signals, abortable: bool
+    ) -> Instance | None:
         """An instance to serve the request, JIT-loading it if needed; None if the client left
         while waiting for a load that ``abortable`` let it abandon."""
         model, instance = self.resolve(name)
@@ -186,21 +190,17 @@ class ModelManager:
         self.counters.loads_started += 1
         return load
 
-    async def load(self, name: str, *, ttl_s: float | None = None, context_length: int | None = None) -> tuple[Instance, float]:
+    async def load(
+        self, name: str, *, ttl_s: float | None = None, context_length: int | None = None
+    ) -> tuple[Instance, float]:
         """An out-of-band load (``lms load``, ``POST /api/v1/models/load``): never JIT, never
         evicted, a new instance (``key:2``) if the model is already loaded. Returns the instance and
         the simulated load time in seconds."""
         model = self.models.get(name)
         if model is None:
-            raise errors.rest_error(404, f'Model "{name}" not found.', type_="model_not_found", code="model_not_found", param="model")
+            raise errors.no_such_model(name)
         if context_length is not None and not 0 < context_length <= model.max_context_length:
-            raise errors.rest_error(
-                400,
-                f"context_length must be between 1 and {model.max_context_length}",
-                type_="invalid_request",
-                code="invalid_context_length",
-                param="context_length",
-            )
+            raise errors.invalid_parameter("context_length", f"between 1 and {model.max_context_length}")
         load = self.start_load(model, jit=False, ttl_s=ttl_s, context_length=context_length)
         try:
             instance = await self._wait(load, None, abortable=False)
@@ -336,7 +336,8 @@ class ModelManager:
         """Unload an instance by identifier, or every instance of a model key; with nothing loaded
         under that name, abort the loads under way for it instead (a hung load ends this way).
         Returns the identifiers affected."""
-        matches = [i for i in self.instances if i.identifier == name] or [i for i in self.instances if i.model.id == name]
+        matches = [i for i in self.instances if i.identifier == name]
+        matches = matches or [i for i in self.instances if i.model.id == name]
         for instance in matches:
             self.unload(instance, reason=reason)
         aborted = [] if matches else [load for load in self.loads if name in (load.model.id, load.identifier)]

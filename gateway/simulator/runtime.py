@@ -9,7 +9,7 @@ shutdown for its full timeout.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -46,7 +46,7 @@ class Runtime:
                 tg.cancel_scope.cancel()
                 self._task_group = None
 
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self._task_group is None:
             raise NotRunningError(
                 "the simulator is not running: use `async with Simulator(...)` or run the app's ASGI lifespan"

@@ -146,7 +146,9 @@ class ASGICall:
     the client goes away. Run ``call()`` in a task group and inspect ``messages`` as it goes.
     """
 
-    def __init__(self, app: ASGIApp, method: str, path: str, body: Any = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, method: str, path: str, body: Any = None, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         self.app = app
         self.scope = {
             "type": "http",

@@ -8,11 +8,12 @@ created per request (the Responses API numbers its events).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from gateway.simulator.errors import SimError, bad_request
 from gateway.simulator.http import to_json
+from gateway.simulator.spec import SimModel
 
 PieceKind = Literal["reasoning", "content"]
 
@@ -35,7 +36,8 @@ class Answer:
 
     id: str
     created: int
-    model: str
+    spec: SimModel
+    context_length: int  # of the instance serving it
     prompt_tokens: int
     reasoning: list[str]
     content: list[str]
@@ -45,7 +47,10 @@ class Answer:
     tokens_per_second: float = 0.0
     emitted_reasoning: int = 0
     emitted_content: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.spec.id
 
     @property
     def completion_tokens(self) -> int:

@@ -15,6 +15,13 @@ from gateway.simulator.errors import bad_request
 from gateway.simulator.formats.base import DONE, Answer, Dialect, PieceKind, Request, common_fields, sse, text_of
 
 
+#: The engine each model format runs on, as /api/v0 reports it.
+RUNTIMES = {
+    "gguf": {"name": "llama.cpp-linux-x86_64-avx2", "version": "1.3.0", "supported_formats": ["gguf"]},
+    "mlx": {"name": "mlx-llm-mac-arm64-apple-metal-advsimd", "version": "0.13.0", "supported_formats": ["safetensors"]},
+}
+
+
 def usage(answer: Answer) -> dict[str, int]:
     return {
         "prompt_tokens": answer.prompt_tokens,
@@ -27,6 +34,18 @@ class _OpenAIStream(Dialect):
     """The chunk envelope and the ending shared by chat and text completions."""
 
     object_name = "chat.completion.chunk"
+    whole_object = "chat.completion"
+
+    def whole(self, answer: Answer, choice: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """A non-streaming body: the OpenAI envelope, then what LM Studio adds (``fields``)."""
+        return {
+            "id": answer.id,
+            "object": self.whole_object,
+            "created": answer.created,
+            "model": answer.model,
+            "choices": [choice],
+            **fields,
+        }
 
     def envelope(self, answer: Answer, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse(
@@ -85,16 +104,15 @@ class ChatCompletions(_OpenAIStream):
             "reasoning_content": answer.reasoning_text,
             "tool_calls": [],
         }
-        return {
-            "id": answer.id,
-            "object": "chat.completion",
-            "created": answer.created,
-            "model": answer.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish_reason}],
-            "usage": {**usage(answer), "completion_tokens_details": {"reasoning_tokens": answer.emitted_reasoning}},
-            "stats": {},
-            "system_fingerprint": answer.model,
-        }
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": answer.finish_reason}
+        details = {"reasoning_tokens": answer.emitted_reasoning}
+        return self.whole(
+            answer,
+            choice,
+            usage={**usage(answer), "completion_tokens_details": details},
+            stats={},
+            system_fingerprint=answer.model,
+        )
 
 
 class ChatCompletionsV0(ChatCompletions):
@@ -103,29 +121,27 @@ class ChatCompletionsV0(ChatCompletions):
     route = "/api/v0/chat/completions"
 
     def body(self, answer: Answer, request: Request) -> dict[str, Any]:
-        return {
-            "id": answer.id,
-            "object": "chat.completion",
-            "created": answer.created,
-            "model": answer.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "logprobs": None,
-                    "finish_reason": answer.finish_reason,
-                    "message": {"role": "assistant", "content": answer.text},
-                }
-            ],
-            "usage": usage(answer),
-            "stats": {
-                "tokens_per_second": answer.tokens_per_second,
-                "time_to_first_token": round(answer.ttft_s, 3),
-                "generation_time": round(answer.generation_s, 3),
-                "stop_reason": "eosFound" if answer.finish_reason == "stop" else "maxPredictedTokensReached",
-            },
-            "model_info": answer.extra["model_info"],
-            "runtime": answer.extra["runtime"],
+        message = {"role": "assistant", "content": answer.text}
+        choice = {"index": 0, "logprobs": None, "finish_reason": answer.finish_reason, "message": message}
+        stats = {
+            "tokens_per_second": answer.tokens_per_second,
+            "time_to_first_token": round(answer.ttft_s, 3),
+            "generation_time": round(answer.generation_s, 3),
+            "stop_reason": "eosFound" if answer.finish_reason == "stop" else "maxPredictedTokensReached",
         }
+        return self.whole(
+            answer,
+            choice,
+            usage=usage(answer),
+            stats=stats,
+            model_info={
+                "arch": answer.spec.arch,
+                "quant": answer.spec.quantization,
+                "format": answer.spec.format,
+                "context_length": answer.context_length,
+            },
+            runtime=RUNTIMES[answer.spec.format],
+        )
 
 
 class Completions(_OpenAIStream):
@@ -133,7 +149,7 @@ class Completions(_OpenAIStream):
 
     route = "/v1/completions"
     id_prefix = "cmpl-"
-    object_name = "text_completion"
+    object_name = whole_object = "text_completion"
 
     def parse(self, body: dict[str, Any]) -> Request:
         prompt = body.get("prompt")
@@ -151,13 +167,5 @@ class Completions(_OpenAIStream):
         return {"index": 0, "text": "", "logprobs": None, "finish_reason": answer.finish_reason}
 
     def body(self, answer: Answer, request: Request) -> dict[str, Any]:
-        return {
-            "id": answer.id,
-            "object": "text_completion",
-            "created": answer.created,
-            "model": answer.model,
-            "choices": [{"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}],
-            "usage": usage(answer),
-            "stats": {},
-            "system_fingerprint": answer.model,
-        }
+        choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
+        return self.whole(answer, choice, usage=usage(answer), stats={}, system_fingerprint=answer.model)

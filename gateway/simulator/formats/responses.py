@@ -53,7 +53,8 @@ class Responses(Dialect):
 
     def _item(self, answer: Answer, status: str) -> dict[str, Any]:
         content = [self._part(answer)] if status == "completed" else []
-        return {"id": self._item_id(answer), "type": "message", "status": status, "role": "assistant", "content": content}
+        item_id = self._item_id(answer)
+        return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def _response(self, answer: Answer, status: str) -> dict[str, Any]:
         done = status != "in_progress"
