@@ -38,6 +38,7 @@ class Counters:
     queued: int = 0  # requests waiting for a parallel slot now
     rejected: int = 0  # 503 answers: queue full or queue timeout
     disconnects: int = 0  # clients that left before their response was complete
+    disconnect_times: list[float] = field(default_factory=list)  # time.monotonic() when each was noticed
     faults_applied: int = 0
     instances: dict[str, int] = field(default_factory=dict)  # model key -> loaded instances
 

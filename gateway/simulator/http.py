@@ -124,6 +124,7 @@ class Exchange:
         self.signals.client_left()
         if self.finished or self.was_reset:
             return  # the response was complete, or we hung up ourselves: not a client leaving early
+        self._counters.disconnect_times.append(self.signals.left_at or 0.0)
         self._counters.disconnects += 1
         if self.streaming:
             log.info(DISCONNECT_LINE)

@@ -78,6 +78,7 @@ async def test_leaving_during_a_jit_load_continues_or_aborts_it(clock, client, a
             await sim.wait_for(lambda c: c.loads_started == 1)
             stream.hang_up()
             await sim.wait_for(lambda c: c.disconnects == 1)
+        assert sim.counters.disconnect_times[0] - stream.hung_up_at < NOTICE_WITHIN_S
         if abort:
             await sim.wait_for(lambda c: c.loads_aborted == 1)
             assert sim.counters.instances == {} and sim.counters.loading == 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 from functools import partial
 
 import anyio
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
 from gateway.simulator import FakeClock, SimModel, SimSettings, Simulator
 from gateway.simulator.testing import ASGICall, BackgroundStream
@@ -321,3 +323,23 @@ async def test_unloading_out_of_band_fails_the_request_in_flight(clock, client):
             await stream.wait_done()
         assert stream.frames[-1].raw == b'event: error\ndata: {"error":"Model unloaded."}'
         assert sim.counters.unloads == 1 and sim.counters.generations_killed == 1
+
+
+async def test_a_model_with_jit_off_must_be_loaded_first(clock, client, instant):
+    models = [SimModel(id="manual", jit=False, **instant), SimModel(id="auto", **instant)]
+    async with Simulator(models=models, clock=clock) as sim:
+        refused = await client.post(sim.url + "/v1/chat/completions", json={"model": "manual", "messages": MESSAGES})
+        await sim.load_model("manual")
+        served = await client.post(sim.url + "/v1/chat/completions", json={"model": "manual", "messages": MESSAGES})
+    assert refused.status_code == 400 and "No models loaded" in refused.json()["error"]["message"]
+    assert served.status_code == 200
+
+
+async def test_the_app_runs_under_any_asgi_server_through_its_lifespan(instant):
+    """``sim.app`` without ``async with sim``: the ASGI lifespan starts the simulator's tasks."""
+    sim = Simulator(models=[SimModel(id="beta", **instant)], clock=FakeClock())
+    async with LifespanManager(sim.app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+            response = await client.post("/v1/chat/completions", json={"model": "beta", "messages": MESSAGES})
+    assert response.status_code == 200 and sim.counters.loads_completed == 1
