@@ -10,7 +10,7 @@ otherwise is just another unknown route.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from gateway.simulator import catalog, errors
 from gateway.simulator.context import SimContext
 from gateway.simulator.embeddings import serve_embeddings
 from gateway.simulator.errors import SimError
-from gateway.simulator.faults import Fault
+from gateway.simulator.faults import EARLY_FAULTS, REQUEST_FAULTS, Fault
 from gateway.simulator.formats import DIALECTS, Dialect
 from gateway.simulator.formats.chat import Completions
 from gateway.simulator.generation import Generation, apply_early_fault
@@ -60,8 +60,8 @@ def _inference(dialect_class: type[Dialect]) -> Handler:
     return handle
 
 
-def _take_fault(ctx: SimContext, model: str | None) -> Fault | None:
-    fault = ctx.faults.take_request_fault(model)
+def _take_fault(ctx: SimContext, model: str | None, kinds: Collection[str] = REQUEST_FAULTS.keys()) -> Fault | None:
+    fault = ctx.faults.take_request_fault(model, kinds)
     if fault is not None:
         ctx.counters.faults_applied += 1
     return fault
@@ -69,7 +69,7 @@ def _take_fault(ctx: SimContext, model: str | None) -> Fault | None:
 
 async def _embeddings(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) -> None:
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    await serve_embeddings(ctx, exchange, body, _take_fault(ctx, model))
+    await serve_embeddings(ctx, exchange, body, _take_fault(ctx, model, EARLY_FAULTS))
 
 
 async def _greeting(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) -> None:
@@ -97,14 +97,14 @@ async def _v1_models(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) 
     await exchange.respond(200, catalog.v1_models(ctx.manager))
 
 
-def _required_string(body: dict[str, Any], key: str) -> str:
+def required_string(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
         raise errors.missing_parameter(key)
     return value
 
 
-def _optional_positive(body: dict[str, Any], key: str, *, integer: bool = False) -> Any:
+def optional_positive(body: dict[str, Any], key: str, *, integer: bool = False) -> Any:
     value = body.get(key)
     if value is None:
         return None
@@ -118,9 +118,9 @@ async def _rest_load(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) 
     """``POST /api/v1/models/load``: blocks for the load delay. ``ttl`` (seconds) is accepted as an
     extension (undocumented by LM Studio); without it the instance never expires, as with ``lms load``."""
     try:
-        name = _required_string(body, "model")
-        context_length = _optional_positive(body, "context_length", integer=True)
-        ttl_s = _optional_positive(body, "ttl")
+        name = required_string(body, "model")
+        context_length = optional_positive(body, "context_length", integer=True)
+        ttl_s = optional_positive(body, "ttl")
         instance, seconds = await ctx.manager.load(name, ttl_s=ttl_s, context_length=context_length)
     except SimError as error:
         await exchange.respond_error(error)
@@ -143,7 +143,7 @@ async def _rest_load(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) 
 
 async def _rest_unload(ctx: SimContext, exchange: Exchange, body: dict[str, Any]) -> None:
     try:
-        name = _required_string(body, "instance_id")
+        name = required_string(body, "instance_id")
         if not any(i.identifier == name for i in ctx.manager.instances):
             raise errors.no_such_instance(name)
     except SimError as error:

@@ -106,15 +106,20 @@ class FakeClock:
     @property
     def sleepers(self) -> int:
         """How many tasks are waiting on this clock (useful to assert something is pending)."""
-        return sum(not event.is_set() for _, _, event in self._sleepers)
+        return len(self._sleepers)
 
     async def sleep_until(self, deadline: float) -> None:
         if deadline <= self._now:
             await anyio.lowlevel.checkpoint()
             return
-        event = anyio.Event()
-        heapq.heappush(self._sleepers, (deadline, next(self._order), event))
-        await event.wait()
+        entry = (deadline, next(self._order), anyio.Event())
+        heapq.heappush(self._sleepers, entry)
+        try:
+            await entry[2].wait()
+        finally:
+            if not entry[2].is_set():  # cancelled (client left, model unloaded): forget the sleeper
+                self._sleepers.remove(entry)
+                heapq.heapify(self._sleepers)
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake, in deadline order, every task whose deadline has come.

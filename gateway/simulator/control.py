@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.simulator import catalog
+from gateway.simulator.app import optional_positive, required_string
 from gateway.simulator.clock import FakeClock
 from gateway.simulator.config import SimConfigError, update_settings
 from gateway.simulator.context import SimContext
@@ -101,9 +102,10 @@ class ControlAPI:
 
     async def _load(self, body: dict[str, Any]) -> Any:
         try:
-            instance, seconds = await self.ctx.manager.load(
-                _string(body, "model"), ttl_s=body.get("ttl"), context_length=body.get("context_length")
-            )
+            name = required_string(body, "model")
+            ttl_s = optional_positive(body, "ttl")
+            context_length = optional_positive(body, "context_length", integer=True)
+            instance, seconds = await self.ctx.manager.load(name, ttl_s=ttl_s, context_length=context_length)
         except SimError as exc:
             raise ControlError(exc.status, exc.message) from None
         return {"instance_id": instance.identifier, "load_time_seconds": round(seconds, 3)}

@@ -8,6 +8,7 @@ Unknown kinds or parameters fail at injection time, naming what is accepted.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ LOAD_FAULTS: dict[str, dict[str, Any]] = {
     "load_hang": {},
 }
 FAULT_KINDS = (*REQUEST_FAULTS, *LOAD_FAULTS)
+#: The faults that act before a request is looked at; the only ones embeddings requests take.
+EARLY_FAULTS = frozenset({"http_error", "reset_before_response", "hang_before_headers", "slow_bytes"})
 
 
 @dataclass
@@ -88,13 +91,14 @@ class Faults:
     def clear(self) -> None:
         self.pending.clear()
 
-    def take_request_fault(self, model: str | None) -> Fault | None:
-        return self._take(REQUEST_FAULTS, model)
+    def take_request_fault(self, model: str | None, kinds: Collection[str] = REQUEST_FAULTS.keys()) -> Fault | None:
+        """The fault for the next request for ``model`` (only ``kinds`` it can act on), if any."""
+        return self._take(kinds, model)
 
     def take_load_fault(self, model: str) -> Fault | None:
-        return self._take(LOAD_FAULTS, model)
+        return self._take(LOAD_FAULTS.keys(), model)
 
-    def _take(self, kinds: dict[str, dict[str, Any]], model: str | None) -> Fault | None:
+    def _take(self, kinds: Collection[str], model: str | None) -> Fault | None:
         for fault in self.pending:
             if fault.kind in kinds and (fault.model is None or fault.model == model):
                 fault.count -= 1

@@ -9,12 +9,15 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
+
 from gateway.simulator import FAULT_KINDS, Counters, SimModel, SimSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "simulator.md").read_text()
 
 
+@pytest.mark.slow  # a pytest run in a subprocess: a few seconds of start-up
 def test_the_pytest_example_passes(tmp_path):
     example = re.search(r"```python\n(# test_my_app\.py.*?)```", DOC, re.S)
     assert example is not None
