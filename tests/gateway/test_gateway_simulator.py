@@ -161,16 +161,20 @@ async def test_leaving_during_prefill_is_noticed_at_once_and_stops_after_the_pre
     assert sim.counters.tokens_before_cancel == [0]
 
 
-async def test_leaving_during_a_model_load_reaches_lm_studio(sim, gateway, client):
+async def test_leaving_during_a_model_load_ends_the_request_but_not_the_load(sim, gateway, client):
+    # lmgate loads cold models itself (single flight), so during the load there is no upstream
+    # request to cancel: the departed request must simply never reach LM Studio, and the load
+    # must finish for whoever comes next.
     async def loading(response: httpx.Response) -> None:
         await sim.wait_for(lambda c: c.loading == 1)
 
-    left_at = await leave_after(client, gateway + "/v1/chat/completions", chat("cold-8b", stream=True), loading)
-    with anyio.fail_after(3):
-        await sim.wait_for(lambda c: c.disconnects == 1)
-    propagation_s = time.monotonic() - left_at
-    assert propagation_s < CANCEL_BUDGET_S
-    assert sim.counters.generations_started == 0
+    await leave_after(client, gateway + "/v1/chat/completions", chat("cold-8b", stream=True), loading)
+    with anyio.fail_after(5):
+        await sim.wait_for(lambda c: c.loads_completed == 1)
+    follow_up = await client.post(gateway + "/v1/chat/completions", json=chat("cold-8b"))
+    assert follow_up.status_code == 200
+    assert sim.counters.loads_started == 1 and sim.counters.loads_aborted == 0
+    assert sim.counters.generations_started == 1  # the follow-up's only
 
 
 async def test_a_non_streaming_client_that_leaves_stops_generation_too(sim, gateway, client):
@@ -223,7 +227,7 @@ async def test_a_retry_succeeds_after_two_503s(sim, gateway, client):
     response = await client.post(gateway + "/v1/chat/completions", json=chat())
     assert response.status_code == 200
     assert response.headers["x-lmgate-attempts"] == "3"
-    assert sim.counters.requests == 3
+    assert sim.counters.faults_applied == 2 and sim.counters.generations_completed == 1
 
 
 async def test_twenty_requests_through_limit_4_and_queue_8(client):
