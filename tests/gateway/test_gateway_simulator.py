@@ -165,10 +165,10 @@ async def test_leaving_during_a_model_load_ends_the_request_but_not_the_load(sim
     # lmgate loads cold models itself (single flight), so during the load there is no upstream
     # request to cancel: the departed request must simply never reach LM Studio, and the load
     # must finish for whoever comes next.
-    async def loading(response: httpx.Response) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: client.post(gateway + "/v1/chat/completions", json=chat("cold-8b", stream=True)))
         await sim.wait_for(lambda c: c.loading == 1)
-
-    await leave_after(client, gateway + "/v1/chat/completions", chat("cold-8b", stream=True), loading)
+        tg.cancel_scope.cancel()  # the client hangs up mid-load
     with anyio.fail_after(5):
         await sim.wait_for(lambda c: c.loads_completed == 1)
     follow_up = await client.post(gateway + "/v1/chat/completions", json=chat("cold-8b"))
