@@ -41,6 +41,7 @@ PREFLIGHT_HEADERS = (
 class Route:
     handler: Handler
     authenticated: bool = True
+    inference: bool = False  # counted in Counters.requests (chat, completions, responses, messages, embeddings)
 
 
 def _inference(dialect_class: type[Dialect]) -> Handler:
@@ -160,10 +161,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/api/v1/models"): Route(_v1_models),
     ("POST", "/api/v1/models/load"): Route(_rest_load),
     ("POST", "/api/v1/models/unload"): Route(_rest_unload),
-    ("POST", "/v1/embeddings"): Route(_embeddings),
-    ("POST", "/api/v0/embeddings"): Route(_embeddings),
-    ("POST", "/api/v0/completions"): Route(_inference(Completions)),
-    **{("POST", route): Route(_inference(dialect)) for route, dialect in DIALECTS.items()},
+    ("POST", "/v1/embeddings"): Route(_embeddings, inference=True),
+    ("POST", "/api/v0/embeddings"): Route(_embeddings, inference=True),
+    ("POST", "/api/v0/completions"): Route(_inference(Completions), inference=True),
+    **{("POST", route): Route(_inference(dialect), inference=True) for route, dialect in DIALECTS.items()},
 }
 
 
@@ -231,17 +232,26 @@ class SimulatorApp:
                 pass
         await send({"type": "lifespan.shutdown.complete"})
 
+    def _count(self, exchange: Exchange) -> Route | None:
+        counters = self.ctx.counters
+        route = find_route(exchange.method, exchange.path)
+        key = f"{exchange.method} {exchange.path}"
+        counters.routes = {**counters.routes, key: counters.routes.get(key, 0) + 1}
+        counters.http_requests += 1
+        if route is not None and route.inference:
+            counters.requests += 1
+        return route
+
     async def _dispatch(self, exchange: Exchange) -> None:
         raw = await exchange.read_body()
         if self.control is not None and exchange.path.startswith(CONTROL_PREFIX):
             await self.control(exchange, raw)
             return
-        self.ctx.counters.requests += 1
+        route = self._count(exchange)
         if exchange.method == "OPTIONS":
             await exchange.start(204, PREFLIGHT_HEADERS)
             await exchange.finish()
             return
-        route = find_route(exchange.method, exchange.path)
         try:
             if route is None:
                 raise errors.unexpected_endpoint(exchange.method, exchange.path)

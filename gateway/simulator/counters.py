@@ -17,7 +17,9 @@ import anyio
 
 @dataclass(eq=False)
 class Counters:
-    requests: int = 0  # HTTP requests to LM Studio routes (the control API is not counted)
+    requests: int = 0  # inference requests: chat, completions, responses, messages, embeddings (any outcome)
+    http_requests: int = 0  # every HTTP request to LM Studio's port except the control API
+    routes: dict[str, int] = field(default_factory=dict)  # "METHOD /path" -> HTTP requests
     loads_started: int = 0
     loads_completed: int = 0
     loads_failed: int = 0  # load_failure fault, or the load was aborted while others waited

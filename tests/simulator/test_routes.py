@@ -213,3 +213,14 @@ class TestAuth:
     async def test_auth_can_be_switched_off_at_run_time(self, sim, client):
         sim.settings.api_token = None
         assert (await client.post(sim.url + "/v1/chat/completions", json=CHAT)).status_code == 200
+
+
+async def test_requests_counts_inference_and_routes_counts_everything(instant_models, clock, client):
+    async with Simulator(models=instant_models, clock=clock) as sim:
+        await client.get(sim.url + "/v1/models")
+        await client.get(sim.url + "/health")
+        await client.post(sim.url + "/v1/chat/completions", json=CHAT)
+        await client.post(sim.url + "/v1/embeddings", json={"model": "embed", "input": "x"})
+    counters = sim.counters
+    assert (counters.requests, counters.http_requests) == (2, 4)
+    assert counters.routes == {"GET /v1/models": 1, "GET /health": 1, "POST /v1/chat/completions": 1, "POST /v1/embeddings": 1}
