@@ -14,8 +14,6 @@ import pytest
 
 from gateway.simulator.cli import add_arguments, run
 
-ENTRY = "import sys, argparse; from gateway.simulator.cli import add_arguments, run; " \
-    "p = argparse.ArgumentParser(); add_arguments(p); sys.exit(run(p.parse_args(sys.argv[1:])))"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,7 +46,7 @@ async def test_it_serves_until_sigint(tmp_path):
     config = tmp_path / "sim.yaml"
     config.write_text("models:\n  - id: tiny\n    loaded: true\n    ttft_base_s: 0\n    tokens_per_second: 1000\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-c", ENTRY, "--port", "0", "--config", str(config), "--control"]
+    command = [sys.executable, "-m", "gateway.simulator", "--port", "0", "--config", str(config), "--control"]
     async with await anyio.open_process(command, env=env, cwd=ROOT) as process:
         assert process.stdout is not None
         with anyio.fail_after(20):

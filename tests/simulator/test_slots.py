@@ -118,3 +118,14 @@ async def test_a_slot_granted_to_a_waiter_that_is_cancelled_passes_to_the_next()
         first_scope.cancel()  # the first waiter is being cancelled (its client left)...
         slots.release(3.0)  # ...when the slot is granted to it, before it could run
     assert order == ["second@3.0"] and slots.busy == 1 and slots.queued == 0
+
+
+async def test_max_queued_zero_means_no_queue_at_all(clock, client):
+    settings = SimSettings(completion_tokens=2, max_queued=0)
+    async with Simulator(models=[alpha(parallel=1)], settings=settings, clock=clock) as sim:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(BackgroundStream(client, sim.url + "/v1/chat/completions", chat()).run)
+            await sim.wait_for(lambda c: c.generations_started == 1)
+            refused = await client.post(sim.url + "/v1/chat/completions", json=chat(stream=False))
+            clock.advance(1.0)
+        assert refused.status_code == 503 and sim.counters.queued == 0
