@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     except SimConfigError as exc:
         print(f"lmgate simulate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if not logging.getLogger().handlers:
+    if not logging.getLogger().handlers:  # show LM Studio's log lines, as its server log would
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)  # our own line says where we listen
     return anyio.run(_serve, args, config)
 
 
