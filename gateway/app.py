@@ -150,7 +150,9 @@ class Gateway:
             )
         # Outside concurrency and the timeout: heartbeats cover the queue and the load, and the
         # first-token clock starts once the model is loaded (docs/cold-starts.md).
-        self.models = ModelService.from_config(config, client=self.client, api_key=config.upstream.resolved_api_key(env))
+        self.models = ModelService.from_config(
+            config, client=self.client, api_key=config.upstream.resolved_api_key(env), on_load=self.telemetry.model_load
+        )
         stack = self.models.wrap(stack, body_limit_bytes=config.limits.body_bytes)
         stack = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
         self.forward: ASGIApp = self.telemetry.middleware(stack)

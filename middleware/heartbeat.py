@@ -22,9 +22,9 @@ text/event-stream``):
   ``interval_s``: a stream without such a pause reaches the client byte for byte as the app sent it.
 
 Once any event-stream response has started, a heartbeat goes out after each ``interval_s`` of
-silence, and only at a frame boundary (never inside a frame the app has half sent). Every send,
-the app's and the layer's, goes through one lock, so a heartbeat never interleaves with an app
-chunk.
+silence, and only at a frame boundary (never inside a frame the app has half sent). A heartbeat
+never interleaves with an app chunk: it is skipped while an app send is under way, and an app send
+waits for a heartbeat being sent.
 
 Starting the response early commits the status to 200: a failure after that can only be an SSE
 error frame. That is why the layer sits *above* retry and the timeout: retries inside it still see
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Collection
 
 import anyio
@@ -63,6 +64,9 @@ PRESTART_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-accel-buffering", b"no"),
 )
 DEFAULT_CARRY_HEADERS: tuple[bytes, ...] = (b"x-lmgate-",)
+# The clock of silences: anyio's on asyncio (loop.time() is time.monotonic()), read without the
+# backend lookup anyio.current_time() does, since it is read on every chunk.
+_now = time.monotonic
 # An inner error body is a small JSON document; past this it is cut before being framed.
 _HELD_LIMIT_BYTES = 64 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -140,10 +144,10 @@ class HeartbeatMiddleware:
             except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
                 failure = exc
             finally:
-                # Under the lock: a heartbeat being sent finishes before the ticker is stopped, so an
-                # error frame rendered further out never interleaves with it.
-                async with relay.lock:
-                    tg.cancel_scope.cancel()
+                # A heartbeat being sent finishes before the ticker stops, so an error frame rendered
+                # further out never interleaves with it.
+                await relay.close()
+                tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
         if relay.prestarted and not relay.client.finished:
@@ -151,28 +155,32 @@ class HeartbeatMiddleware:
 
     async def _beat(self, scope: Scope, relay: _Relay) -> None:
         """Wake after each ``interval_s`` of silence and send a heartbeat where one may go."""
-        arrived_at = anyio.current_time()
+        arrived_at = _now()
         next_at = arrived_at + self.interval_s
         while True:
-            await anyio.sleep(max(0.0, next_at - anyio.current_time()))
-            async with relay.lock:
-                now = anyio.current_time()
-                if relay.done:
-                    return
-                if now - relay.last_byte_at < self.interval_s:
-                    next_at = relay.last_byte_at + self.interval_s  # the app sent something meanwhile
-                    continue
-                next_at = now + self.interval_s
-                if relay.may_beat():
-                    await relay.heartbeat(self.describe(scope, now - arrived_at))
+            await anyio.sleep(max(0.0, next_at - _now()))
+            now = _now()
+            if relay.done:
+                return
+            if now - relay.last_byte_at < self.interval_s:
+                next_at = relay.last_byte_at + self.interval_s  # the app sent something meanwhile
+                continue
+            next_at = now + self.interval_s
+            if relay.may_beat():
+                await relay.heartbeat(self.describe(scope, now - arrived_at))
 
 
 class _Relay:
-    """One response as the client sees it: the app's messages, the layer's own, under one lock."""
+    """One response as the client sees it: the app's messages and the layer's own, never interleaved.
+
+    The app's sends are the hot path (one per token), so there is no lock: the event loop runs one
+    task at a time, a heartbeat is skipped while an app send is under way (bytes are flowing), and
+    an app send waits only while a heartbeat is being sent.
+    """
 
     __slots__ = (
-        "send", "scope", "carry_headers", "wants_stream", "lock", "client", "prestarted",
-        "last_byte_at", "converting", "inner_status", "inner_headers", "held",
+        "send", "scope", "carry_headers", "wants_stream", "client", "prestarted", "last_byte_at",
+        "converting", "inner_status", "inner_headers", "held", "app_sending", "beating", "closed",
     )
 
     def __init__(self, send: Send, scope: Scope, *, carry_headers: tuple[bytes, ...], wants_stream: bool) -> None:
@@ -180,21 +188,25 @@ class _Relay:
         self.scope = scope
         self.carry_headers = carry_headers
         self.wants_stream = wants_stream
-        self.lock = anyio.Lock()
         self.client = ResponseState()  # what the client has been sent, by anyone
         self.prestarted = False
-        self.last_byte_at = anyio.current_time()
+        self.last_byte_at = _now()
         self.converting = False  # the inner answer is an error being turned into an SSE frame
         self.inner_status = 0
         self.inner_headers: list[tuple[bytes, bytes]] = []
         self.held = bytearray()
+        self.app_sending = False
+        self.beating: anyio.Event | None = None  # set while a heartbeat is being sent
+        self.closed = False  # the app returned: no more heartbeats
 
     @property
     def done(self) -> bool:
         """Nothing more will ever be sent by the layer: the response ended, or it is not a stream."""
-        return self.client.finished or (self.client.started and not self.client.event_stream)
+        return self.closed or self.client.finished or (self.client.started and not self.client.event_stream)
 
     def may_beat(self) -> bool:
+        if self.app_sending or self.beating is not None or self.closed:
+            return False
         if not self.client.started:
             return self.wants_stream
         return self.client.event_stream and self.client.at_frame_boundary and not self.converting
@@ -202,23 +214,40 @@ class _Relay:
     async def _send(self, message: Message) -> None:
         self.client.observe(message)
         await self.send(message)
-        self.last_byte_at = anyio.current_time()
+        self.last_byte_at = _now()
 
     async def heartbeat(self, frame: bytes) -> None:
-        if not self.client.started:
-            self.prestarted = True
-            headers = [*PRESTART_HEADERS, (b"x-request-id", request_id(self.scope).encode("latin-1"))]
-            await self._send({"type": "http.response.start", "status": 200, "headers": headers})
-        await self._send({"type": "http.response.body", "body": frame, "more_body": True})
+        """Send one heartbeat (starting the response first if needed); call only if ``may_beat()``."""
+        beating = self.beating = anyio.Event()
+        try:
+            if not self.client.started:
+                self.prestarted = True
+                headers = [*PRESTART_HEADERS, (b"x-request-id", request_id(self.scope).encode("latin-1"))]
+                await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+            await self._send({"type": "http.response.body", "body": frame, "more_body": True})
+        finally:
+            self.beating = None
+            beating.set()
+
+    async def close(self) -> None:
+        """No heartbeat from now on; wait for one under way to be sent."""
+        self.closed = True
+        if self.beating is not None:
+            await self.beating.wait()
 
     async def inner_send(self, message: Message) -> None:
-        async with self.lock:
+        while self.beating is not None:
+            await self.beating.wait()
+        self.app_sending = True
+        try:
             if not self.prestarted:
                 await self._send(message)
             elif message["type"] == "http.response.start":
                 await self._inner_start(message)
             elif message["type"] == "http.response.body":
                 await self._inner_body(message)
+        finally:
+            self.app_sending = False
 
     async def _inner_start(self, message: Message) -> None:
         self.inner_status = int(message["status"])

@@ -47,7 +47,7 @@ from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive, re
 from middleware.heartbeat import Describe, comment_frame, event_frame
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["INFERENCE_PATHS", "ColdStartMiddleware", "RequestPhase", "heartbeat_describer"]
+__all__ = ["INFERENCE_PATHS", "ColdStartMiddleware", "RequestPhase", "heartbeat_describer", "model_state"]
 
 #: Routes whose requests make the upstream load the model they name.
 INFERENCE_PATHS = frozenset(
@@ -76,14 +76,28 @@ _PHASE_KEY = "lmgate.model_phase"
 
 @dataclass(eq=False)
 class RequestPhase:
-    """What one request is waiting for, for its heartbeats."""
+    """What one request is waiting for (for its heartbeats), and how its model was found."""
 
     model: str
     job: LoadJob | None = None
+    state: Literal["warm", "cold", "unknown"] | None = None
+    waited_s: float | None = None  # cold: how long this request waited for the load
 
 
 def request_phase(scope: Scope) -> RequestPhase | None:
     return (scope.get("state") or {}).get(_PHASE_KEY)
+
+
+def model_state(scope: Scope) -> tuple[str, float | None] | None:
+    """``(warm|cold|unknown, seconds waited for a load)`` for a request this layer handled.
+
+    The same as the ``X-Lmgate-Model-State`` and ``X-Lmgate-Load-Ms`` headers, for layers further
+    out that cannot see them when the heartbeat layer had to start the response first.
+    """
+    phase = request_phase(scope)
+    if phase is None or phase.state is None:
+        return None
+    return phase.state, phase.waited_s
 
 
 class ColdStartMiddleware:
@@ -118,6 +132,7 @@ class ColdStartMiddleware:
         # Unreachable upstream: stale knowledge would turn its failure into a misleading load error.
         record = self.registry.find(model) if self.registry.refresh_error is None else None
         if record is None:
+            phase.state = "unknown"
             await self._forward(scope, receive, send, [(STATE_HEADER, b"unknown")])
             return
         record.in_flight += 1
@@ -141,10 +156,9 @@ class ColdStartMiddleware:
     ) -> list[tuple[bytes, bytes]]:
         """Wait for the model to be loaded if it is not; the headers that say how it went."""
         state = self.registry.state(phase.model)
-        if state == "loaded":
-            return [(STATE_HEADER, b"warm")]
-        if state == "unknown":
-            return [(STATE_HEADER, b"unknown")]
+        if state in ("loaded", "unknown"):
+            phase.state = "warm" if state == "loaded" else "unknown"
+            return [(STATE_HEADER, phase.state.encode("ascii"))]
         arrived_at = anyio.current_time()
         job, created = self.loader.start(record.id)
         streaming = (request_json(scope) or {}).get("stream") is True
@@ -158,8 +172,8 @@ class ColdStartMiddleware:
             record.waiting -= 1
         if job.error is not None:
             raise ModelLoadFailed(job.error)
-        waited_ms = round((anyio.current_time() - arrived_at) * 1000)
-        return [(STATE_HEADER, b"cold"), (LOAD_MS_HEADER, str(waited_ms).encode("ascii"))]
+        phase.state, phase.waited_s = "cold", anyio.current_time() - arrived_at
+        return [(STATE_HEADER, b"cold"), (LOAD_MS_HEADER, str(round(phase.waited_s * 1000)).encode("ascii"))]
 
     async def _wait(self, job: LoadJob, created: bool, scope: Scope, receive: Receive) -> None:
         """Wait for ``job``, watching for the client leaving (which ends this request only)."""

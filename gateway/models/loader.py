@@ -66,8 +66,10 @@ class Loader:
         max_concurrent: int = 1,
         timeout_s: float = 300.0,
         ttl_for: Callable[[str], float | None] = lambda model: None,
+        on_finished: Callable[[LoadJob], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.on_finished = on_finished
         self.upstream = upstream
         self.max_concurrent = max_concurrent
         self.timeout_s = timeout_s
@@ -175,3 +177,5 @@ class Loader:
                 extra={"event": "model_load_end", "model": job.model, "load_s": job.seconds},
             )
         job.done.set()
+        if self.on_finished is not None and (job.loaded_here or job.error is not None):
+            self.on_finished(job)

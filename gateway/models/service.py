@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -29,6 +29,12 @@ from middleware.heartbeat import HeartbeatMiddleware
 from middleware.types import ASGIApp, Receive, Scope, Send
 
 
+class LoadObserver(Protocol):
+    """Called once per load lmgate made (success or failure), e.g. ``Telemetry.model_load``."""
+
+    def __call__(self, model: str, load_s: float, *, ok: bool, error: str | None) -> None: ...
+
+
 class ModelService:
     """Everything lmgate knows and does about the models of one upstream."""
 
@@ -40,8 +46,10 @@ class ModelService:
         upstream_url: str,
         api_key: str | None = None,
         clock: Clock | None = None,
+        on_load: LoadObserver | None = None,
     ) -> None:
         self.options = options
+        self.on_load = on_load
         self.clock = clock or MonotonicClock()
         self.upstream = UpstreamModels(client, upstream_url, api_key=api_key, load_method=options.load_method)
         self.registry = ModelRegistry(self.upstream, clock=self.clock, refresh_s=options.refresh_s)
@@ -51,6 +59,7 @@ class ModelService:
             max_concurrent=options.max_concurrent_loads,
             timeout_s=options.load_timeout_s,
             ttl_for=self.ttl_for,
+            on_finished=self._load_finished,
         )
         self.warmer = Warmer(
             self.registry,
@@ -65,9 +74,22 @@ class ModelService:
 
     @classmethod
     def from_config(
-        cls, config: Config, *, client: httpx.AsyncClient, api_key: str | None = None, clock: Clock | None = None
+        cls,
+        config: Config,
+        *,
+        client: httpx.AsyncClient,
+        api_key: str | None = None,
+        clock: Clock | None = None,
+        on_load: LoadObserver | None = None,
     ) -> ModelService:
-        return cls(config.models, client=client, upstream_url=config.upstream.url, api_key=api_key, clock=clock)
+        return cls(config.models, client=client, upstream_url=config.upstream.url, api_key=api_key, clock=clock, on_load=on_load)
+
+    def _load_finished(self, job: LoadJob) -> None:
+        """Tell the observer (telemetry: metrics and the ``model_load`` log line) about one load."""
+        if self.on_load is None:
+            return
+        seconds = job.seconds if job.seconds is not None else anyio.current_time() - (job.began_at or job.asked_at)
+        self.on_load(job.model, seconds, ok=job.error is None, error=job.error)
 
     def ttl_for(self, model: str) -> float | None:
         """The idle TTL lmgate asks for when it loads or warms ``model`` (None: the upstream's rule)."""
