@@ -24,6 +24,14 @@ def is_admin_path(path: str) -> bool:
     return path in _EXACT or path == "/lmgate" or path.startswith("/lmgate/")
 
 
+def requires_admin_key(method: str, path: str) -> bool:
+    """Whether a request changes state (lmgate's admin actions, LM Studio's model load, unload and
+    download under ``/api/v1/models/``): with auth on, it needs an admin key."""
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return False
+    return is_admin_path(path) or path.startswith("/api/v1/models/")
+
+
 async def send_json(send: Send, status: int, document: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(document, separators=(",", ":")).encode()
     start_headers = [

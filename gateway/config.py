@@ -115,6 +115,63 @@ class RoutesConfig(Section):
 
 class LimitsConfig(Section):
     body_bytes: int = Field(10 * MiB, ge=1, description="Largest request body accepted (413 above it).")
+    header_bytes: int = Field(
+        12 * 1024, ge=1024, description="Largest request header block (431 above it; the HTTP server cuts at 16 KiB)."
+    )
+    url_bytes: int = Field(8 * 1024, ge=256, description="Longest request path and query (414 above it).")
+    assembled_bytes: int = Field(
+        64 * MiB, ge=1024, description="Largest non-streaming answer lmgate assembles from a stream (502 above it)."
+    )
+
+
+class AuthConfig(Section):
+    keys: tuple[str, ...] = Field(
+        (), description="SHA-256 digests of client keys ('sha256:<hex>'; `lmgate keys hash` makes one); empty: no auth."
+    )
+    keys_file: str | None = Field(
+        None, description="A file of further digests, one 'sha256:<hex> [name]' per line; read at start-up."
+    )
+    admin_keys: tuple[str, ...] = Field(
+        (), description="Digests of admin keys: needed to load or unload models and for any request that changes state."
+    )
+    open_paths: tuple[str, ...] = Field(
+        ("/healthz", "/readyz", "/metrics"), description="Paths answered without a key (GET/HEAD) when auth is on."
+    )
+    per_key_limit: int | None = Field(
+        None, ge=1, description="Requests in flight per client key (429 rate_limited beyond); null: no per-key limit."
+    )
+    per_key_queue: int = Field(0, ge=0, description="Requests of one key that may wait for its per-key limit.")
+
+    @field_validator("keys", "admin_keys")
+    @classmethod
+    def _digests(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from middleware.auth import normalise_digest
+
+        return tuple(normalise_digest(digest) for digest in value)
+
+    @model_validator(mode="after")
+    def _readable_and_useful(self) -> "AuthConfig":
+        self.digests()  # a missing or malformed keys file fails at start-up, naming the line
+        if self.per_key_limit is not None and not self.enabled:
+            raise ValueError("per_key_limit needs client keys (keys, keys_file or admin_keys)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys or self.keys_file or self.admin_keys)
+
+    def digests(self) -> dict[str, str]:
+        """Client key digests -> names, from ``keys`` and ``keys_file``."""
+        from middleware.auth import parse_keys_file
+
+        named = {digest: f"key-{digest[:8]}" for digest in self.keys}
+        if self.keys_file is not None:
+            try:
+                text = Path(self.keys_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read keys_file {self.keys_file}: {exc.strerror or exc}") from None
+            named.update(parse_keys_file(text, source=self.keys_file))
+        return named
 
 
 class RetryConfig(Section):
@@ -291,6 +348,7 @@ class Config(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry traces.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Readiness and LLM health checks.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Client keys and admin keys.")
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets masked (for ``config check`` and logs)."""
@@ -388,6 +446,9 @@ def _set(raw: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
     node[key[-1]] = value
 
 
+_SECRET_KEYS = frozenset({"api_key", "keys", "admin_keys"})
+
+
 def _explain(exc: ValidationError, source: str, origins: Mapping[tuple[str, ...], str]) -> str:
     lines = []
     for error in exc.errors():
@@ -408,5 +469,7 @@ def _explain(exc: ValidationError, source: str, origins: Mapping[tuple[str, ...]
             continue
         value = error.get("input")
         reason = error["msg"].removeprefix("Value error, ")
-        lines.append(f"{origin}: {key}: {reason[0].lower()}{reason[1:]} (got {value!r})")
+        # A misplaced secret (a plain key under auth.keys, a token of the wrong type) is never echoed.
+        shown = "a value that is not shown" if _SECRET_KEYS & set(location) else repr(value)
+        lines.append(f"{origin}: {key}: {reason[0].lower()}{reason[1:]} (got {shown})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

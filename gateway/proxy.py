@@ -32,6 +32,7 @@ from gateway.errors import (
     ClientDisconnected,
     NotFound,
     StreamCut,
+    UpstreamProtocolError,
     normalise_error_body,
     translate_transport_error,
 )
@@ -46,6 +47,7 @@ from middleware.types import Receive, Scope, Send
 
 # Error bodies are small; anything larger is passed through untouched rather than buffered.
 _MAX_ERROR_BODY = 64 * 1024
+DEFAULT_ASSEMBLED_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class Proxy:
@@ -62,6 +64,7 @@ class Proxy:
         assemble_non_streaming: Mapping[str, bool] | bool = True,
         normalise_errors: bool = True,
         body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
+        assembled_limit_bytes: int = DEFAULT_ASSEMBLED_LIMIT_BYTES,
     ) -> None:
         self.client = client
         self.upstream_url = upstream_url.rstrip("/")
@@ -76,6 +79,7 @@ class Proxy:
             }
         self.normalise_errors = normalise_errors
         self.body_limit_bytes = body_limit_bytes
+        self.assembled_limit_bytes = assembled_limit_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -250,6 +254,12 @@ class Proxy:
         assembler = CompletionAssembler(kind)
         try:
             async for text in response.aiter_text():
+                if response.num_bytes_downloaded > self.assembled_limit_bytes:
+                    # The answer is held in memory whole: an upstream gone wild must not exhaust it.
+                    raise UpstreamProtocolError(
+                        f"The upstream's answer is larger than limits.assembled_bytes ({self.assembled_limit_bytes} "
+                        "bytes); ask for a stream to receive it."
+                    )
                 assembler.feed(text)
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response_started=False) from exc

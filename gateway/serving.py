@@ -19,6 +19,10 @@ from hypercorn.config import Config as HypercornConfig
 
 from middleware.types import ASGIApp
 
+# Connections the kernel queues before hypercorn accepts them: a burst of clients (or NGINX
+# opening its upstream connections at once) beyond it is reset.
+LISTEN_BACKLOG = 1024
+
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (IPv6 when the host has a colon)."""
@@ -28,7 +32,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host.strip("[]"), port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
@@ -45,6 +49,8 @@ def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float = 5.0) ->
     # hypercorn adopts the descriptor and closes it on shutdown; detach so Python does not too.
     config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout_s
+    # hypercorn calls listen() again with its own backlog (default 100), overriding bind_socket's.
+    config.backlog = LISTEN_BACKLOG
     # Model loads and long prefill keep a request silent for minutes: no server-side read cut.
     config.read_timeout = None
     config.keep_alive_timeout = 75.0
