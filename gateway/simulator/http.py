@@ -147,7 +147,12 @@ class Exchange:
             return
         for index in range(len(data)):
             if index:
-                await sleep(self._clock, self.byte_delay_s)
+                # Bytes for a client that left go nowhere: stop pacing them at once, so the
+                # generation loop notices the disconnect now rather than after the whole frame.
+                with self.signals.phase(on_disconnect=True):
+                    await sleep(self._clock, self.byte_delay_s)
+            if self.signals.has_left:
+                return
             await self._raw_send({"type": "http.response.body", "body": data[index : index + 1], "more_body": True})
 
     async def finish(self, data: bytes = b"") -> None:

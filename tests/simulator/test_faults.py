@@ -222,3 +222,15 @@ def test_unknown_kinds_and_parameters_are_refused_with_the_accepted_ones(instant
     with pytest.raises(ValueError, match="accepted: after_tokens"):
         sim.inject_fault("crash_mid_stream", after=3)
     assert len(FAULT_KINDS) == 14
+
+
+async def test_slow_bytes_stop_as_soon_as_the_client_leaves(instant_models, client):
+    async with Simulator(models=instant_models, clock=RealClock()) as sim:
+        sim.inject_fault("slow_bytes", delay_s=60.0)
+        stream = BackgroundStream(client, sim.url + "/v1/chat/completions", chat())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.run)
+            await sim.wait_for(lambda c: c.generations_started == 1)
+            stream.hang_up()
+            await sim.wait_for(lambda c: c.generations_cancelled == 1, timeout=2.0)
+        assert sim.counters.tokens_before_cancel == [1]  # the first token's frame was being written
