@@ -54,6 +54,8 @@ def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float = 5.0) ->
     # Model loads and long prefill keep a request silent for minutes: no server-side read cut.
     config.read_timeout = None
     config.keep_alive_timeout = 75.0
+    # Neither LM Studio nor a gateway in front of it should advertise its server software.
+    config.include_server_header = False
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
