@@ -319,3 +319,41 @@ async def test_an_upstream_without_model_state_is_passed_through_under_heartbeat
     assert app.models.registry.state("m") == "unknown"
     paths = [scope["path"] for scope, _ in upstream.requests]
     assert paths == ["/api/v1/models", "/api/v0/models", "/v1/models", CHAT, CHAT]  # listed once, then trusted
+
+
+# --- where the heartbeat layer sits ---------------------------------------------------------------
+
+
+async def test_heartbeats_cover_the_wait_for_a_concurrency_slot(client):
+    model = SimModel(id="busy-7b", loaded=True, tokens_per_second=20.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
+    async with Simulator(models=[model]) as sim, lmgate(sim.url, concurrency={"limit": 1}) as (url, _):
+        async with client.stream("POST", url + CHAT, json=chat(model.id, stream=True)) as first:
+            chunks = first.aiter_raw()
+            await anext(chunks)  # the only slot is taken for about a second
+            queued, timeline = await timed_stream(client, url + CHAT, chat(model.id, stream=True, max_tokens=2))
+            rest = b"".join([chunk async for chunk in chunks])
+    raw = b"".join(chunk for _, chunk in timeline)
+    waits = [line for line in comments(raw) if line.startswith(b": lmgate waiting model=busy-7b")]
+    assert rest.endswith(b"data: [DONE]\n\n") and raw.endswith(b"data: [DONE]\n\n")
+    assert len(waits) >= 3 and queued.headers["x-accel-buffering"] == "no"
+
+
+async def test_retries_stay_possible_while_only_heartbeats_went_out(client):
+    model = cold("cold-8b", load_delay_s=0.4)
+    async with Simulator(models=[model]) as sim, lmgate(sim.url, retry={"backoff_base_s": 0.01}) as (url, _):
+        sim.inject_fault("http_error", status=503, message="busy", model=model.id)
+        response = await client.post(url + CHAT, json=chat(model.id, stream=True))
+    assert comments(response.content)[0].startswith(b": lmgate loading")  # the stream had started
+    assert b"event: error" not in response.content and response.content.endswith(b"data: [DONE]\n\n")
+    assert b"x-lmgate-attempts=2" in response.content  # the 503 was retried behind the heartbeats
+
+
+async def test_heartbeats_neither_count_as_a_first_token_nor_reset_the_deadline(client):
+    # LM Studio answers the headers at once, then processes the prompt for 0.8 s in silence;
+    # heartbeats flow every 0.1 s, yet the 0.3 s first-token deadline still fires.
+    model = SimModel(id="prefill-7b", loaded=True, ttft_base_s=0.8, ttft_per_prompt_token_s=0.0)
+    async with Simulator(models=[model]) as sim, lmgate(sim.url, timeouts={"first_token_s": 0.3}, retry={"enabled": False}) as (url, _):
+        response = await client.post(url + CHAT, json=chat(model.id, stream=True))
+    (error,) = [e for e in parse_sse(response.content) if e.event == "error"]
+    assert error.json()["error"]["code"] == "timeout" and "first-token" in error.json()["error"]["message"]
+    assert 2 <= len(comments(response.content)) <= 4
