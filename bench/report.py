@@ -99,9 +99,9 @@ def render(run: Run, *, command: str) -> str:
     out += [f"- {leg}: {version}" for leg, version in run.versions.items()]
     for leg, why in run.skipped.items():
         out.append(f"- **{leg} skipped**: {why}")
-    out += ["", *disturbance(run), ""]
+    out += ["", *disturbance(run), *failures(run), ""]
     out += targets(run)
-    out += ["", "## Results", ""]
+    out += ["", *cost_section(run), "", "## Results", ""]
     out += latency_section(run) + throughput_section(run) + stream_sections(run) + long_section(run) + cancel_section(run)
     out += harness_section(run)
     return "\n".join(out) + "\n"
@@ -118,6 +118,16 @@ def disturbance(run: Run) -> list[str]:
     if med > 0.1 or top > 0.5:
         line += " **The figures are disturbed by that load**; compare ratios within this run only."
     return [line]
+
+
+def failures(run: Run) -> list[str]:
+    lines = []
+    for scenario, legs in run.results.items():
+        for leg, rounds in legs.items():
+            for index, r in enumerate(rounds):
+                if "failed" in r:
+                    lines.append(f"- {scenario} / {leg} / round {index + 1} failed: {r['failed']}")
+    return (["", "Failed measurements (left out of the medians):", *lines]) if lines else []
 
 
 # -- targets -----------------------------------------------------------------------------------
@@ -172,6 +182,30 @@ def targets(run: Run) -> list[str]:
                      "n/a" if left is None else ("**met**" if left == 0 else "**not met**")])
     return ["## Targets (issue 9; the proxy on one core, ratios within this run)", "",
             *table(["target", "lmgate", "NGINX", "ratio / difference", "verdict"], rows)]
+
+
+def cost_section(run: Run) -> list[str]:
+    """CPU time per unit of work: robust to other load on the machine, and what the model loses."""
+    columns = [("latency_c1", "proxy_cpu_us_per_request", "us/request at c=1"),
+               ("throughput_c64", "proxy_cpu_us_per_request", "us/request at c=64"),
+               ("long_100", "proxy_cpu_us_per_chunk", "us/chunk, 100 streams"),
+               ("long_1000", "proxy_cpu_us_per_chunk", "us/chunk, 1,000 streams")]
+    columns = [c for c in columns if c[0] in run.results]
+    if not columns:
+        return []
+    rows = []
+    for leg in proxies(run):
+        cells = [leg]
+        for scenario, key, _ in columns:
+            mine = median(run, scenario, leg, get(key))
+            nginx = median(run, scenario, "nginx", get(key))
+            cells.append(fmt(mine, "{:.0f}") + (f" ({fmt(ratio(mine, nginx), '{:.1f}')}x)" if leg != "nginx" and nginx else ""))
+        cells.append(fmt(median(run, "long_1000", leg, get("proxy_rss_peak_mb")), "{:.0f}"))
+        rows.append(cells)
+    return ["## What each proxy costs (CPU time of its processes, medians; x NGINX in brackets)", "",
+            "CPU time from /proc divided by the requests or chunks served. Unlike rates and latencies it "
+            "barely moves with other load on the machine, and it is what a proxy takes from the model.", "",
+            *table(["leg", *[c[2] for c in columns], "peak RSS MB, 1,000 streams"], rows)]
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -247,25 +281,31 @@ def stream_sections(run: Run) -> list[str]:
 
 
 def long_section(run: Run) -> list[str]:
-    s = "long_1000"
-    if s not in run.results:
-        return []
-    rows = []
-    cpu = get("proxy_cpu_us_per_chunk")
-    for leg in run.legs:
-        rows.append([leg, fmt(median(run, s, leg, get("gap_ms", "p50"))), fmt(median(run, s, leg, get("gap_ms", "p99"))),
-                     fmt(median(run, s, leg, get("gap_ms", "max"))),
-                     fmt(median(run, s, leg, get("lost_frames")), "{:.0f}"),
-                     fmt(median(run, s, leg, get("complete_streams")), "{:.0f}"),
-                     fmt(median(run, s, leg, get("ttfc_ms", "p99")), "{:.0f}"),
-                     fmt(median(run, s, leg, cpu), "{:.1f}"), fmt(ratio(median(run, s, leg, cpu), median(run, s, "nginx", cpu))),
-                     fmt(median(run, s, leg, get("proxy_rss_peak_mb")), "{:.0f}"),
-                     fmt(median(run, s, leg, get("proxy_busy")), "{:.0%}")])
-    return ["### 1,000 concurrent long streams", "",
-            "1,000 clients open over 1 s; each stream is 200 frames 20 ms apart on the mock's absolute schedule. "
-            "A gap is the time between two consecutive content frames at the client (ideal: 20 ms).", "",
-            *table(["leg", "gap p50 ms", "gap p99 ms", "gap max ms", "lost frames", "complete streams", "TTFC p99 ms",
-                    "proxy CPU us/chunk", "x nginx", "peak RSS MB", "proxy core busy"], rows), ""]
+    out: list[str] = []
+    for s, streams in (("long_1000", "1,000"), ("long_100", "100")):
+        if s not in run.results:
+            continue
+        rows = []
+        cpu = get("proxy_cpu_us_per_chunk")
+        for leg in run.legs:
+            rows.append([leg, fmt(median(run, s, leg, get("gap_ms", "p50"))), fmt(median(run, s, leg, get("gap_ms", "p99"))),
+                         fmt(median(run, s, leg, get("gap_ms", "max"))),
+                         fmt(median(run, s, leg, get("lost_frames")), "{:.0f}"),
+                         fmt(median(run, s, leg, get("complete_streams")), "{:.0f}"),
+                         fmt(median(run, s, leg, get("ttfc_ms", "p99")), "{:.0f}"),
+                         fmt(median(run, s, leg, cpu), "{:.1f}"), fmt(ratio(median(run, s, leg, cpu), median(run, s, "nginx", cpu))),
+                         fmt(median(run, s, leg, get("proxy_rss_peak_mb")), "{:.0f}"),
+                         fmt(median(run, s, leg, get("proxy_busy")), "{:.0%}")])
+        intro = (f"{streams} clients open over {'1' if s == 'long_1000' else '0.5'} s; each stream is 200 frames 20 ms apart "
+                 "on the mock's absolute schedule. A gap is the time between two consecutive content frames at the "
+                 "client (ideal: 20 ms). Lost: frames not received by the end (a proxy that cannot keep up falls "
+                 "behind; the generator waits 30 s past the schedule).")
+        if s == "long_100":
+            intro += " At 5,000 chunks/s a proxy that needs less than 200 us a chunk keeps up on one core, so its CPU per chunk there is a clean per-chunk cost."
+        out += [f"### {streams} concurrent long streams", "", intro, "",
+                *table(["leg", "gap p50 ms", "gap p99 ms", "gap max ms", "lost frames", "complete streams", "TTFC p99 ms",
+                        "proxy CPU us/chunk", "x nginx", "peak RSS MB", "proxy core busy"], rows), ""]
+    return out
 
 
 def cancel_section(run: Run) -> list[str]:

@@ -39,6 +39,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             Scenario("stream_c1", "Streaming 50 chunks, concurrency 1", ("stream", "--concurrency", "1", "--chunks", "10", "--duration-s", "0.2", "--warmup-s", "0.05"), 30),
             Scenario("stream_c64", "Streaming 50 chunks, concurrency 64", ("stream", "--concurrency", "8", "--chunks", "10", "--duration-s", "0.2", "--warmup-s", "0.05"), 30),
             Scenario("long_1000", "1,000 live streams, 200 chunks 20 ms apart", ("long", "--streams", "20", "--chunks", "10", "--interval-ms", "10", "--ramp-s", "0.05"), 30),
+            Scenario("long_100", "100 live streams, 200 chunks 20 ms apart", ("long", "--streams", "5", "--chunks", "10", "--interval-ms", "10", "--ramp-s", "0.05"), 30),
             Scenario("cancel_500", "Cancel storm, 500 clients", ("cancel", "--streams", "10", "--chunks", "200", "--interval-ms", "10", "--leave-after", "3", "--ramp-s", "0.1", "--settle-s", "5", "--linger-s", "0.1"), 30),
         ]
     return [
@@ -47,6 +48,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("stream_c1", "Streaming 50 chunks, concurrency 1", ("stream", "--concurrency", "1", "--chunks", "50", "--duration-s", "4", "--warmup-s", "0.5"), 60),
         Scenario("stream_c64", "Streaming 50 chunks, concurrency 64", ("stream", "--concurrency", "64", "--chunks", "50", "--duration-s", "5", "--warmup-s", "1"), 60),
         Scenario("long_1000", "1,000 live streams, 200 chunks 20 ms apart", ("long", "--streams", "1000", "--chunks", "200", "--interval-ms", "20", "--ramp-s", "1"), 120),
+        Scenario("long_100", "100 live streams, 200 chunks 20 ms apart", ("long", "--streams", "100", "--chunks", "200", "--interval-ms", "20", "--ramp-s", "0.5"), 120),
         Scenario("cancel_500", "Cancel storm, 500 clients", ("cancel", "--streams", "500", "--chunks", "1500", "--interval-ms", "20", "--leave-after", "10", "--ramp-s", "0.5", "--settle-s", "3", "--linger-s", "0.5", "--gather-s", "20"), 120),
     ]
 
@@ -68,10 +70,18 @@ class Run:
     finished: float = 0.0
 
 
-def _http(method: str, url: str) -> dict[str, object]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(request, timeout=5) as response:  # the mock, on 127.0.0.1
-        return json.loads(response.read())
+def _http(method: str, url: str, attempts: int = 3) -> dict[str, object]:
+    """A control request to the mock (on 127.0.0.1); it may be slow while a proxy still drains a backlog."""
+    for attempt in range(attempts):
+        request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
 
 
 class Mock:
@@ -170,9 +180,14 @@ def run_suite(
                     for scenario in run.scenarios:
                         for leg in order:
                             log(f"round {round_index + 1}/{run.rounds}  {scenario.name:<15} {leg.name:<11} ...")
-                            result = measure(leg, scenario, mock, placement, run.harness_loop)
+                            try:
+                                result = measure(leg, scenario, mock, placement, run.harness_loop)
+                            except Exception as exc:  # one failed measurement must not lose the run
+                                result = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+                                log(f"    FAILED: {result['failed']}")
+                            else:
+                                log("    " + summary_line(scenario.name, result))
                             run.results.setdefault(scenario.name, {}).setdefault(leg.name, []).append(result)
-                            log("    " + summary_line(scenario.name, result))
                 finally:
                     for leg in started:
                         leg.stop()
