@@ -8,6 +8,7 @@ ASGI lifespan (background loads, refresh, preload, keep-warm), and serves
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -27,6 +28,9 @@ from gateway.models.warm import Warmer
 from middleware.body import DEFAULT_LIMIT_BYTES
 from middleware.heartbeat import HeartbeatMiddleware
 from middleware.types import ASGIApp, Receive, Scope, Send
+
+
+logger = logging.getLogger("lmgate.models")
 
 
 class LoadObserver(Protocol):
@@ -89,7 +93,10 @@ class ModelService:
         if self.on_load is None:
             return
         seconds = job.seconds if job.seconds is not None else anyio.current_time() - (job.began_at or job.asked_at)
-        self.on_load(job.model, seconds, ok=job.error is None, error=job.error)
+        try:
+            self.on_load(job.model, seconds, ok=job.error is None, error=job.error)
+        except Exception:  # an observer's fault must not fail the load, nor the loads' task group
+            logger.exception("the load observer failed for model %s", job.model, extra={"event": "models_observer_failed"})
 
     def ttl_for(self, model: str) -> float | None:
         """The idle TTL lmgate asks for when it loads or warms ``model`` (None: the upstream's rule)."""
