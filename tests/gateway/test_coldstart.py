@@ -19,6 +19,8 @@ import anyio
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from gateway.app import Gateway, build_app
 from gateway.config import Config
@@ -357,3 +359,27 @@ async def test_heartbeats_neither_count_as_a_first_token_nor_reset_the_deadline(
     (error,) = [e for e in parse_sse(response.content) if e.event == "error"]
     assert error.json()["error"]["code"] == "timeout" and "first-token" in error.json()["error"]["message"]
     assert 2 <= len(comments(response.content)) <= 4
+
+
+async def test_mounted_without_lifespan_events_the_first_requester_runs_the_load(client):
+    # Starlette does not pass lifespan events to a mounted app: no background task group exists,
+    # so the request that starts a load runs it (shielded) and the others wait for it.
+    model = cold("cold-8b", load_delay_s=0.3)
+    async with Simulator(models=[model], settings=SimSettings(duplicate_instance_race=True)) as sim:
+        llm = build_app(Config.model_validate({"upstream": {"url": sim.url}, "models": {"heartbeat_s": HEARTBEAT_S}}))
+        outer = Starlette(routes=[Mount("/llm", app=llm)])
+        try:
+            async with serve_in_background(outer) as server:
+                answers: list[httpx.Response] = []
+
+                async def first_request() -> None:
+                    answers.append(await client.post(server.url + "/llm" + CHAT, json=chat(model.id, stream=True)))
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(3):
+                        tg.start_soon(first_request)
+        finally:
+            await llm.aclose()
+    assert not llm.models.loader.in_background
+    assert [a.content.endswith(b"data: [DONE]\n\n") for a in answers] == [True] * 3
+    assert sim.counters.loads_started == 1 and sim.counters.instances == {model.id: 1}
