@@ -329,9 +329,9 @@ async def test_an_upstream_without_model_state_is_passed_through_under_heartbeat
 async def test_heartbeats_cover_the_wait_for_a_concurrency_slot(client):
     model = SimModel(id="busy-7b", loaded=True, tokens_per_second=20.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
     async with Simulator(models=[model]) as sim, lmgate(sim.url, concurrency={"limit": 1}) as (url, _):
-        async with client.stream("POST", url + CHAT, json=chat(model.id, stream=True)) as first:
+        async with client.stream("POST", url + CHAT, json=chat(model.id, stream=True, max_tokens=10)) as first:
             chunks = first.aiter_raw()
-            await anext(chunks)  # the only slot is taken for about a second
+            await anext(chunks)  # the only slot is taken for about half a second
             queued, timeline = await timed_stream(client, url + CHAT, chat(model.id, stream=True, max_tokens=2))
             rest = b"".join([chunk async for chunk in chunks])
     raw = b"".join(chunk for _, chunk in timeline)
