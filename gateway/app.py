@@ -3,8 +3,11 @@
 The request path, outermost first (read it like Envoy's filter list)::
 
     ErrorMiddleware                      renders every LmgateError; unknown errors -> logged 500
+    AuthMiddleware                       client keys (401), admin keys (403); off without keys
       ├── lmgate's own routes            /healthz, /readyz, /metrics, /lmgate/...
       └── TelemetryMiddleware            logs, metrics and the span of each request, once
+          RequestValidation              4xx for what the upstream cannot serve (gateway/validation.py)
+          ConcurrencyMiddleware          per client key (auth.per_key_limit): 429 rate_limited
           DrainMiddleware                503 draining once shutdown began
           HeartbeatMiddleware            SSE comments in silences; starts a slow event stream early
           ColdStartMiddleware            loads a cold model first (single flight); X-Lmgate-Model-State
@@ -27,12 +30,14 @@ from collections.abc import Mapping
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
-from gateway.admin import AdminRoutes, is_admin_path
+from gateway.admin import AdminRoutes, is_admin_path, requires_admin_key
 from gateway.config import Config
 from gateway.models import ModelService
 from gateway.proxy import Proxy
 from gateway.routes import RouteTable, route_path
 from gateway.telemetry import Telemetry
+from gateway.validation import RequestValidation
+from middleware.auth import AuthMiddleware, client_identity
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainMiddleware, DrainState
@@ -90,6 +95,7 @@ class Gateway:
             assemble_non_streaming=config.routes.assemble_non_streaming,
             normalise_errors=config.routes.normalise_errors,
             body_limit_bytes=config.limits.body_bytes,
+            assembled_limit_bytes=config.limits.assembled_bytes,
         )
         stack: ASGIApp = self.proxy
         self.breaker: CircuitBreakerMiddleware | None = None
@@ -155,10 +161,37 @@ class Gateway:
         )
         stack = self.models.wrap(stack, body_limit_bytes=config.limits.body_bytes)
         stack = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
+        auth = config.auth
+        if auth.per_key_limit is not None:  # 429 for one key over its share, before the shared queue
+            stack = ConcurrencyMiddleware(
+                stack,
+                limit=auth.per_key_limit,
+                max_queue=auth.per_key_queue,
+                max_wait_s=config.concurrency.max_wait_s,
+                client_key=client_identity,
+            )
+        limits = config.limits
+        stack = RequestValidation(
+            stack,
+            routes=self.proxy.routes,
+            body_limit_bytes=limits.body_bytes,
+            header_limit_bytes=limits.header_bytes,
+            url_limit_bytes=limits.url_bytes,
+        )
         self.forward: ASGIApp = self.telemetry.middleware(stack)
         self.telemetry.watch(drain=self.drain, retry=self.retry, breaker=self.breaker, concurrency=self.concurrency)
         self.admin = AdminRoutes(self)
-        self._app = ErrorMiddleware(self._route)
+        # Outside telemetry: a client without a key cannot make lmgate read, log or time its body.
+        self._app = ErrorMiddleware(
+            AuthMiddleware(
+                self._route,
+                key_digests=auth.digests(),
+                admin_digests=auth.admin_keys,
+                open_paths=auth.open_paths,
+                requires_admin=requires_admin_key,
+                path_of=route_path,
+            )
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +68,8 @@ class UpstreamConfig(Section):
             raise ValueError("expected an http:// or https:// URL with a host, like http://127.0.0.1:1234")
         if parts.query or parts.fragment:
             raise ValueError("expected a base URL without query or fragment")
+        if parts.username or parts.password:
+            raise ValueError("expected no credentials in the URL; put LM Studio's token in api_key_env")
         return value.rstrip("/")
 
     def resolved_api_key(self, env: Mapping[str, str]) -> str | None:
@@ -449,6 +452,10 @@ def _set(raw: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
 _SECRET_KEYS = frozenset({"api_key", "keys", "admin_keys"})
 
 
+def _without_userinfo(value: Any) -> Any:
+    return re.sub(r"//[^/@\s]*@", "//***@", value) if isinstance(value, str) else value
+
+
 def _explain(exc: ValidationError, source: str, origins: Mapping[tuple[str, ...], str]) -> str:
     lines = []
     for error in exc.errors():
@@ -470,6 +477,6 @@ def _explain(exc: ValidationError, source: str, origins: Mapping[tuple[str, ...]
         value = error.get("input")
         reason = error["msg"].removeprefix("Value error, ")
         # A misplaced secret (a plain key under auth.keys, a token of the wrong type) is never echoed.
-        shown = "a value that is not shown" if _SECRET_KEYS & set(location) else repr(value)
+        shown = "a value that is not shown" if _SECRET_KEYS & set(location) else repr(_without_userinfo(value))
         lines.append(f"{origin}: {key}: {reason[0].lower()}{reason[1:]} (got {shown})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

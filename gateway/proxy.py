@@ -233,6 +233,8 @@ class Proxy:
     async def _send_error_body(self, response: httpx.Response, body: bytes, send: Send, *, request_id: str) -> None:
         """Send a complete upstream error body, normalised to the OpenAI shape when it is one."""
         status = response.status_code
+        if self.api_key and self.api_key.encode() in body:  # an upstream quoting lmgate's token back
+            body = body.replace(self.api_key.encode(), b"[redacted]")
         headers = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=False)
         headers = [(k, v) for k, v in headers if k not in (b"content-length", b"content-encoding")]
         normalised = normalise_error_body(body, status) if not response.headers.get("content-encoding") else None

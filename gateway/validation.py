@@ -161,7 +161,7 @@ def _check_content_type(scope: Scope) -> None:
     for name, value in scope.get("headers", ()):
         if name.lower() == b"content-type":
             media_type = value.split(b";", 1)[0].strip().lower()
-            if media_type != b"application/json" and not media_type.endswith(b"+json"):
+            if media_type and media_type != b"application/json" and not media_type.endswith(b"+json"):
                 raise InvalidRequest(
                     f"Send the body as JSON with 'Content-Type: application/json', not {media_type.decode('latin-1')!r}.",
                     status=415,

@@ -23,6 +23,10 @@ _JSON = "lmgate.json"
 _MISSING = object()
 
 DEFAULT_LIMIT_BYTES = 10 * 1024 * 1024
+# A body refused as too large is still read (and dropped) up to this much before the 413 goes out:
+# a server that answers and closes while the client is still uploading makes the kernel reset the
+# connection, and the client never sees the 413. Past it, the reset is the cheaper evil.
+_DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> bytes:
@@ -42,6 +46,8 @@ async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAUL
             except ValueError:
                 raise BadRequest("Content-Length is not a number.") from None
             if declared > limit_bytes:
+                if declared <= _DISCARD_LIMIT_BYTES:
+                    await _discard(receive, _DISCARD_LIMIT_BYTES)
                 raise PayloadTooLarge(f"The request body is larger than {limit_bytes} bytes.")
     chunks: list[bytes] = []
     size = 0
@@ -53,6 +59,8 @@ async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAUL
         if chunk:
             size += len(chunk)
             if size > limit_bytes:
+                if message.get("more_body", False):
+                    await _discard(receive, _DISCARD_LIMIT_BYTES - size)
                 raise PayloadTooLarge(f"The request body is larger than {limit_bytes} bytes.")
             chunks.append(chunk)
         if not message.get("more_body", False):
@@ -61,6 +69,18 @@ async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAUL
     state[_BODY] = body
     state[_TRANSPORT_RECEIVE] = receive
     return body
+
+
+async def _discard(receive: Receive, limit_bytes: int) -> None:
+    """Read the rest of a refused body and drop it, up to ``limit_bytes``."""
+    dropped = 0
+    while dropped <= limit_bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def replaying_receive(scope: Scope, receive: Receive) -> Receive:
@@ -96,7 +116,7 @@ def request_json(scope: Scope) -> dict | None:
         return None
     try:
         value = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting is bad input, not a bug
         value = None
     parsed = value if isinstance(value, dict) else None
     state[_JSON] = parsed
