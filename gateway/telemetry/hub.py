@@ -21,6 +21,7 @@ import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway import __version__
+from gateway.models.coldstart import model_state as coldstart_model_state
 from gateway.config import Config
 from gateway.telemetry import events
 from gateway.telemetry.health import LatencyWindows, LlmHealth, UpstreamProbe
@@ -193,6 +194,12 @@ class Telemetry:
         model_label, token = begun if begun is not None else ("", None)
         outcome: RequestOutcome | None = None
         try:
+            if record.model_state is None:
+                # The heartbeat layer may have started the stream before the cold-start layer's
+                # headers existed; the cold-start layer left the same facts in the scope.
+                reported = coldstart_model_state(scope)
+                if reported is not None:
+                    record.model_state, record.model_load_s = reported
             outcome = outcome_of(record, scope, error, self.clock())
             if self.metrics is not None:
                 if begun is not None:

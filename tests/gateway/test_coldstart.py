@@ -383,3 +383,15 @@ async def test_mounted_without_lifespan_events_the_first_requester_runs_the_load
     assert not llm.models.loader.in_background
     assert [a.content.endswith(b"data: [DONE]\n\n") for a in answers] == [True] * 3
     assert sim.counters.loads_started == 1 and sim.counters.instances == {model.id: 1}
+
+
+async def test_the_request_log_says_cold_even_when_heartbeats_started_the_stream(client, caplog):
+    # The heartbeat layer sends the 200 before the cold-start layer's headers exist; the log line
+    # (emitted further out, by telemetry) must still know the request waited for a load.
+    caplog.set_level("INFO", logger="lmgate")
+    async with Simulator(models=[cold("cold-8b", load_delay_s=0.5)]) as sim, lmgate(sim.url) as (url, _):
+        response, _ = await timed_stream(client, url + CHAT, chat("cold-8b", stream=True))
+    assert response.status_code == 200
+    (success,) = [r for r in caplog.records if getattr(r, "event", None) == "gen_success"]
+    assert success.model_state == "cold"
+    assert success.load_ms >= 400
