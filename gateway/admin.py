@@ -60,6 +60,8 @@ class AdminRoutes:
             await send_json(send, *await self.gateway.telemetry.llm_health.report())
         elif path == "/lmgate/models" or path.startswith("/lmgate/models/"):
             await self.gateway.models.serve_admin(scope, receive, send)
+        elif self.gateway.status.serves(path):  # GET /lmgate/ and /lmgate/status.json
+            await self.gateway.status(scope, receive, send)
         else:
             raise NotFound(f"lmgate has no route {path!r}.")
 

@@ -9,6 +9,7 @@ The request path, outermost first (read it like Envoy's filter list)::
           RequestValidation              4xx for what the upstream cannot serve (gateway/validation.py)
           ConcurrencyMiddleware          per client key (auth.per_key_limit): 429 rate_limited
           DrainMiddleware                503 draining once shutdown began
+          CacheMiddleware                repeated deterministic requests answered from memory (cache.enabled)
           HeartbeatMiddleware            SSE comments in silences; starts a slow event stream early
           ColdStartMiddleware            loads a cold model first (single flight); X-Lmgate-Model-State
             ConcurrencyMiddleware        limit + bounded FIFO queue
@@ -34,10 +35,12 @@ from gateway.admin import AdminRoutes, is_admin_path, requires_admin_key
 from gateway.config import Config
 from gateway.models import ModelService
 from gateway.proxy import Proxy
+from gateway.status import StatusPage
 from gateway.routes import RouteTable, route_path
 from gateway.telemetry import Telemetry
 from gateway.validation import RequestValidation
 from middleware.auth import AuthMiddleware, client_identity
+from middleware.cache import CacheMiddleware, MemoryStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainMiddleware, DrainState
@@ -160,6 +163,21 @@ class Gateway:
             config, client=self.client, api_key=config.upstream.resolved_api_key(env), on_load=self.telemetry.model_load
         )
         stack = self.models.wrap(stack, body_limit_bytes=config.limits.body_bytes)
+        self.cache: CacheMiddleware | None = None
+        if config.cache.enabled:  # outside the model layers: a hit neither loads a model nor takes a slot
+            c, metrics = config.cache, self.telemetry.metrics
+            store = MemoryStore(max_entries=c.max_entries, max_bytes=c.max_bytes)
+            stack = self.cache = CacheMiddleware(
+                stack,
+                store=store,
+                ttl_s=c.ttl_s,
+                max_entry_bytes=c.max_entry_bytes,
+                on_result=metrics.cache_result if metrics is not None else None,
+                path_of=route_path,
+                body_limit_bytes=config.limits.body_bytes,
+            )
+            if metrics is not None:
+                metrics.watch_cache(store)
         stack = DrainMiddleware(stack, state=self.drain, retry_after_s=config.drain.retry_after_s)
         auth = config.auth
         if auth.per_key_limit is not None:  # 429 for one key over its share, before the shared queue
@@ -181,6 +199,7 @@ class Gateway:
         self.forward: ASGIApp = self.telemetry.middleware(stack)
         self.telemetry.watch(drain=self.drain, retry=self.retry, breaker=self.breaker, concurrency=self.concurrency)
         self.admin = AdminRoutes(self)
+        self.status = StatusPage(self)  # GET /lmgate/ and /lmgate/status.json
         # Outside telemetry: a client without a key cannot make lmgate read, log or time its body.
         self._app = ErrorMiddleware(
             AuthMiddleware(

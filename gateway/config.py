@@ -336,6 +336,16 @@ class HealthConfig(Section):
     latency_window_s: float = Field(300.0, gt=0, description="Window of the rolling latency percentiles.")
 
 
+class CacheConfig(Section):
+    enabled: bool = Field(
+        False, description="Answer repeated deterministic requests (temperature 0 or a seed, no tools) from memory."
+    )
+    max_entries: int = Field(500, ge=0, description="Answers kept, least recently used dropped first (env EVAL_CACHE_SIZE).")
+    max_bytes: int = Field(64 * MiB, ge=1, description="Bytes of answers kept in all.")
+    max_entry_bytes: int = Field(1 * MiB, ge=1, description="Larger answers are relayed but not kept.")
+    ttl_s: float = Field(3600.0, gt=0, description="How long an answer is served from the cache.")
+
+
 class Config(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig, description="Where lmgate listens.")
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description="The server lmgate forwards to.")
@@ -352,6 +362,7 @@ class Config(Section):
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry traces.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Readiness and LLM health checks.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Client keys and admin keys.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache for deterministic requests.")
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets masked (for ``config check`` and logs)."""
@@ -374,6 +385,7 @@ SEED_ENV: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "LLM_RETRY_BACKOFF_MS": (("retry", "backoff_base_s"), _ms_to_s),
     "EVAL_CONCURRENCY": (("concurrency", "limit"), int),
     "EVAL_PIPELINE_VERSION": (("logging", "pipeline_version"), str),
+    "EVAL_CACHE_SIZE": (("cache", "max_entries"), int),
 }
 ENV_PREFIX = "LMGATE_"
 

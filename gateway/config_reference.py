@@ -93,7 +93,7 @@ the environment variables of the table at the end, `LMGATE_<SECTION>__<KEY>` var
 |---|---|---|
 {seeds}
 
-`EVAL_CACHE_SIZE` is reserved for the response cache and is ignored until it lands.
+`EVAL_CACHE_SIZE` sizes the response cache; `cache.enabled` turns it on (docs/cache.md).
 """
 
 

@@ -26,6 +26,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.telemetry.record import RequestRecord, RequestOutcome
+from middleware.cache import CacheStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainState
@@ -117,6 +118,10 @@ class GatewayMetrics:
             "lmgate.circuit.transitions", "Circuit breaker state changes, by the state entered.",
             ["circuit", "state"], registry=r,
         )
+        self.cache_requests = Counter(
+            "lmgate.cache.requests", "Cacheable requests by result: hit, miss, or bypass (the client sent Cache-Control).",
+            ["result"], registry=r,
+        )
         if info:
             Info("lmgate.build", "Version, config hash and pipeline version of this process.", registry=r).info(info)
 
@@ -141,6 +146,14 @@ class GatewayMetrics:
                 self.per_token.labels(operation, model).observe(outcome.time_per_token_s)
             if outcome.tokens_per_s is not None:
                 self.tokens_per_second.labels(model).observe(outcome.tokens_per_s)
+
+    def cache_result(self, result: str) -> None:
+        """The response cache's ``on_result``: one count per cacheable request."""
+        self.cache_requests.labels(result).inc()
+
+    def watch_cache(self, store: CacheStore) -> None:
+        """Expose the cache store's size at scrape time."""
+        self.registry.register(CacheCollector(store))  # type: ignore[arg-type]
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (Prometheus text, or OpenMetrics)."""
@@ -200,3 +213,20 @@ class StateCollector:
         yield GaugeMetricFamily("lmgate.draining", "1 while shutting down.", value=1.0 if self.drain.draining else 0.0)
         in_flight = float(self.drain.in_flight)
         yield GaugeMetricFamily("lmgate.drain.in_flight", "Requests a drain waits for.", value=in_flight)
+
+
+class CacheCollector:
+    """The response cache's entries, bytes and evictions, read from its store at scrape time."""
+
+    def __init__(self, store: CacheStore) -> None:
+        self.store = store
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.store.stats()
+        yield GaugeMetricFamily("lmgate.cache.entries", "Answers in the response cache.", value=float(stats.entries))
+        yield GaugeMetricFamily("lmgate.cache.size", "Answers in the response cache, in bytes.", value=float(stats.bytes),
+                                unit="bytes")
+        yield CounterMetricFamily("lmgate.cache.evictions", "Answers dropped to make room.", value=stats.evictions)

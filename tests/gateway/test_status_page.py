@@ -1,0 +1,295 @@
+"""The status page: ``status.json`` against the simulator, and the page itself in headless Chromium.
+
+The JSON tests always run. The browser test needs Debian's ``chromium`` (CI installs it; set
+``LMGATE_REQUIRE_CHROMIUM=1`` to make a missing browser fail instead of skip). It drives Chromium
+through the DevTools protocol over a websocket (``wsproto``, which hypercorn already needs), waits
+for the page's own ``lmgate:render`` events instead of sleeping, and keeps a screenshot in
+``test-artifacts/status-page.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from functools import partial
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx
+import pytest
+from anyio.abc import ByteStream, Process
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message as WSMessage, Ping, Request, TextMessage
+
+from gateway.app import build_app
+from gateway.config import Config
+from gateway.serving import serve_in_background
+from gateway.simulator import SimModel, Simulator
+from middleware.auth import hash_key
+
+pytestmark = pytest.mark.anyio
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHAT = "/v1/chat/completions"
+
+
+def chat(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "Say ok"}], **extra}
+
+
+@asynccontextmanager
+async def gateway_on(sim: Simulator, **sections: Any) -> AsyncIterator[str]:
+    app = build_app(Config.model_validate({"upstream": {"url": sim.url}, **sections}))
+    try:
+        async with serve_in_background(app) as server:
+            yield server.url
+    finally:
+        await app.aclose()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as c:
+        yield c
+
+
+# --- status.json ---------------------------------------------------------------------------------
+
+
+async def test_status_json_gathers_models_traffic_latency_and_errors(client: httpx.AsyncClient) -> None:
+    models = [SimModel(id="warm-1b", loaded=True, tokens_per_second=500.0), SimModel(id="cold-8b", load_delay_s=0.2)]
+    async with Simulator(models=models) as sim, gateway_on(sim, cache={"enabled": True}) as url:
+        assert (await client.post(url + CHAT, json=chat("warm-1b", stream=True))).status_code == 200
+        assert (await client.post(url + CHAT, json=chat("no-such-model"))).status_code == 400
+        await client.post(url + CHAT, json=chat("warm-1b", temperature=0))
+        await client.post(url + CHAT, json=chat("warm-1b", temperature=0))
+        response = await client.get(url + "/lmgate/status.json")
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    status = response.json()
+    states = {m["id"]: m["state"] for m in status["models"]}
+    assert states == {"warm-1b": "loaded", "cold-8b": "not-loaded"}
+    assert status["upstream"]["api"] == "api/v1" and status["ready"] is True and status["draining"] is False
+    assert status["concurrency"] == {"*": {"limit": 4, "in_flight": 0, "queued": 0}}
+    assert status["breakers"] == {"upstream": "closed"}
+    assert status["latency"]["warm-1b"]["count"] == 3 and status["latency"]["warm-1b"]["ttft_ms"] is not None
+    assert [point["model"] for point in status["series"]] == ["warm-1b"] * 3
+    assert status["errors"]["by_category"] == {"model_not_found": 1}
+    assert status["errors"]["recent"][0]["model"] == "no-such-model"
+    assert status["cache"]["entries"] == 1 and status["cache"]["lookups"] == {"hit": 1, "miss": 1, "bypass": 0}
+
+
+async def test_loading_model_reports_elapsed_and_expected_time(client: httpx.AsyncClient) -> None:
+    models = [SimModel(id="cold-a", load_delay_s=0.2), SimModel(id="cold-b", load_delay_s=1.0)]
+    async with Simulator(models=models) as sim, gateway_on(sim) as url:
+        await client.post(url + "/lmgate/models/cold-a/load")  # one load seen: the ETA for cold-b scales from it
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(client.post, url + "/lmgate/models/cold-b/load"))
+            with anyio.fail_after(5):
+                while True:  # bounded by fail_after; each poll is a real request, as the page makes
+                    status = (await client.get(url + "/lmgate/status.json")).json()
+                    loading = {m["id"]: m["loading"] for m in status["models"] if m["state"] == "loading"}
+                    if "cold-b" in loading:
+                        break
+    assert loading["cold-b"]["elapsed_s"] >= 0 and loading["cold-b"]["expected_s"] == pytest.approx(0.2, abs=0.15)
+
+
+async def test_page_is_self_contained_and_both_routes_need_a_key_once_keys_exist(client: httpx.AsyncClient) -> None:
+    async with Simulator(models=[SimModel(id="m", loaded=True)]) as sim, gateway_on(sim, auth={"keys": [hash_key("k1")]}) as url:
+        for path in ("/lmgate/", "/lmgate", "/lmgate/status.json"):
+            assert (await client.get(url + path)).status_code == 401
+        page = await client.get(url + "/lmgate/", headers={"authorization": "Bearer k1"})
+        posted = await client.post(url + "/lmgate/status.json", headers={"authorization": "Bearer k1"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    html = page.text
+    assert "status.json" in html and "innerHTML" not in html
+    for external in ("src=\"http", "href=\"http", "src='http", "@import", "url(http"):
+        assert external not in html
+    assert posted.status_code == 403  # a POST to an admin route needs the admin key first
+
+
+# --- the page in headless Chromium ----------------------------------------------------------------
+
+
+def chromium_binary() -> str:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    if os.environ.get("LMGATE_REQUIRE_CHROMIUM") == "1":
+        pytest.fail("LMGATE_REQUIRE_CHROMIUM=1 but no chromium on PATH (apt-get install -y chromium)")
+    pytest.skip("headless Chromium is not installed here (Debian: apt-get install -y chromium); CI installs it")
+
+
+class DevTools:
+    """A minimal Chrome DevTools protocol client for one page target, over a wsproto websocket."""
+
+    def __init__(self, stream: ByteStream, ws: WSConnection) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.next_id = 0
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.arrived = anyio.Event()
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str) -> AsyncIterator[DevTools]:
+        parts = urlsplit(url)
+        stream = await anyio.connect_tcp(parts.hostname or "127.0.0.1", parts.port or 80)
+        async with stream:
+            ws = WSConnection(ConnectionType.CLIENT)
+            await stream.send(ws.send(Request(host=parts.netloc, target=parts.path)))
+            devtools = cls(stream, ws)
+            with anyio.fail_after(10):
+                while not any(isinstance(event, AcceptConnection) for event in await devtools._read()):
+                    pass
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(devtools._pump)
+                yield devtools
+                tg.cancel_scope.cancel()
+
+    async def _read(self) -> list[Any]:
+        self.ws.receive_data(await self.stream.receive())
+        return list(self.ws.events())
+
+    async def _pump(self) -> None:
+        text: list[str] = []
+        while True:
+            for event in await self._read():
+                if isinstance(event, Ping):
+                    await self.stream.send(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    return
+                elif isinstance(event, TextMessage):
+                    text.append(event.data)
+                    if event.message_finished:
+                        self._dispatch(json.loads("".join(text)))
+                        text = []
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if "id" in message:
+            self.replies[message["id"]] = message
+        else:
+            self.events.append(message)
+        self.arrived.set()
+        self.arrived = anyio.Event()
+
+    async def call(self, method: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        number = self.next_id
+        await self.stream.send(self.ws.send(WSMessage(data=json.dumps({"id": number, "method": method, "params": params}))))
+        with anyio.fail_after(timeout):
+            while number not in self.replies:
+                await self.arrived.wait()
+        reply = self.replies.pop(number)
+        assert "error" not in reply, reply
+        return reply["result"]
+
+    async def wait_until(self, condition: str, timeout: float = 10.0) -> Any:
+        """Evaluate JS ``condition`` after each render of the page until it returns a truthy value."""
+        script = f"""new Promise((resolve) => {{
+            const check = () => {{ const value = ({condition}); if (value) {{ resolve(value); return true; }} return false; }};
+            if (!check()) {{
+                const again = () => {{ if (check()) document.removeEventListener("lmgate:render", again); }};
+                document.addEventListener("lmgate:render", again);
+            }}
+        }})"""
+        result = await self.call("Runtime.evaluate", timeout=timeout, expression=script, awaitPromise=True, returnByValue=True)
+        return result["result"].get("value")
+
+    def console_errors(self) -> list[dict[str, Any]]:
+        errors = []
+        for event in self.events:
+            method, params = event["method"], event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                errors.append(params)
+            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                errors.append(params)
+            elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+                errors.append(params)
+        return errors
+
+
+@asynccontextmanager
+async def chromium(profile: Path) -> AsyncIterator[str]:
+    """Headless Chromium on about:blank; yields the page's DevTools websocket URL."""
+    binary = chromium_binary()
+    args = [
+        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+        "--remote-debugging-address=127.0.0.1", "--window-size=1280,900", "about:blank",
+    ]
+    process: Process = await anyio.open_process(args, stdin=None, stdout=None)
+    listening = anyio.Event()
+    endpoint: list[str] = []
+
+    async def drain_stderr() -> None:
+        """Read stderr to its end (a full pipe would stall the browser); note the DevTools line."""
+        assert process.stderr is not None
+        buffered = b""
+        async for chunk in process.stderr:
+            if not listening.is_set():
+                buffered += chunk
+                marker = buffered.find(b"DevTools listening on ")
+                if marker >= 0 and b"\n" in buffered[marker:]:
+                    endpoint.append(buffered[marker:].split(b"\n", 1)[0].split(b" ")[-1].decode())
+                    listening.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain_stderr)
+            with anyio.fail_after(30):
+                await listening.wait()
+            port = urlsplit(endpoint[0]).port
+            async with httpx.AsyncClient(trust_env=False) as http:
+                targets = (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
+            yield next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+            tg.cancel_scope.cancel()
+    finally:
+        process.terminate()
+        with anyio.move_on_after(10, shield=True) as waited:
+            await process.aclose()  # waits for the exit, closes the pipes
+        if waited.cancelled_caught:
+            process.kill()
+
+
+@pytest.mark.slow
+async def test_page_shows_a_model_going_from_loading_to_loaded_without_console_errors(tmp_path: Path) -> None:
+    models = [
+        SimModel(id="qwen2.5-0.5b-instruct", loaded=True, tokens_per_second=400.0),
+        # Loads take time in proportion to size: the warm-up's load gives the instruct model its ETA.
+        SimModel(id="llama-3.1-8b-warmup", load_delay_s=0.5, size_bytes=1_000_000_000),
+        SimModel(id="llama-3.1-8b-instruct", load_delay_s=2.5, size_bytes=5_000_000_000, tokens_per_second=400.0),
+    ]
+    async with Simulator(models=models) as sim, gateway_on(sim) as url, chromium(tmp_path / "profile") as page_ws:
+        async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client, DevTools.connect(page_ws) as devtools:
+            await client.post(url + "/lmgate/models/llama-3.1-8b-warmup/load")  # a load seen: ETAs from now on
+            await client.post(url + CHAT, json=chat("qwen2.5-0.5b-instruct", stream=True))
+            await client.post(url + CHAT, json=chat("no-such-model"))  # one error for the errors panel
+            for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
+                await devtools.call(domain)
+            await devtools.call("Page.navigate", url=url + "/lmgate/?interval=150")
+            row = 'document.querySelector(\'[data-model="llama-3.1-8b-instruct"]\')'
+            assert await devtools.wait_until(f"{row} && {row}.dataset.state") == "not-loaded"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(client.post, url + CHAT, json=chat("llama-3.1-8b-instruct", stream=True)))
+                text = await devtools.wait_until(f'{row} && {row}.dataset.state === "loading" && {row}.textContent')
+                assert "loading… " in text and "/ ~2.5 s" in text
+                shot = await devtools.call("Page.captureScreenshot", format="png")
+                assert await devtools.wait_until(f'{row} && {row}.dataset.state === "loaded"', timeout=15)
+            errors_panel = await devtools.wait_until('document.querySelector("[data-category=model_not_found]")?.textContent')
+            assert errors_panel == "model_not_found 1"
+            assert await devtools.wait_until('document.querySelector("#chart polyline")?.getAttribute("points")')
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "status-page-loading.png").write_bytes(base64.b64decode(shot["data"]))
+            final = await devtools.call("Page.captureScreenshot", format="png")
+            (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(final["data"]))
+            assert devtools.console_errors() == []
