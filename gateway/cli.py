@@ -5,8 +5,10 @@
     lmgate config check FILE      validate and print the effective config, secrets redacted
     lmgate config schema          the JSON schema of the config file (for editors)
     lmgate config example         every key with its default and a comment (lmgate.example.yaml)
+    lmgate doctor [--url URL] [-n 10] [--concurrency 2] [--model M] [--cold MODEL] [--heartbeat-s S] [--json]
+                                  check a server (LM Studio, lmgate) and advise; exit 1 when it should be escalated
 
-Exit codes: 0 success, 2 invalid configuration or usage.
+Exit codes: 0 success, 1 (doctor) an escalation threshold was crossed, 2 invalid configuration or usage.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(simulate)
 
+    doctor = commands.add_parser("doctor", help="check LM Studio (or lmgate) and advise, like the seed's checklist")
+    from gateway.doctor.cli import add_arguments as add_doctor_arguments
+
+    add_doctor_arguments(doctor)
+
     config = commands.add_parser("config", help="inspect configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate FILE and print the effective config")
@@ -57,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "doctor":
+            from gateway.doctor.cli import run as run_doctor
+
+            return run_doctor(args)
         if args.command == "simulate":
             from gateway.simulator.cli import run
 
