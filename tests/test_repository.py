@@ -21,7 +21,8 @@ def test_no_tracked_file_is_large():
 
 
 def test_no_machine_paths_in_tracked_text():
-    needles = ("/work/", "/root/", "/home/", "/tmp/pytest")
+    # Spelled in pieces so that this file does not match itself.
+    needles = tuple("/" + part + "/" for part in ("work", "root", "home")) + ("/tmp" + "/pytest",)
     offenders = []
     for path in tracked_files():
         if not path.is_file() or path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".conf", ".service", ""}:

@@ -222,7 +222,10 @@ class SimulatorApp:
             return
         exchange = Exchange(scope, receive, send, clock=self.ctx.clock, counters=self.ctx.counters)
         with self.ctx.runtime.request():
-            await run_watched(exchange, lambda: self._dispatch(exchange))
+            # The body is read whole before the disconnect watcher starts: two readers of
+            # receive() would race for the body messages, and one taken by the watcher is lost.
+            raw = await exchange.read_body()
+            await run_watched(exchange, lambda: self._dispatch(exchange, raw))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -242,8 +245,7 @@ class SimulatorApp:
             counters.requests += 1
         return route
 
-    async def _dispatch(self, exchange: Exchange) -> None:
-        raw = await exchange.read_body()
+    async def _dispatch(self, exchange: Exchange, raw: bytes) -> None:
         if self.control is not None and exchange.path.startswith(CONTROL_PREFIX):
             await self.control(exchange, raw)
             return

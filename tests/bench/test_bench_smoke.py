@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = ("latency_c1", "throughput_c64", "stream_c1", "stream_c64", "long_1000", "cancel_500")
+SCENARIOS = ("latency_c1", "throughput_c64", "stream_c1", "stream_c64", "long_1000", "long_100", "cancel_500")
 
 
 @pytest.mark.slow

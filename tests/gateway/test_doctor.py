@@ -3,12 +3,13 @@
 The command itself runs in a worker thread (it starts its own event loop, as from a shell) and is
 pointed at lmgate in front of the simulator, both serving from the test's loop. The async core
 ``diagnose`` is called in the test's loop where a test talks to the simulator directly or needs
-the report object. (The simulator's disconnect watcher can take a request body that reaches it in
-a later TCP segment, as a client in another thread often sends it; lmgate reads bodies whole.)
+the report object.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,9 +46,6 @@ def models(**fast: Any) -> list[SimModel]:
 
 async def doctor(*args: str) -> tuple[int, str]:
     """``lmgate doctor ARGS`` in a worker thread: (exit code, stdout)."""
-    import contextlib
-    import io
-
     out = io.StringIO()
 
     def run() -> int:

@@ -1,4 +1,4 @@
-"""The ``lmgate`` process: start-up line, exit codes, and graceful drain on SIGTERM."""
+"""The ``lmgate`` process: start-up line, exit codes, and graceful drain on SIGTERM (streams that\nfinish within the drain deadline, and streams that outlive it)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import anyio
 import httpx
 import pytest
 import yaml
-from anyio.abc import Process
+from anyio.abc import ByteReceiveStream, Process
 
 from gateway.simulator import SimModel, Simulator
+from gateway.simulator.testing import parse_sse
 
 pytestmark = pytest.mark.anyio
 LISTENING = re.compile(rb"lmgate listening on (http://\S+), forwarding to (\S+)")
@@ -40,13 +41,23 @@ async def read_start_line(process: Process) -> str:
     raise AssertionError(f"lmgate exited before listening: {buffered.decode(errors='replace')}")
 
 
+async def discard(stream: ByteReceiveStream) -> None:
+    """Keep reading the process's log lines: a full pipe would block its writes, and the gateway."""
+    async for _ in stream:
+        pass
+
+
 @asynccontextmanager
 async def lmgate_process(*args: str) -> AsyncIterator[tuple[Process, str]]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await anyio.open_process(lmgate("serve", "--port", "0", *args), env=env)
+    process = await anyio.open_process(lmgate("serve", "--port", "0", *args), env=env, stdout=subprocess.DEVNULL)
     try:
         url = await read_start_line(process)
-        yield process, url
+        assert process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(discard, process.stderr)
+            yield process, url
+            tg.cancel_scope.cancel()
     finally:
         if process.returncode is None:
             process.kill()
@@ -101,6 +112,50 @@ async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0
     assert len(bodies) == 10
     assert all(body.endswith(b"data: [DONE]\n\n") and b"event: error" not in body for body in bodies)
     assert sim.counters.generations_completed == 10 and sim.counters.generations_cancelled == 0
+
+
+@pytest.mark.slow
+async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_error_frame_and_stops_lm_studio(tmp_path):
+    streams = 20
+    model = SimModel(id="m", loaded=True, parallel=streams, tokens_per_second=4.0, ttft_base_s=0.0,
+                     ttft_per_prompt_token_s=0.0)
+    config = tmp_path / "lmgate.yaml"
+    config.write_text(yaml.safe_dump({"concurrency": {"limit": streams}, "drain": {"timeout_s": 0.5}}))
+    async with Simulator(models=[model]) as sim, lmgate_process(
+        "--upstream", sim.url, "--config", str(config)
+    ) as (process, url):
+        bodies: list[bytes] = []
+        streaming = 0
+        all_streaming = anyio.Event()
+        async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
+
+            async def stream() -> None:
+                nonlocal streaming
+                body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                    chunks = response.aiter_raw()
+                    received = [await anext(chunks)]
+                    streaming += 1
+                    if streaming == streams:
+                        all_streaming.set()
+                    received += [chunk async for chunk in chunks]
+                bodies.append(b"".join(received))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(streams):
+                    tg.start_soon(stream)
+                with anyio.fail_after(10):
+                    await all_streaming.wait()
+                process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            assert await process.wait() == 0
+        await sim.wait_for(lambda c: c.generations_cancelled == streams, timeout=5)
+    assert len(bodies) == streams
+    for body in bodies:
+        assert b"data: [DONE]" not in body
+        errors = [event.json()["error"] for event in parse_sse(body) if event.event == "error"]
+        assert len(errors) == 1 and errors[0]["code"] == "draining"
+    assert sim.counters.generations_completed == 0
 
 
 def test_a_bad_config_exits_2_before_binding_and_names_the_key(tmp_path):

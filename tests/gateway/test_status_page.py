@@ -27,7 +27,7 @@ from anyio.abc import ByteStream, Process
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message as WSMessage, Ping, Request, TextMessage
 
-from gateway.app import build_app
+from gateway.app import Gateway, build_app
 from gateway.config import Config
 from gateway.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
@@ -45,10 +45,16 @@ def chat(model: str, **extra: Any) -> dict[str, Any]:
 
 @asynccontextmanager
 async def gateway_on(sim: Simulator, **sections: Any) -> AsyncIterator[str]:
+    async with gateway_app(sim, **sections) as (url, _):
+        yield url
+
+
+@asynccontextmanager
+async def gateway_app(sim: Simulator, **sections: Any) -> AsyncIterator[tuple[str, Gateway]]:
     app = build_app(Config.model_validate({"upstream": {"url": sim.url}, **sections}))
     try:
         async with serve_in_background(app) as server:
-            yield server.url
+            yield server.url, app
     finally:
         await app.aclose()
 
@@ -86,17 +92,14 @@ async def test_status_json_gathers_models_traffic_latency_and_errors(client: htt
 
 async def test_loading_model_reports_elapsed_and_expected_time(client: httpx.AsyncClient) -> None:
     models = [SimModel(id="cold-a", load_delay_s=0.2), SimModel(id="cold-b", load_delay_s=1.0)]
-    async with Simulator(models=models) as sim, gateway_on(sim) as url:
+    async with Simulator(models=models) as sim, gateway_app(sim) as (url, app):
         await client.post(url + "/lmgate/models/cold-a/load")  # one load seen: the ETA for cold-b scales from it
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(client.post, url + "/lmgate/models/cold-b/load"))
-            with anyio.fail_after(5):
-                while True:  # bounded by fail_after; each poll is a real request, as the page makes
-                    status = (await client.get(url + "/lmgate/status.json")).json()
-                    loading = {m["id"]: m["loading"] for m in status["models"] if m["state"] == "loading"}
-                    if "cold-b" in loading:
-                        break
-    assert loading["cold-b"]["elapsed_s"] >= 0 and loading["cold-b"]["expected_s"] == pytest.approx(0.2, abs=0.15)
+            await app.models.registry.wait_for(lambda registry: registry.state("cold-b") == "loading")
+            status = (await client.get(url + "/lmgate/status.json")).json()
+    loading = next(m["loading"] for m in status["models"] if m["id"] == "cold-b")
+    assert loading["elapsed_s"] >= 0 and loading["expected_s"] == pytest.approx(0.2, abs=0.15)
 
 
 async def test_page_is_self_contained_and_both_routes_need_a_key_once_keys_exist(client: httpx.AsyncClient) -> None:

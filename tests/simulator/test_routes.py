@@ -224,3 +224,23 @@ async def test_requests_counts_inference_and_routes_counts_everything(instant_mo
     counters = sim.counters
     assert (counters.requests, counters.http_requests) == (2, 4)
     assert counters.routes == {"GET /v1/models": 1, "GET /health": 1, "POST /v1/chat/completions": 1, "POST /v1/embeddings": 1}
+
+
+async def test_a_body_arriving_in_several_segments_is_read_whole(instant_models, clock):
+    # A body larger than a segment, or sent by a client in another process, reaches the server in
+    # pieces; the simulator once let its disconnect watcher take a piece, and the request hung.
+    body = b'{"model": "alpha", "messages": [{"role": "user", "content": "Hello"}]}'
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    async with Simulator(models=instant_models, clock=clock) as sim:
+        host, port = sim.url.removeprefix("http://").rsplit(":", 1)
+        async with await anyio.connect_tcp(host, int(port)) as stream:
+            for piece in (head, body[:20], body[20:]):
+                await stream.send(piece)
+                await anyio.sleep(0.05)  # not a synchronisation: the gap that makes separate segments
+            received = b""
+            with anyio.fail_after(5):
+                while b'"finish_reason":"stop"' not in received:
+                    received += await stream.receive()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert sim.counters.requests == 1
