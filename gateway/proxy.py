@@ -67,6 +67,7 @@ class Proxy:
         assembled_limit_bytes: int = DEFAULT_ASSEMBLED_LIMIT_BYTES,
     ) -> None:
         self.client = client
+        self.timeout = client.timeout.as_dict()
         self.upstream_url = upstream_url.rstrip("/")
         self.routes = routes or RouteTable()
         self.api_key = api_key
@@ -96,13 +97,16 @@ class Proxy:
             # Assembly needs a stream; telemetry needs the usage the client did not ask for.
             body = streaming_request_body(request_json(scope) or {})
         rid = request_id(scope)
-        request = self.client.build_request(
+        # A plain Request, not client.build_request(): that would merge the client's cookie jar,
+        # which collects every Set-Cookie the upstream sends, into requests from other clients.
+        request = httpx.Request(
             scope["method"],
             self._upstream_url(scope),
             headers=upstream_request_headers(
                 scope, request_id=rid, api_key=self.api_key, forward_client_auth=self.forward_client_auth
             ),
             content=body,
+            extensions={"timeout": self.timeout},
         )
 
         disconnected = False

@@ -44,7 +44,34 @@ def format_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def close_idle_connections_at_eof() -> None:
+    """Make hypercorn close a keep-alive connection as soon as its client closes it.
+
+    hypercorn 0.18's asyncio server keeps its keep-alive timer running after the read loop has
+    seen the client's EOF, and closes the socket only when the timer ends: every client that
+    closes an idle connection leaves a socket in CLOSE-WAIT for ``keep_alive_timeout`` (75 s
+    here). Clients that open a connection per request would run lmgate out of descriptors. The
+    timer is stopped once the read loop ends, which lets hypercorn close the socket at once.
+    Idempotent; tested in tests/gateway/test_serving.py.
+    """
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    if getattr(TCPServer._read_data, "_lmgate_closes_at_eof", False):
+        return
+    read_data = TCPServer._read_data
+
+    async def read_then_stop_idle_timer(self: TCPServer) -> None:
+        try:
+            await read_data(self)
+        finally:
+            await self.idle_task.stop()
+
+    read_then_stop_idle_timer._lmgate_closes_at_eof = True  # type: ignore[attr-defined]
+    TCPServer._read_data = read_then_stop_idle_timer  # type: ignore[method-assign]
+
+
 def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float = 5.0) -> HypercornConfig:
+    close_idle_connections_at_eof()
     config = HypercornConfig()
     # hypercorn adopts the descriptor and closes it on shutdown; detach so Python does not too.
     config.bind = [f"fd://{sock.detach()}"]

@@ -9,14 +9,16 @@ still end some time. So there are three deadlines, all measured from this layer:
 * ``idle_s``: once the body has started, the longest silence between two chunks.
 * ``total_s``: the whole request, every retry included.
 
-Each is an anyio cancel-scope deadline around the inner app, moved on by every chunk sent, so a
+Each is an anyio cancel-scope deadline around the inner app, moved on by the chunks sent, so a
 deadline that passes cancels the inner app: its ``finally`` blocks run and the proxy closes the
 upstream response, so LM Studio stops generating. The failure is then reported in the only shape
 still possible: a 504 ``timeout`` before the response started, an SSE ``event: error`` frame that
 ends a started event stream, or an aborted transfer for any other started body (never a clean end).
 
-While ``send`` itself is blocked (a slow client applying backpressure) only the total deadline
-applies: a slow reader is not a silent upstream.
+The idle deadline fires up to 5% of ``idle_s`` (at most 1 s) late, never early: it is moved in
+steps rather than on every chunk, which keeps the per-chunk cost to one clock read. It also covers
+a client that stops reading (``send`` blocked by backpressure) for longer than ``idle_s``, as
+NGINX's ``send_timeout`` does: such a client holds an upstream slot for nobody.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Deadlines:
 
 
 _FIELDS = frozenset(("first_token_s", "idle_s", "total_s"))
+# How late the idle deadline may fire: a share of idle_s, capped (see ``timed_send``).
+_SLACK_SHARE = 0.05
+_MAX_SLACK_S = 1.0
 
 
 class TimeoutMiddleware:
@@ -105,16 +110,28 @@ class TimeoutMiddleware:
         first_token_at = min(started_at + deadlines.first_token_s, total_at)
         response = ResponseState()
 
+        # Moving a cancel scope's deadline reschedules a timer, too costly to do for every chunk of
+        # a stream. So the idle deadline is moved only when it is less than ``idle_s`` away, and
+        # then ``slack`` further: silence is detected between idle_s and idle_s + slack after the
+        # last chunk (never early), with at most one reschedule per slack per stream.
+        slack = min(deadlines.idle_s * _SLACK_SHARE, _MAX_SLACK_S)
+
+        idle_deadline = False  # the scope's deadline is the idle one (the body has started)
+
         with anyio.CancelScope(deadline=first_token_at) as deadline:
 
             async def timed_send(message: Message) -> None:
+                nonlocal idle_deadline
                 response.observe(message)
-                deadline.deadline = total_at
                 await send(message)
-                if response.body_started:
-                    deadline.deadline = min(anyio.current_time() + deadlines.idle_s, total_at)
-                else:
-                    deadline.deadline = first_token_at
+                if not response.body_started:
+                    return
+                idle_at = anyio.current_time() + deadlines.idle_s
+                if not idle_deadline:  # the first token: from the first-token deadline to the idle one
+                    idle_deadline = True
+                    deadline.deadline = min(idle_at + slack, total_at)
+                elif idle_at > deadline.deadline and deadline.deadline < total_at:
+                    deadline.deadline = min(idle_at + slack, total_at)
 
             with deadline_published(scope, deadline):
                 await self.app(scope, receive, timed_send)

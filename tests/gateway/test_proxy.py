@@ -385,3 +385,20 @@ def test_forwarded_proto_and_host_from_an_untrusted_peer_are_replaced():
     sent = dict(upstream_request_headers(scope, request_id="r", api_key=None, forward_client_auth=False))
     assert sent[b"x-forwarded-proto"] == b"http"
     assert sent[b"x-forwarded-host"] == b"gw:8080"
+
+
+async def test_an_upstream_cookie_never_reaches_another_clients_request(upstream, gateway, client):
+    # One pooled client serves every caller: a cookie jar on it would hand one caller's session
+    # cookie to the next.
+    async def handler(scope, receive, send):
+        headers = [(b"content-type", b"application/json"), (b"set-cookie", b"session=alice; Path=/")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    upstream.handler = handler
+    first = await client.get(gateway + "/v1/models")
+    assert first.headers["set-cookie"] == "session=alice; Path=/"  # passed on to the caller it was meant for
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as other:
+        await other.get(gateway + "/v1/models")
+    second_request_headers = dict(upstream.requests[-1][0]["headers"])
+    assert b"cookie" not in second_request_headers

@@ -161,23 +161,6 @@ class Leaks:
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _close_connections_at_client_eof(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Work around hypercorn 0.18 holding a connection for ``keep_alive_timeout`` (75 s here) after
-    the client closed it while idle: its keep-alive timer task outlives the read loop that saw EOF
-    (test_hypercorn_linger.py pins the behaviour). Without this, every closed idle connection
-    would count as a leak for 75 s, in the gateway and in the simulator alike."""
-    from hypercorn.asyncio.tcp_server import TCPServer
-
-    read_data = TCPServer._read_data
-
-    async def read_then_stop_idle_timer(self: TCPServer) -> None:
-        await read_data(self)
-        await self.idle_task.stop()
-
-    monkeypatch.setattr(TCPServer, "_read_data", read_then_stop_idle_timer)
-
-
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
     async with Simulator(models=sim_models(), control=True) as simulator:
