@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 import yaml
-from anyio.abc import ByteReceiveStream, Process
+from anyio.abc import ByteReceiveStream, Process, TaskGroup
 
 from gateway.simulator import SimModel, Simulator
 from gateway.simulator.testing import parse_sse
@@ -66,6 +66,32 @@ async def lmgate_process(*args: str) -> AsyncIterator[tuple[Process, str]]:
             await process.aclose()
 
 
+class LiveStreams:
+    """``count`` streamed chat requests for model ``m``; ``all_started`` is set once every one has
+    its first chunk, and ``bodies`` collects each whole body when it ends."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, count: int) -> None:
+        self.client, self.url, self.count = client, url, count
+        self.started = 0
+        self.all_started = anyio.Event()
+        self.bodies: list[bytes] = []
+
+    def start(self, tg: TaskGroup) -> None:
+        for _ in range(self.count):
+            tg.start_soon(self._stream)
+
+    async def _stream(self) -> None:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with self.client.stream("POST", self.url + "/v1/chat/completions", json=body) as response:
+            chunks = response.aiter_raw()
+            received = [await anext(chunks)]
+            self.started += 1
+            if self.started == self.count:
+                self.all_started.set()
+            received += [chunk async for chunk in chunks]
+        self.bodies.append(b"".join(received))
+
+
 @pytest.mark.slow
 async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0(tmp_path):
     model = SimModel(id="m", loaded=True, tokens_per_second=20.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0,
@@ -76,27 +102,11 @@ async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0
         "--upstream", sim.url, "--config", str(config)
     ) as (process, url):
         async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
-            bodies: list[bytes] = []
-            all_started = anyio.Event()
-            started = 0
-
-            async def stream() -> None:
-                nonlocal started
-                body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-                async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-                    chunks = response.aiter_raw()
-                    received = [await anext(chunks)]
-                    started += 1
-                    if started == 10:
-                        all_started.set()
-                    received += [chunk async for chunk in chunks]
-                bodies.append(b"".join(received))
-
+            streams = LiveStreams(client, url, 10)
             async with anyio.create_task_group() as tg:
-                for _ in range(10):
-                    tg.start_soon(stream)
+                streams.start(tg)
                 with anyio.fail_after(10):
-                    await all_started.wait()
+                    await streams.all_started.wait()
                 process.send_signal(signal.SIGTERM)
                 with anyio.fail_after(5):
                     # Readiness flips at once; new work is refused with Connection: close.
@@ -109,8 +119,8 @@ async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0
                 assert refused.headers["connection"] == "close" and "retry-after" in refused.headers
         with anyio.fail_after(15):
             assert await process.wait() == 0
-    assert len(bodies) == 10
-    assert all(body.endswith(b"data: [DONE]\n\n") and b"event: error" not in body for body in bodies)
+    assert len(streams.bodies) == 10
+    assert all(body.endswith(b"data: [DONE]\n\n") and b"event: error" not in body for body in streams.bodies)
     assert sim.counters.generations_completed == 10 and sim.counters.generations_cancelled == 0
 
 
@@ -124,34 +134,18 @@ async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_er
     async with Simulator(models=[model]) as sim, lmgate_process(
         "--upstream", sim.url, "--config", str(config)
     ) as (process, url):
-        bodies: list[bytes] = []
-        streaming = 0
-        all_streaming = anyio.Event()
         async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
-
-            async def stream() -> None:
-                nonlocal streaming
-                body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-                async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-                    chunks = response.aiter_raw()
-                    received = [await anext(chunks)]
-                    streaming += 1
-                    if streaming == streams:
-                        all_streaming.set()
-                    received += [chunk async for chunk in chunks]
-                bodies.append(b"".join(received))
-
+            live = LiveStreams(client, url, streams)
             async with anyio.create_task_group() as tg:
-                for _ in range(streams):
-                    tg.start_soon(stream)
+                live.start(tg)
                 with anyio.fail_after(10):
-                    await all_streaming.wait()
+                    await live.all_started.wait()
                 process.send_signal(signal.SIGTERM)
         with anyio.fail_after(10):
             assert await process.wait() == 0
         await sim.wait_for(lambda c: c.generations_cancelled == streams, timeout=5)
-    assert len(bodies) == streams
-    for body in bodies:
+    assert len(live.bodies) == streams
+    for body in live.bodies:
         assert b"data: [DONE]" not in body
         errors = [event.json()["error"] for event in parse_sse(body) if event.event == "error"]
         assert len(errors) == 1 and errors[0]["code"] == "draining"
