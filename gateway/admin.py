@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from gateway.openapi import OPENAPI_PATH, openapi_document
 from gateway.routes import route_path
+from gateway.validation import InvalidRequest
 from middleware.errors import NotFound
 from middleware.response import header_value
 from middleware.types import Receive, Scope, Send
@@ -47,9 +49,17 @@ async def send_json(send: Send, status: int, document: Any, headers: list[tuple[
 class AdminRoutes:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.openapi = openapi_document(gateway.config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
+        if scope["method"] not in ("GET", "HEAD") and (path in _EXACT or path in (LLM_HEALTH, OPENAPI_PATH)):
+            raise InvalidRequest(  # as the forwarded routes answer a wrong method
+                f"{path} accepts GET, HEAD, not {scope['method']}.",
+                status=405,
+                code="method_not_allowed",
+                headers=[("Allow", "GET, HEAD")],
+            )
         if path == "/healthz":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
@@ -60,6 +70,9 @@ class AdminRoutes:
             await send_json(send, *await self.gateway.telemetry.llm_health.report())
         elif path == "/lmgate/models" or path.startswith("/lmgate/models/"):
             await self.gateway.models.serve_admin(scope, receive, send)
+        elif path == OPENAPI_PATH:
+            root = scope.get("root_path", "")  # mounted: the paths are below the mount point
+            await send_json(send, 200, {**self.openapi, "servers": [{"url": root}]} if root else self.openapi)
         elif self.gateway.status.serves(path):  # GET /lmgate/ and /lmgate/status.json
             await self.gateway.status(scope, receive, send)
         else:

@@ -25,7 +25,10 @@ def streaming_request_body(document: dict[str, Any]) -> bytes:
     options = dict(upstream.get("stream_options") or {})
     options["include_usage"] = True
     upstream["stream_options"] = options
-    return json.dumps(upstream, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(upstream, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" is valid JSON): pass it on escaped, as it came
+        return json.dumps(upstream, separators=(",", ":")).encode()
 
 
 class CompletionAssembler:

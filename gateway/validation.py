@@ -17,11 +17,14 @@ retry, no breaker sample. Each refusal is a 4xx in the OpenAI error shape with `
 | body not UTF-8, not JSON, or not a JSON object           | 400    | `bad_request`                 |
 | ``model`` missing or empty                               | 400    | `missing_required_parameter`  |
 | ``model`` not a string, ``stream`` not a boolean         | 400    | `invalid_type`                |
+| ``stream_options`` not an object                         | 400    | `invalid_type`                |
 
-What is *not* checked here: whether the model exists (the upstream's listing is the authority; LM
-Studio answers ``400 model_not_found``, normalised by the proxy) and the rest of the body's schema
-(LM Studio's own 400s are passed on). A request without ``Content-Type`` is accepted when its body
-is JSON, as LM Studio does.
+``stream_options`` is checked because lmgate writes into it: it asks the upstream for usage when
+it assembles a non-streaming answer or counts a stream's tokens. What is *not* checked here:
+whether the model exists (the upstream's listing is the authority; LM Studio answers
+``400 model_not_found``, normalised by the proxy) and the rest of the body's schema (LM Studio's
+own 400s are passed on). A request without ``Content-Type`` is accepted when its body is JSON, as
+LM Studio does.
 """
 
 from __future__ import annotations
@@ -190,6 +193,9 @@ def check_body(body: bytes) -> dict[str, Any]:
     stream = document.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("\"stream\" must be true or false.", code="invalid_type", param="stream")
+    options = document.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("\"stream_options\" must be an object.", code="invalid_type", param="stream_options")
     return document
 
 

@@ -106,3 +106,16 @@ async def test_without_models_or_traffic_there_is_nothing_to_vouch_for(sim, clie
     async with gateway(sim.url) as (url, _):
         answer = await client.get(url + LLM)
     assert answer.status_code == 503 and "health.models" in answer.json()["reason"]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", LLM, "/lmgate/openapi.json"])
+async def test_lmgates_read_only_routes_answer_other_methods_with_405(sim, client, path):
+    # They answered any method with 200 (TRACE /healthz, POST /lmgate/health/llm ran a check);
+    # found by the schemathesis run in tests/security/test_openapi.py.
+    async with gateway(sim.url, models=[MODEL]) as (url, _):
+        for method in ("POST", "PUT", "DELETE", "TRACE"):
+            refused = await client.request(method, url + path)
+            assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD", (method, refused.text)
+            assert refused.json()["error"]["code"] == refused.headers["x-lmgate-error"] == "method_not_allowed"
+        assert sim.counters.requests == 0  # a refused POST /lmgate/health/llm generated nothing
+        assert (await client.head(url + path)).status_code == 200

@@ -35,6 +35,9 @@ CASES = [
     ("empty model", "POST", CHAT, JSON, b'{"model": ""}', 400, "missing_required_parameter"),
     ("model not a string", "POST", CHAT, JSON, b'{"model": 7}', 400, "invalid_type"),
     ("stream not a boolean", "POST", CHAT, JSON, chat(stream="yes"), 400, "invalid_type"),
+    # lmgate writes into stream_options; a string there was a 500 (found by schemathesis, test_openapi.py)
+    ("stream_options not an object", "POST", CHAT, JSON, chat(stream=True, stream_options="usage"), 400, "invalid_type"),
+    ("stream_options a list", "POST", CHAT, JSON, chat(stream_options=[1]), 400, "invalid_type"),
     ("huge headers", "GET", "/v1/models", {"x-padding": "a" * 13_000}, b"", 431, "headers_too_large"),
     ("a very long URL", "GET", "/v1/models?q=" + "a" * 9_000, {}, b"", 414, "uri_too_long"),
     ("invalid UTF-8 in the path", "GET", "/api/v0/models/%ff", {}, b"", 400, "bad_request"),
@@ -92,6 +95,18 @@ async def test_an_unknown_model_is_lm_studios_answer_in_the_openai_shape(sim, st
         response = await client.post(gw.url + CHAT, json={"model": "no-such-model", "messages": []})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_lone_surrogate_escape_is_passed_on_not_a_500(sim, start_gateway, client, stream):
+    # "\ud800" is valid JSON but cannot be encoded as UTF-8; lmgate re-encodes bodies to ask for usage.
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}], "stream": %s}' % (
+        MODEL.encode(), b"true" if stream else b"false"
+    )
+    async with start_gateway(sim.url) as gw:
+        response = await client.post(gw.url + CHAT, headers=JSON, content=body)
+    assert response.status_code == 200, response.text[:300]
+    assert sim.counters.requests == 1
 
 
 def raw_request(port: int, request: bytes) -> bytes:
