@@ -8,7 +8,6 @@ task, descriptor or upstream connection is left behind (``Leaks``, see conftest.
 from __future__ import annotations
 
 import json
-import re
 import socket
 from typing import Any
 
@@ -18,7 +17,7 @@ import openai
 import pytest
 
 from gateway.simulator import Simulator
-from gateway.simulator.testing import parse_sse
+from gateway.simulator.testing import parse_sse, unstamped
 
 pytestmark = pytest.mark.anyio
 CHAT = "/v1/chat/completions"
@@ -159,10 +158,6 @@ async def test_an_upstream_sending_one_byte_per_second_is_cut_at_the_total_deadl
         await still_serves(client, gw.url)
         await leaks.assert_none()
 
-
-def unstamped(body: bytes) -> bytes:
-    """``body`` without its ``created`` times: two requests may straddle a second boundary."""
-    return re.sub(rb'"created":\d+', b'"created":0', body)
 
 
 @pytest.mark.parametrize("kind", ["malformed_sse", "invalid_json"])
