@@ -131,6 +131,10 @@ class ColdStartMiddleware:
         await self.registry.refresh()
         # Unreachable upstream: stale knowledge would turn its failure into a misleading load error.
         record = self.registry.find(model) if self.registry.refresh_error is None else None
+        if record is not None and record.listed is None and record.loading_since is None:
+            # Heard of only through lmgate's own failed load (an admin load, a preload): the
+            # upstream does not list it, so its own answer (400 model_not_found) is the right one.
+            record = None
         if record is None:
             phase.state = "unknown"
             await self._forward(scope, receive, send, [(STATE_HEADER, b"unknown")])

@@ -216,6 +216,18 @@ async def test_a_failing_load_is_model_load_failed_with_lm_studios_message_and_m
     assert sim.counters.generations_started == 0
 
 
+async def test_a_model_the_upstream_does_not_list_gets_its_answer_even_after_a_failed_admin_load(client):
+    # lmgate's own failed load of a model LM Studio does not have must not turn LM Studio's
+    # 400 model_not_found into lmgate's 502 model_load_failed.
+    async with Simulator(models=[cold("real-8b")]) as sim, lmgate(sim.url) as (url, _):
+        load = await client.post(url + "/lmgate/models/no-such-model/load")
+        response = await client.post(url + CHAT, json=chat("no-such-model"))
+        listing = (await client.get(url + "/lmgate/models")).json()
+    assert load.status_code == 502
+    assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_found"
+    assert {m["id"]: m["state"] for m in listing["models"]}["no-such-model"] == "failed"  # still shown
+
+
 async def test_a_load_that_outlasts_load_timeout_s_fails_clearly(client):
     model = cold("hung-8b")
     async with Simulator(models=[model]) as sim, lmgate(sim.url, models={"load_timeout_s": 0.3}) as (url, _):
