@@ -76,9 +76,12 @@ class LiveStreams:
         self.all_started = anyio.Event()
         self.bodies: list[bytes] = []
 
-    def start(self, tg: TaskGroup) -> None:
+    async def start(self, tg: TaskGroup) -> None:
+        """Start every stream in ``tg`` and return once each has its first chunk."""
         for _ in range(self.count):
             tg.start_soon(self._stream)
+        with anyio.fail_after(10):
+            await self.all_started.wait()
 
     async def _stream(self) -> None:
         body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -104,9 +107,7 @@ async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0
         async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
             streams = LiveStreams(client, url, 10)
             async with anyio.create_task_group() as tg:
-                streams.start(tg)
-                with anyio.fail_after(10):
-                    await streams.all_started.wait()
+                await streams.start(tg)
                 process.send_signal(signal.SIGTERM)
                 with anyio.fail_after(5):
                     # Readiness flips at once; new work is refused with Connection: close.
@@ -137,9 +138,7 @@ async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_er
         async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
             live = LiveStreams(client, url, streams)
             async with anyio.create_task_group() as tg:
-                live.start(tg)
-                with anyio.fail_after(10):
-                    await live.all_started.wait()
+                await live.start(tg)
                 process.send_signal(signal.SIGTERM)
         with anyio.fail_after(10):
             assert await process.wait() == 0
