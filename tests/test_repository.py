@@ -30,3 +30,28 @@ def test_no_machine_paths_in_tracked_text():
         text = path.read_text(errors="replace")
         offenders += [f"{path.relative_to(ROOT)}: {n}" for n in needles if n in text]
     assert offenders == []
+
+
+def test_constraints_pin_every_declared_dependency_within_its_bounds():
+    # README's test command installs with -c constraints.txt: a dependency missing from it would
+    # float to whatever was released last night, and a pin outside pyproject's bounds would fail.
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(text) for text in project["dependencies"] + project["optional-dependencies"]["test"]]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    problems = []
+    for requirement in declared:
+        pinned = pins.get(canonicalize_name(requirement.name))
+        if pinned is None:
+            problems.append(f"{requirement.name} is not pinned")
+        elif not requirement.specifier.contains(pinned, prereleases=True):
+            problems.append(f"{requirement.name}=={pinned} is outside {requirement.specifier}")
+    assert problems == [], "run .ci/refresh-constraints"
