@@ -125,23 +125,26 @@ async def test_an_error_answer_is_untouched(gateway):
 # --- the Node SDK ---------------------------------------------------------------------------------
 
 
-def node_binary() -> str:
+NODE_PACKAGES = ("openai", "openai-v6")  # tests/node/package.json
+
+
+@pytest.fixture
+def node() -> str:
     """``node``, with the packages of tests/node installed; else skip (fail with LMGATE_REQUIRE_NODE=1)."""
-    node = shutil.which("node")
+    binary = shutil.which("node")
     missing = None
-    if node is None:
+    if binary is None:
         missing = "node is not installed here (Debian: apt-get install -y nodejs npm)"
-    elif not (NODE_DIR / "node_modules" / "openai").is_dir():
+    elif not all((NODE_DIR / "node_modules" / package).is_dir() for package in NODE_PACKAGES):
         missing = "the Node packages are not installed: run `npm ci --prefix tests/node`"
     if missing is not None:
         if os.environ.get("LMGATE_REQUIRE_NODE") == "1":
             pytest.fail(f"LMGATE_REQUIRE_NODE=1 but {missing}", pytrace=False)
         pytest.skip(missing)
-    return node  # type: ignore[return-value]
+    return binary  # type: ignore[return-value]
 
 
-async def run_node(base_url: str, *args: str) -> dict[str, Any]:
-    node = node_binary()
+async def run_node(node: str, base_url: str, *args: str) -> dict[str, Any]:
     command = [node, str(NODE_DIR / "embeddings.mjs"), "--base-url", base_url + "/v1", "--model", EMBED]
     for text in INPUTS:
         command += ["--input", text]
@@ -151,16 +154,16 @@ async def run_node(base_url: str, *args: str) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("package", ["openai", "openai-v6"])
-async def test_node_sdk_default_gets_the_vectors_not_zeros(gateway, floats, package):
+@pytest.mark.parametrize("package", NODE_PACKAGES)
+async def test_node_sdk_default_gets_the_vectors_not_zeros(node, gateway, floats, package):
     # openai-v6 (6.30.1, the last 6.x) decodes whatever comes back as base64: LM Studio's floats
     # became 192 zeros. The current openai skips float arrays itself; both get OpenAI's base64 here.
-    printed = await run_node(gateway, "--sdk", package)
+    printed = await run_node(node, gateway, "--sdk", package)
     assert printed["embeddings"] == [float32(v) for v in floats], f"openai {printed['sdk']}"
 
 
-async def test_node_sdk_explicit_base64_gets_a_base64_string(gateway, floats):
-    printed = await run_node(gateway, "--encoding-format", "base64")
+async def test_node_sdk_explicit_base64_gets_a_base64_string(node, gateway, floats):
+    printed = await run_node(node, gateway, "--encoding-format", "base64")
     embeddings = printed["embeddings"]
     assert all(isinstance(e, str) for e in embeddings), f"openai {printed['sdk']} got {str(embeddings)[:80]}"
     assert [decoded(e) for e in embeddings] == [float32(v) for v in floats]
