@@ -10,6 +10,7 @@ The request path, outermost first (read it like Envoy's filter list)::
           ConcurrencyMiddleware          per client key (auth.per_key_limit): 429 rate_limited
           DrainMiddleware                503 draining once shutdown began
           CacheMiddleware                repeated deterministic requests answered from memory (cache.enabled)
+          Base64EmbeddingsMiddleware     float embeddings encoded for clients that asked for base64
           HeartbeatMiddleware            SSE comments in silences; starts a slow event stream early
           ColdStartMiddleware            loads a cold model first (single flight); X-Lmgate-Model-State
             ConcurrencyMiddleware        limit + bounded FIFO queue
@@ -44,6 +45,7 @@ from middleware.cache import CacheMiddleware, MemoryStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainMiddleware, DrainState
+from middleware.embeddings import Base64EmbeddingsMiddleware
 from middleware.errors import ErrorMiddleware
 from middleware.retry import RetryMiddleware
 from middleware.timeout import TimeoutMiddleware
@@ -163,6 +165,7 @@ class Gateway:
             config, client=self.client, api_key=config.upstream.resolved_api_key(env), on_load=self.telemetry.model_load
         )
         stack = self.models.wrap(stack, body_limit_bytes=config.limits.body_bytes)
+        stack = Base64EmbeddingsMiddleware(stack, body_limit_bytes=config.limits.body_bytes, path_of=route_path)
         self.cache: CacheMiddleware | None = None
         if config.cache.enabled:  # outside the model layers: a hit neither loads a model nor takes a slot
             c, metrics = config.cache, self.telemetry.metrics

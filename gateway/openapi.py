@@ -131,13 +131,17 @@ _SCHEMAS: dict[str, Schema] = {
     "Status": _object("status", status=_STRING, reason=_STRING, models={"type": "array", "items": _STRING}),
     "LlmHealth": _object(
         "status", "checked_at", "models", "cached",
-        status={"enum": ["ok", "unhealthy"]},
+        status={"enum": ["ok", "unhealthy", "unknown"]},
         checked_at=_STRING,
         cached=_BOOL,
         reason=_STRING,
         models={"type": "object", "additionalProperties": _object(
-            "ok", "latency_ms", "reason", "rolling",
-            ok=_BOOL, latency_ms=_INT, reason=_nullable(_STRING), rolling=_ROLLING,
+            "status", "ok", "latency_ms", "reason", "rolling",
+            status={"enum": ["ok", "failed", "skipped"]},
+            ok={**_nullable(_BOOL), "description": "null when skipped: the model cannot chat, or the upstream refused the probe itself"},
+            latency_ms=_nullable(_INT),
+            reason=_nullable(_STRING),
+            rolling=_ROLLING,
         )},
     ),
     "Model": _MODEL_ENTRY,
@@ -274,7 +278,8 @@ def _own_paths(*, metrics: bool) -> dict[str, Schema]:
         )},
         "/lmgate/health/llm": {"get": _operation(
             "health", "A 1-token generation per model, cached, and the rolling latency",
-            {**_ok(_ref("LlmHealth"), "Every check produced a token."), "503": {
+            {**_ok(_ref("LlmHealth"), "`ok`: no check failed and at least one produced a token; `unknown`: "
+                   "every model was skipped (none can chat)."), "503": {
                 "description": "A check failed, or there was no model to check.", "content": _json(_ref("LlmHealth"))
             }},
         )},

@@ -1,8 +1,10 @@
 """``POST /v1/embeddings`` (and ``/api/v0/embeddings``): deterministic unit vectors after a JIT load.
 
-The body follows LM Studio's documented example, including its ``usage`` of zeros. An embedding
-request uses a slot like a prediction and takes the model's prefill time for its input; it is not
-streamed, so a client leaving does not stop it.
+The body follows LM Studio's documented example, including its ``usage`` of zeros. Vectors are
+always float arrays: like LM Studio (lmstudio-bug-tracker#756), ``encoding_format`` is ignored,
+``"base64"`` included (lmgate's ``middleware/embeddings.py`` encodes them for such clients). An
+embedding request uses a slot like a prediction and takes the model's prefill time for its input;
+it is not streamed, so a client leaving does not stop it.
 """
 
 from __future__ import annotations

@@ -12,11 +12,19 @@
 
 A check of a model that is not loaded makes LM Studio load it (JIT): that is what a real
 generation costs, and it is why the models to check are configured, not discovered.
+
+Only models that can chat are probed. The upstream's listing says which (LM Studio's ``type``:
+``llm`` and ``vlm`` chat, ``embeddings`` does not); a model of another type is *skipped*, never
+sent a chat request. A probe the upstream refuses as a mistake of the probe itself (400/404
+``model_not_found``, or "not an LLM" from an upstream whose listing has no types) is skipped too:
+it says nothing about the upstream's health. Every other failure, LM Studio's 400 for a failed
+load or a crashed model included, is a failure.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -27,9 +35,15 @@ import httpx
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
 from gateway.errors import describe
+from gateway.models.upstream import UpstreamError, UpstreamModels
 from middleware.types import Clock
 
 _PING = [{"role": "user", "content": "Reply with one word: ok"}]
+#: LM Studio's model types that answer chat requests (``/api/v0/models``; ``/api/v1`` says only ``llm``).
+_CHAT_TYPES = frozenset({"llm", "vlm"})
+_EMBEDDING_TYPES = frozenset({"embeddings", "embedding"})  # /api/v0 and /api/v1 spellings
+# How servers word "this model cannot chat" (the simulator and LM Studio: 'Model "x" is not an LLM.').
+_NOT_CHAT = re.compile(r"\bnot an? (llm|language model)\b|\bdoes not support (the )?chat\b", re.IGNORECASE)
 
 
 class LatencyWindows:
@@ -165,6 +179,7 @@ class LlmHealth:
         self.timeout_s = timeout_s
         self.windows = windows
         self.clock = clock
+        self.listing = UpstreamModels(client, upstream_url, api_key=api_key, request_timeout_s=timeout_s)
         self._cache = _Cached(ttl_s, clock)
 
     async def report(self) -> tuple[int, dict[str, Any]]:
@@ -180,13 +195,24 @@ class LlmHealth:
 
     async def _check_all(self) -> tuple[int, dict[str, Any]]:
         models = self.models or tuple(self.windows.models())
+        types = await self._types() if models else {}
         checks: dict[str, dict[str, Any]] = {}
         async with anyio.create_task_group() as tg:
             for model in models:
-                tg.start_soon(self._check, model, checks)
-        failed = [f"{model}: {check['reason']}" for model, check in checks.items() if not check["ok"]]
+                cannot_chat = _cannot_chat(types.get(model))
+                if cannot_chat is not None:
+                    checks[model] = _outcome("skipped", None, cannot_chat)
+                else:
+                    tg.start_soon(self._check, model, checks)
+        by_outcome: dict[str, list[str]] = {"ok": [], "failed": [], "skipped": []}
+        for model in models:
+            by_outcome[checks[model]["status"]].append(f"{model}: {checks[model]['reason']}")
+        if by_outcome["failed"] or not models:
+            status = "unhealthy"
+        else:
+            status = "ok" if by_outcome["ok"] else "unknown"  # unknown: every model was skipped
         document: dict[str, Any] = {
-            "status": "ok" if models and not failed else "unhealthy",
+            "status": status,
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "models": {
                 model: {**checks[model], "rolling": self.windows.summary(model)} for model in models
@@ -194,32 +220,63 @@ class LlmHealth:
         }
         if not models:
             document["reason"] = "no model to check: set health.models, or send traffic first"
-        elif failed:
-            document["reason"] = "; ".join(failed)
-        return (200 if document["status"] == "ok" else 503), document
+        elif by_outcome["failed"]:
+            document["reason"] = "; ".join(by_outcome["failed"])
+        elif status == "unknown":
+            document["reason"] = "no model that can chat to check: " + "; ".join(by_outcome["skipped"])
+        return (503 if status == "unhealthy" else 200), document
+
+    async def _types(self) -> dict[str, str | None]:
+        """Each listed model's (and loaded instance's) type; empty when the listing is unavailable."""
+        with suppress_http_instrumentation():
+            try:
+                listed = await self.listing.listing()
+            except UpstreamError:
+                return {}  # the probes will tell what is wrong, if anything
+        return {name: entry.type for entry in listed for name in (entry.id, *entry.instances)}
 
     async def _check(self, model: str, checks: dict[str, dict[str, Any]]) -> None:
         started = self.clock()
         body = {"model": model, "messages": _PING, "max_tokens": 1, "temperature": 0, "stream": False}
-        reason: str | None = None
         with suppress_http_instrumentation():
             try:
                 response = await self.client.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
             except httpx.HTTPError as exc:
-                reason = describe(exc)
+                outcome, reason = "failed", describe(exc)
             else:
-                reason = _generation_problem(response)
-        checks[model] = {"ok": reason is None, "latency_ms": round((self.clock() - started) * 1000), "reason": reason}
+                outcome, reason = _judge(response)
+        checks[model] = _outcome(outcome, round((self.clock() - started) * 1000), reason)
 
 
-def _generation_problem(response: httpx.Response) -> str | None:
-    """None when ``response`` is a completion, else a short reason."""
+def _outcome(status: str, latency_ms: int | None, reason: str | None) -> dict[str, Any]:
+    """One model's entry: ``ok`` is None when it was skipped (its health is not known)."""
+    return {"status": status, "ok": None if status == "skipped" else status == "ok", "latency_ms": latency_ms,
+            "reason": reason}
+
+
+def _cannot_chat(model_type: str | None) -> str | None:
+    """Why a model of ``model_type`` is not probed; None when it can chat or its type is unknown."""
+    if model_type is None or model_type in _CHAT_TYPES:
+        return None
+    if model_type in _EMBEDDING_TYPES:
+        return f"an embedding model (type {model_type!r}): it cannot chat, so it is not probed"
+    return f"type {model_type!r} cannot chat, so it is not probed"
+
+
+def _judge(response: httpx.Response) -> tuple[str, str | None]:
+    """("ok", None) for a completion; ("skipped", why) for the probe's own mistake; else ("failed", why)."""
     try:
         document = response.json()
     except ValueError:
         document = None
     if response.status_code == 200 and isinstance(document, dict) and document.get("choices"):
-        return None
+        return "ok", None
     error = document.get("error") if isinstance(document, dict) else None
     message = error.get("message") if isinstance(error, dict) else error
-    return f"HTTP {response.status_code}: {message or response.text[:200]}"
+    code = error.get("code") if isinstance(error, dict) else None
+    reason = f"HTTP {response.status_code}: {message or response.text[:200]}"
+    if response.status_code in (400, 404) and (
+        code == "model_not_found" or (isinstance(message, str) and _NOT_CHAT.search(message))
+    ):
+        return "skipped", reason
+    return "failed", reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,13 +19,20 @@ from gateway.simulator import SimModel, Simulator
 pytestmark = pytest.mark.anyio
 
 MODEL = "qwen2.5-7b-instruct"
+EMBED = "text-embedding-nomic-embed-text-v1.5"
+BROKEN = "broken-7b"  # not loaded; its load fails when a test injects load_failure
 LLM = "/lmgate/health/llm"
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
-    model = SimModel(id=MODEL, loaded=True, tokens_per_second=2000.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
-    async with Simulator(models=[model]) as simulator:
+    fast = {"tokens_per_second": 2000.0, "ttft_base_s": 0.0, "ttft_per_prompt_token_s": 0.0}
+    models = [
+        SimModel(id=MODEL, loaded=True, **fast),
+        SimModel(id=EMBED, type="embeddings", loaded=True, **fast),
+        SimModel(id=BROKEN, load_delay_s=0.01, **fast),
+    ]
+    async with Simulator(models=models) as simulator:
         yield simulator
 
 
@@ -94,12 +102,75 @@ async def test_the_llm_check_generates_one_token_and_is_cached(sim, client):
 
 
 async def test_the_llm_check_is_503_with_the_reason_when_a_model_fails(sim, client):
-    async with gateway(sim.url, models=[MODEL, "missing-model"]) as (url, _):
+    # LM Studio answers a failed JIT load with a 400 too: that 400 is the model's failure, not the probe's.
+    sim.inject_fault("load_failure", model=BROKEN, message="Engine protocol startup was aborted.")
+    async with gateway(sim.url, models=[MODEL, BROKEN]) as (url, _):
         answer = await client.get(url + LLM)
     assert answer.status_code == 503
     document = answer.json()
-    assert document["status"] == "unhealthy" and document["reason"].startswith("missing-model: HTTP 4")
-    assert document["models"][MODEL]["ok"] and not document["models"]["missing-model"]["ok"]
+    assert document["status"] == "unhealthy" and document["reason"].startswith(f"{BROKEN}: HTTP 400")
+    assert "Failed to load model" in document["reason"]
+    assert document["models"][MODEL]["ok"] and document["models"][MODEL]["status"] == "ok"
+    assert document["models"][BROKEN]["ok"] is False and document["models"][BROKEN]["status"] == "failed"
+
+
+async def test_embeddings_traffic_leaves_the_llm_check_unknown_not_unhealthy(sim, client):
+    # The check probed the last-used model with a chat request; an embedding model answers that
+    # with 400 "not an LLM", and /lmgate/health/llm said 503 after nothing but embeddings traffic.
+    async with gateway(sim.url) as (url, app):
+        finished = anyio.Event()
+        app.telemetry.on_request_end.append(lambda record, outcome: finished.set())
+        served = await client.post(url + "/v1/embeddings", json={"model": EMBED, "input": "hello"})
+        assert served.status_code == 200
+        with anyio.fail_after(5):
+            await finished.wait()
+        requests = sim.counters.requests
+        answer = await client.get(url + LLM)
+    assert answer.status_code == 200, answer.text
+    document = answer.json()
+    assert document["status"] == "unknown" and EMBED in document["reason"]
+    check = document["models"][EMBED]
+    assert (check["status"], check["ok"], check["latency_ms"]) == ("skipped", None, None)
+    assert "embedding" in check["reason"] and check["rolling"]["count"] == 1
+    assert sim.counters.requests == requests  # the embedding model got no chat request
+
+
+async def test_an_embedding_model_is_skipped_beside_a_healthy_llm(sim, client):
+    async with gateway(sim.url, models=[MODEL, EMBED]) as (url, _):
+        answer = await client.get(url + LLM)
+    document = answer.json()
+    assert answer.status_code == 200 and document["status"] == "ok" and "reason" not in document
+    assert document["models"][MODEL]["status"] == "ok" and document["models"][EMBED]["status"] == "skipped"
+
+
+async def test_a_model_the_upstream_does_not_know_is_skipped_not_unhealthy(sim, client):
+    # LM Studio's 400 model_not_found is about the probe's request (a typo in health.models, a
+    # deleted model), not about the upstream's health.
+    async with gateway(sim.url, models=[MODEL, "missing-model"]) as (url, _):
+        answer = await client.get(url + LLM)
+    document = answer.json()
+    assert answer.status_code == 200 and document["status"] == "ok"
+    check = document["models"]["missing-model"]
+    assert check["status"] == "skipped" and check["ok"] is None and check["reason"].startswith("HTTP 400")
+
+
+async def test_without_a_listing_a_not_an_llm_answer_is_skipped_too(upstream, client):
+    # An upstream whose listings say nothing about types: the probe's answer decides.
+    async def handler(scope, receive, send):
+        if scope["path"] != "/v1/chat/completions":
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        error = {"error": {"message": f'Model "{EMBED}" is not an LLM.', "type": "invalid_request_error"}}
+        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(error).encode()})
+
+    upstream.handler = handler
+    async with gateway(upstream.url, models=[EMBED]) as (url, _):
+        answer = await client.get(url + LLM)
+    document = answer.json()
+    assert (answer.status_code, document["status"]) == (200, "unknown")
+    assert document["models"][EMBED]["status"] == "skipped" and "not an LLM" in document["models"][EMBED]["reason"]
 
 
 async def test_without_models_or_traffic_there_is_nothing_to_vouch_for(sim, client):
