@@ -74,12 +74,15 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
                 tg.start_soon(second_signal)
                 finished = await gateway.drain.wait_idle(config.drain.timeout_s)
                 tg.cancel_scope.cancel()
+            aborted = 0
             if not finished:
+                # Counted before the abort: the aborted streams leave in_flight as they flush.
+                aborted = gateway.drain.in_flight
                 gateway.drain.abort_remaining()
                 await gateway.drain.wait_idle(_ABORT_FLUSH_S)
             logger.info(
                 "drained",
-                extra={"event": "drain_end", "completed": finished, "aborted": gateway.drain.in_flight},
+                extra={"event": "drain_end", "completed": finished, "aborted": aborted},
             )
 
         hyper = hypercorn_config(sock, graceful_timeout_s=_ABORT_FLUSH_S)
