@@ -29,6 +29,11 @@ _ABORT_FLUSH_S = 2.0
 async def serve(config: Config, *, simulate: bool = False, announce: Callable[[str], None] = print) -> int:
     """Serve until SIGTERM/SIGINT, drain, and return the exit code (0)."""
     async with AsyncExitStack() as stack:
+        # Bind before anything starts: a port in use ends start-up with one ListenError, not an
+        # error group from the simulator's task group. hypercorn adopts (detaches) the socket
+        # later, which makes this close a no-op.
+        sock = bind_socket(config.listen.host, config.listen.port)
+        stack.callback(sock.close)
         if simulate:
             from gateway.simulator import Simulator, default_models
 
@@ -39,7 +44,6 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
         gateway = Gateway(config)
         # Signals are caught from here on, so a SIGTERM during start-up drains instead of killing.
         signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
-        sock = bind_socket(config.listen.host, config.listen.port)
         url = format_url(config.listen.host, sock.getsockname()[1])
         what = "the built-in LM Studio simulator at " if simulate else ""
         announce(f"lmgate listening on {url}, forwarding to {what}{config.upstream.url}")
@@ -74,12 +78,15 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
                 tg.start_soon(second_signal)
                 finished = await gateway.drain.wait_idle(config.drain.timeout_s)
                 tg.cancel_scope.cancel()
+            aborted = 0
             if not finished:
+                # Counted before the abort: the aborted streams leave in_flight as they flush.
+                aborted = gateway.drain.in_flight
                 gateway.drain.abort_remaining()
                 await gateway.drain.wait_idle(_ABORT_FLUSH_S)
             logger.info(
                 "drained",
-                extra={"event": "drain_end", "completed": finished, "aborted": gateway.drain.in_flight},
+                extra={"event": "drain_end", "completed": finished, "aborted": aborted},
             )
 
         hyper = hypercorn_config(sock, graceful_timeout_s=_ABORT_FLUSH_S)

@@ -7,6 +7,7 @@ until hypercorn accepts it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,8 +25,36 @@ from middleware.types import ASGIApp
 LISTEN_BACKLOG = 1024
 
 
+class ListenError(OSError):
+    """No listening socket on ``host:port``; ``str()`` is one line that says what to do."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.host, self.port, self.cause = host, port, cause
+
+    def __str__(self) -> str:
+        address = format_url(self.host, self.port).removeprefix("http://")
+        return f"cannot listen on {address}: {_listen_advice(self.cause, self.port)}"
+
+
+def _listen_advice(cause: OSError, port: int) -> str:
+    if isinstance(cause, socket.gaierror):
+        return "no such host name; pass --host with an address of this machine (127.0.0.1 by default)"
+    if cause.errno == errno.EADDRINUSE:
+        return "address already in use; stop the other process or pass --port"
+    if cause.errno == errno.EADDRNOTAVAIL:
+        return "this machine has no such address; pass --host with one of its addresses (127.0.0.1 by default)"
+    if cause.errno == errno.EACCES and 0 < port < 1024:
+        return "permission denied (ports below 1024 need privileges); pass --port 1024 or above"
+    return cause.strerror or str(cause)
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (IPv6 when the host has a colon)."""
+    """A listening TCP socket on ``host:port`` (IPv6 when the host has a colon).
+
+    Raises ``ListenError`` (an ``OSError``) when the address cannot be had: a port in use, an
+    address this machine does not have, a privileged port.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -33,6 +62,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host.strip("[]"), port))
         sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(host, port, exc) from exc
     except BaseException:
         sock.close()
         raise

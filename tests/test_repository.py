@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +57,18 @@ def test_constraints_pin_every_declared_dependency_within_its_bounds():
         elif not requirement.specifier.contains(pinned, prereleases=True):
             problems.append(f"{requirement.name}=={pinned} is outside {requirement.specifier}")
     assert problems == [], "run .ci/refresh-constraints"
+
+
+def test_a_skip_says_why_in_words_a_user_can_act_on(tmp_path):
+    # Without Chromium the browser test once skipped with "unhandled errors in a TaskGroup": its
+    # skip was raised inside the test's servers. Run it with a PATH that has no browser.
+    env = {k: v for k, v in os.environ.items() if k != "LMGATE_REQUIRE_CHROMIUM"}
+    env["PATH"] = str(tmp_path)  # empty: the interpreter is named by its full path
+    test = "tests/gateway/test_status_page.py::test_page_shows_a_model_going_from_loading_to_loaded_without_console_errors"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", test, "-rs", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 skipped" in result.stdout and "TaskGroup" not in result.stdout
+    assert "Chromium not found on PATH" in result.stdout and "LMGATE_REQUIRE_CHROMIUM=1" in result.stdout

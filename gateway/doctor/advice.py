@@ -1,8 +1,8 @@
-"""Advice from what the doctor saw, and the seed's "When to Escalate" thresholds.
+"""Advice from what the doctor saw, and the troubleshooting guide's "When to Escalate" thresholds.
 
 Escalate (the command exits 1) when:
 
-* more than 5% of the generations failed (with the doctor's default 90 s timeout, the seed's "after
+* more than 5% of the generations failed (with the doctor's default 90 s timeout, the guide's "after
   raising timeout to 90s");
 * a tiny prompt failed on the first attempt and again on the second ("consistent failures on first
   attempt even with tiny prompts");

@@ -9,23 +9,25 @@ import sys
 
 import anyio
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
 from gateway.doctor.core import DoctorOptions, diagnose
 from gateway.doctor.render import ProgressBar, render_text
+from gateway.doctor.target import default_target, given_target
 
 EXIT_OK, EXIT_ESCALATE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="the server to check: LM Studio, lmgate or the simulator "
-                                      "(default: lmgate's address from --config, else http://127.0.0.1:1234)")
+    parser.add_argument("--url", help="the server to check: LM Studio, lmgate or the simulator (default: lmgate's "
+                                      "address from --config, else lmgate on http://127.0.0.1:8080 if it answers, "
+                                      "else LM Studio on http://127.0.0.1:1234)")
     parser.add_argument("-n", "--requests", type=int, default=10, help="generations to run (default 10)")
     parser.add_argument("--concurrency", type=int, default=2, help="generations at a time (default 2)")
     parser.add_argument("--model", help="model to generate with (default: the first loaded one)")
     parser.add_argument("--cold", metavar="MODEL", help="unload MODEL, then time its cold start")
     parser.add_argument("--heartbeat-s", type=float, help="silence a stream must survive "
                                                           "(default: models.heartbeat_s from --config, else 10)")
-    parser.add_argument("--timeout-s", type=float, default=90.0, help="per request (default 90, the seed's advice)")
+    parser.add_argument("--timeout-s", type=float, default=90.0, help="seconds per request (default 90)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per generation (default 32)")
     parser.add_argument("--api-key-env", default="LMSTUDIO_API_KEY", metavar="NAME",
                         help="environment variable holding the key to send (default LMSTUDIO_API_KEY)")
@@ -33,23 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def options_from(args: argparse.Namespace) -> DoctorOptions:
-    """Validated options; raises ``ValueError`` (or ``ConfigError``) naming what is wrong."""
-    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
-        raise ValueError("-n, --concurrency and --max-tokens must be at least 1")
-    if args.timeout_s <= 0 or (args.heartbeat_s is not None and args.heartbeat_s <= 0):
-        raise ValueError("--timeout-s and --heartbeat-s must be above 0")
-    url, heartbeat_s = args.url, args.heartbeat_s
-    if args.config is not None:
-        config = load_config(args.config)
-        host = config.listen.host if config.listen.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        url = url or f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}"
-        heartbeat_s = heartbeat_s if heartbeat_s is not None else config.models.heartbeat_s
-    elif heartbeat_s is None:
-        heartbeat_s = 10.0
-    url = url or "http://127.0.0.1:1234"
+def options_from(args: argparse.Namespace, config: Config | None, url: str) -> DoctorOptions:
+    """Validated options for checking ``url``; raises ``ValueError`` naming what is wrong."""
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--url must start with http:// or https://, got {url!r}")
+    heartbeat_s = args.heartbeat_s
+    if heartbeat_s is None:
+        heartbeat_s = config.models.heartbeat_s if config is not None else 10.0
     return DoctorOptions(
         url=url, requests=args.requests, concurrency=args.concurrency, model=args.model, cold=args.cold,
         heartbeat_s=heartbeat_s, timeout_s=args.timeout_s, max_tokens=args.max_tokens,
@@ -57,12 +49,23 @@ def options_from(args: argparse.Namespace) -> DoctorOptions:
     )
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    if args.requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
+        raise ValueError("-n, --concurrency and --max-tokens must be at least 1")
+    if args.timeout_s <= 0 or (args.heartbeat_s is not None and args.heartbeat_s <= 0):
+        raise ValueError("--timeout-s and --heartbeat-s must be above 0")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        options = options_from(args)
+        check_numbers(args)
+        config = load_config(args.config) if args.config is not None else None
+        target = given_target(args.url, args.config, config) or anyio.run(default_target)
+        options = options_from(args, config, target.url)
     except (ValueError, ConfigError) as exc:
         print(f"lmgate doctor: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    print(target.describe(), file=sys.stderr, flush=True)
     progress = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.json else None
     report = anyio.run(lambda: diagnose(options, progress=progress))
     if args.json:

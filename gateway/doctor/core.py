@@ -1,4 +1,4 @@
-"""``diagnose(options)``: the seed's "Verifying Fixes" procedure, run against a server, as a report.
+"""``diagnose(options)``: the troubleshooting guide's "Verifying Fixes" procedure as a report.
 
 In order: who answers and which APIs (``probe``); the models; a cold load if asked (unload, then
 time the first token); a tiny prompt, twice at most (the "first attempt" check); N streamed
@@ -32,7 +32,7 @@ class DoctorOptions:
     cold: str | None = None
     #: The heartbeat length a stream's silences are judged against (lmgate's models.heartbeat_s).
     heartbeat_s: float | None = 10.0
-    #: Per request; 90 s is the seed's "after raising timeout to 90s".
+    #: Per request; 90 s is the troubleshooting guide's "after raising timeout to 90s".
     timeout_s: float = 90.0
     max_tokens: int = 32
     api_key: str | None = None

@@ -4,7 +4,7 @@ tokens per second, the longest silence, and how it failed if it did.
 Failures get the telemetry layer's categories (``gateway.telemetry.events``), from lmgate's
 ``X-Lmgate-Error`` code where there is one, else from LM Studio's message wording
 (``gateway.errors.classify_upstream_message``), else from the status. A connection that drops
-before the answer is complete is a *disconnect* (the seed's word): a reset before the headers, or
+before the answer is complete is a *disconnect* (the guide's word): a reset before the headers, or
 a stream that ends without ``data: [DONE]``.
 """
 
@@ -25,7 +25,7 @@ from gateway.sse import FrameParser
 from gateway.telemetry.events import categorise
 
 CHAT_PATH = "/v1/chat/completions"
-#: Short, so prompt length is never the cause; "tiny" is the seed's word.
+#: Short, so prompt length is never the cause; "tiny" is the troubleshooting guide's word.
 PROMPT = "Reply with one short sentence about the sea."
 TINY_PROMPT = "Say ok."
 _ERROR_BODY_LIMIT = 64 * 1024

@@ -47,7 +47,7 @@ class Attempt:
     message: str | None = None
     status: int | None = None
     #: The connection closed, by either side, after the request was sent and before the answer was
-    #: complete: what LM Studio logs as "Client disconnected. Stopping generation..." (the seed's word).
+    #: complete: what LM Studio logs as "Client disconnected. Stopping generation..." (the guide's word).
     disconnected: bool = False
     ttft_s: float | None = None
     tokens: int | None = None
@@ -96,7 +96,7 @@ class Generations:
 
 @dataclass
 class TinyPrompt:
-    """The seed's "failures on first attempt even with tiny prompts": a one-token request, twice at most."""
+    """The guide's "failures on first attempt even with tiny prompts": a one-token request, twice at most."""
 
     attempts: list[Attempt] = field(default_factory=list)
 

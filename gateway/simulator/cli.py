@@ -2,7 +2,8 @@
 
     lmgate simulate [--host 127.0.0.1] [--port 1234] [--config FILE] [--control] [--speed N]
 
-Prints one line saying where it listens. Exit codes: 0 after a signal, 2 for a bad config file.
+Prints one line saying where it listens. Exit codes: 0 after a signal, 2 for a bad config file or
+an address it cannot listen on (a port in use: one line says so, no traceback).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 import anyio
 
+from gateway.serving import ListenError
 from gateway.simulator.clock import RealClock
 from gateway.simulator.config import SimConfigError, SimulatorFile, load_file, models_of
 from gateway.simulator.simulator import Simulator
@@ -42,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:  # show LM Studio's log lines, as its server log would
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("hypercorn.error").setLevel(logging.WARNING)  # our own line says where we listen
-    return anyio.run(_serve, args, config)
+    try:
+        return anyio.run(_serve, args, config)
+    except ListenError as exc:
+        print(f"lmgate simulate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 async def _serve(args: argparse.Namespace, config: SimulatorFile) -> int:

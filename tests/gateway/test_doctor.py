@@ -8,23 +8,28 @@ the report object.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
+import yaml
 
 from gateway.app import build_app
-from gateway.cli import main
+from gateway.cli import _parser, main
 from gateway.config import Config
 from gateway.doctor import DoctorOptions, diagnose
 from gateway.doctor.advice import judge_heartbeat
 from gateway.doctor.report import Attempt, percentiles_ms
+from gateway.doctor.target import LM_STUDIO_DEFAULT, LMGATE_DEFAULT, default_target
 from gateway.serving import serve_in_background
 from gateway.simulator import SimModel, SimSettings, Simulator
 from middleware.types import Receive, Scope, Send
@@ -106,6 +111,52 @@ def test_usage_errors_exit_2(args: list[str], message: str, capsys: pytest.Captu
     assert message in capsys.readouterr().err
 
 
+# --- which server it checks ------------------------------------------------------------------------
+
+
+async def test_with_config_it_checks_lmgate_at_its_listen_address_and_says_why(tmp_path: Path) -> None:
+    async with Simulator(models=models()) as sim, lmgate_in_front(sim) as url:
+        config = tmp_path / "lmgate.yaml"
+        config.write_text(yaml.safe_dump({"listen": {"port": urlsplit(url).port}, "upstream": {"url": sim.url}}))
+        out, err = io.StringIO(), io.StringIO()
+
+        def run() -> int:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                return main(["doctor", "--config", str(config), "-n", "2"])
+
+        code = await anyio.to_thread.run_sync(run)
+    assert err.getvalue().splitlines()[0] == f"checking lmgate at {url} (its listen address in {config})"
+    assert code == 0 and "Server       lmgate" in out.getvalue()
+
+
+async def test_without_url_or_config_it_checks_an_lmgate_answering_on_its_default_address() -> None:
+    async with Simulator(models=models()) as sim, lmgate_in_front(sim) as url:
+        target = await default_target(lmgate_url=url, lm_studio_url=sim.url)
+    assert target.describe() == f"checking lmgate at {url} (it answered on lmgate's default port)"
+
+
+async def test_without_url_or_config_it_falls_back_to_lm_studio_when_no_lmgate_answers() -> None:
+    async with Simulator(models=models()) as sim:
+        # Nothing listens on the discard port; the simulator (like LM Studio) is not taken for lmgate.
+        for lmgate_url in ("http://127.0.0.1:9", sim.url):
+            target = await default_target(lmgate_url=lmgate_url, lm_studio_url="http://127.0.0.1:1234")
+            port = urlsplit(lmgate_url).port
+            assert target.describe() == (
+                f"checking LM Studio at http://127.0.0.1:1234 (no lmgate answered on {port}; pass --url to choose)"
+            )
+
+
+def test_the_defaults_are_lmgate_and_lm_studio_defaults() -> None:
+    assert (LMGATE_DEFAULT, LM_STUDIO_DEFAULT) == ("http://127.0.0.1:8080", "http://127.0.0.1:1234")
+
+
+def test_help_speaks_of_what_the_doctor_does() -> None:
+    parser = _parser()
+    assert "seed" not in parser.format_help()
+    doctor_help = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["doctor"]
+    assert "seed" not in doctor_help.format_help()
+
+
 # --- the report ------------------------------------------------------------------------------------
 
 
@@ -124,7 +175,7 @@ async def test_context_overflow_on_a_tiny_prompt_escalates() -> None:
     assert report.escalate and report.generations is not None and report.generations.failure_ratio == 0
     texts = {a.level: a.text for a in report.advice}
     assert "context overflow" in texts["escalate"] and "still loading" in texts["warn"]
-    assert report.environment == {"EVAL_CONCURRENCY": "2"}  # the seed's variables only
+    assert report.environment == {"EVAL_CONCURRENCY": "2"}  # the troubleshooting guide's variables only
 
 
 async def test_a_tiny_prompt_failing_twice_escalates() -> None:

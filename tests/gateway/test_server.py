@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import httpx
@@ -48,9 +49,11 @@ async def discard(stream: ByteReceiveStream) -> None:
 
 
 @asynccontextmanager
-async def lmgate_process(*args: str) -> AsyncIterator[tuple[Process, str]]:
+async def lmgate_process(*args: str, log: Path | None = None) -> AsyncIterator[tuple[Process, str]]:
+    """``lmgate serve --port 0 ARGS``; its JSON log lines (stdout) go to ``log``, or are dropped."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await anyio.open_process(lmgate("serve", "--port", "0", *args), env=env, stdout=subprocess.DEVNULL)
+    with open(log, "wb") if log is not None else open(os.devnull, "wb") as stdout:
+        process = await anyio.open_process(lmgate("serve", "--port", "0", *args), env=env, stdout=stdout)
     try:
         url = await read_start_line(process)
         assert process.stderr is not None
@@ -132,8 +135,9 @@ async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_er
                      ttft_per_prompt_token_s=0.0)
     config = tmp_path / "lmgate.yaml"
     config.write_text(yaml.safe_dump({"concurrency": {"limit": streams}, "drain": {"timeout_s": 0.5}}))
+    log = tmp_path / "lmgate.log"
     async with Simulator(models=[model]) as sim, lmgate_process(
-        "--upstream", sim.url, "--config", str(config)
+        "--upstream", sim.url, "--config", str(config), log=log
     ) as (process, url):
         async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
             live = LiveStreams(client, url, streams)
@@ -149,6 +153,9 @@ async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_er
         errors = [event.json()["error"] for event in parse_sse(body) if event.event == "error"]
         assert len(errors) == 1 and errors[0]["code"] == "draining"
     assert sim.counters.generations_completed == 0
+    events = {line["event"]: line for line in map(json.loads, log.read_text().splitlines())}
+    assert events["drain_start"]["in_flight"] == streams
+    assert events["drain_end"]["completed"] is False and events["drain_end"]["aborted"] == streams
 
 
 def test_a_bad_config_exits_2_before_binding_and_names_the_key(tmp_path):

@@ -120,14 +120,18 @@ async def test_page_is_self_contained_and_both_routes_need_a_key_once_keys_exist
 # --- the page in headless Chromium ----------------------------------------------------------------
 
 
+@pytest.fixture
 def chromium_binary() -> str:
+    """The browser's path. A fixture, so that a missing browser skips at set-up with this reason:
+    a skip raised inside the test's servers would surface as their task group's error instead."""
     for name in ("chromium", "chromium-browser"):
         found = shutil.which(name)
         if found:
             return found
     if os.environ.get("LMGATE_REQUIRE_CHROMIUM") == "1":
-        pytest.fail("LMGATE_REQUIRE_CHROMIUM=1 but no chromium on PATH (apt-get install -y chromium)")
-    pytest.skip("headless Chromium is not installed here (Debian: apt-get install -y chromium); CI installs it")
+        pytest.fail("LMGATE_REQUIRE_CHROMIUM=1 but Chromium is not on PATH: apt-get install -y chromium")
+    pytest.skip("Chromium not found on PATH (chromium, chromium-browser): apt-get install -y chromium, "
+                "or set LMGATE_REQUIRE_CHROMIUM=1 to fail instead")
 
 
 class DevTools:
@@ -221,9 +225,8 @@ class DevTools:
 
 
 @asynccontextmanager
-async def chromium(profile: Path) -> AsyncIterator[str]:
+async def chromium(binary: str, profile: Path) -> AsyncIterator[str]:
     """Headless Chromium on about:blank; yields the page's DevTools websocket URL."""
-    binary = chromium_binary()
     args = [
         binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -265,14 +268,17 @@ async def chromium(profile: Path) -> AsyncIterator[str]:
 
 
 @pytest.mark.slow
-async def test_page_shows_a_model_going_from_loading_to_loaded_without_console_errors(tmp_path: Path) -> None:
+async def test_page_shows_a_model_going_from_loading_to_loaded_without_console_errors(
+    tmp_path: Path, chromium_binary: str
+) -> None:
     models = [
         SimModel(id="qwen2.5-0.5b-instruct", loaded=True, tokens_per_second=400.0),
         # Loads take time in proportion to size: the warm-up's load gives the instruct model its ETA.
         SimModel(id="llama-3.1-8b-warmup", load_delay_s=0.5, size_bytes=1_000_000_000),
         SimModel(id="llama-3.1-8b-instruct", load_delay_s=2.5, size_bytes=5_000_000_000, tokens_per_second=400.0),
     ]
-    async with Simulator(models=models) as sim, gateway_on(sim) as url, chromium(tmp_path / "profile") as page_ws:
+    browser = chromium(chromium_binary, tmp_path / "profile")
+    async with Simulator(models=models) as sim, gateway_on(sim) as url, browser as page_ws:
         async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client, DevTools.connect(page_ws) as devtools:
             await client.post(url + "/lmgate/models/llama-3.1-8b-warmup/load")  # a load seen: ETAs from now on
             await client.post(url + CHAT, json=chat("qwen2.5-0.5b-instruct", stream=True))
