@@ -89,13 +89,13 @@ class CompletionAssembler:
         """The stream ended: take what is buffered; raise if it was cut or carried no answer."""
         if self._closed:
             return
-        self._closed = True
         for frame in self._parser.close():
             self._take(frame)
         if not self._done:
             raise StreamCut("The upstream stream ended before `data: [DONE]`; the answer is incomplete.")
         if not self._head:
             raise UpstreamProtocolError("The upstream stream carried no completion chunks.")
+        self._closed = True
 
     @property
     def usage_missing(self) -> bool:

@@ -284,7 +284,8 @@ class Proxy:
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response_started=False) from exc
         assembler.close()
-        request = _sent_document(response.request)
+        # The request as sent is parsed again only when needed (a prompt may be megabytes long).
+        request = _sent_document(response.request) if assembler.usage_missing or not assembler.model else {}
         model = assembler.model or _string(request.get("model"))
         prompt_tokens, prompt_source = None, None
         if assembler.usage_missing:  # an engine that ignores stream_options.include_usage

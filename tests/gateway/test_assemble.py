@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import build_app
+from gateway.assemble import CompletionAssembler
 from gateway.config import Config
 from gateway.serving import serve_in_background
 from gateway.simulator import SimModel, SimSettings, Simulator
@@ -212,3 +213,59 @@ async def test_an_assembled_v0_answer_matches_lm_studios_field_by_field(sim, cli
     assert stats["tokens_per_second"] * stats["generation_time"] == pytest.approx(tokens - 1, rel=0.05)
     describe = sim.counters.routes.get(f"GET /api/v0/models/{MODEL}", 0)
     assert describe == (0 if models_enabled else 1)  # the registry's listing is reused where it exists
+
+
+# --- the assembler alone, on a clock the test moves --------------------------------------------------
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sse(document: dict[str, Any]) -> str:
+    return "data: " + json.dumps(document) + "\n\n"
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    return sse({"id": "c1", "created": 1, "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra})
+
+
+@pytest.mark.parametrize(
+    ("finish", "stop_reason"),
+    [("stop", "eosFound"), ("length", "maxPredictedTokensReached"), ("tool_calls", "toolCalls")],
+)
+def test_v0_stats_are_timed_from_the_headers_to_the_first_and_last_token(finish, stop_reason):
+    clock = StepClock()
+    assembler = CompletionAssembler("v0-chat", clock=clock)  # the headers arrived at 100.0
+    assembler.feed(chunk({"role": "assistant"}))  # no token: does not start the clock
+    clock.now = 100.25
+    assembler.feed(chunk({"content": "a"}))
+    for step in range(1, 5):
+        clock.now = 100.25 + step * 0.5
+        assembler.feed(chunk({"content": "b"}))
+    clock.now = 103.0
+    assembler.feed(chunk({}, finish) + "data: [DONE]\n\n")
+    body = assembler.result(prompt_tokens=3, model_info={"arch": "llama"})
+    assert body["stats"] == {"tokens_per_second": 2.0, "time_to_first_token": 0.25, "generation_time": 2.0,
+                             "stop_reason": stop_reason}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert body["model_info"] == {"arch": "llama"} and "runtime" not in body and "system_fingerprint" not in body
+    assert body["choices"] == [{"index": 0, "logprobs": None, "finish_reason": finish,
+                                "message": {"role": "assistant", "content": "abbbb"}}]
+
+
+def test_what_an_upstream_stream_does_carry_wins_over_what_lmgate_fills_in():
+    upstream = {"stats": {"time_to_first_token": 0.111, "draft_model": "d"}, "model_info": {"arch": "granite"},
+                "runtime": {"name": "llama.cpp", "version": "1.3.0", "supported_formats": ["gguf"]},
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    assembler = CompletionAssembler("v0-chat", clock=StepClock())
+    assembler.feed(chunk({"content": "a"}) + sse({"id": "c1", "choices": [], **upstream}) + "data: [DONE]\n\n")
+    body = assembler.result(model_info={"arch": "llama"})
+    assert body["stats"]["time_to_first_token"] == 0.111 and body["stats"]["draft_model"] == "d"
+    assert set(body["stats"]) == {"tokens_per_second", "time_to_first_token", "generation_time", "stop_reason", "draft_model"}
+    assert (body["model_info"], body["runtime"], body["usage"]) == (upstream["model_info"], upstream["runtime"], upstream["usage"])
