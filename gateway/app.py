@@ -165,6 +165,7 @@ class Gateway:
             config, client=self.client, api_key=config.upstream.resolved_api_key(env), on_load=self.telemetry.model_load
         )
         stack = self.models.wrap(stack, body_limit_bytes=config.limits.body_bytes)
+        self.proxy.model_info = self.models.model_info  # /api/v0 answers lmgate assembles
         stack = Base64EmbeddingsMiddleware(stack, body_limit_bytes=config.limits.body_bytes, path_of=route_path)
         self.cache: CacheMiddleware | None = None
         if config.cache.enabled:  # outside the model layers: a hit neither loads a model nor takes a slot

@@ -7,11 +7,26 @@ that stream stops the model. The assembled body has the shape the upstream retur
 streaming (ids, content, reasoning, tool calls, finish_reason, usage), so clients cannot tell.
 Errors reported in the stream (``event: error`` after a 200) become ordinary HTTP errors, because
 nothing has been sent to the client yet.
+
+Two things a stream may lack that a whole answer has:
+
+* ``usage``: an engine that ignores ``stream_options.include_usage`` (llama-cpp-python's server,
+  LM Studio before 0.3.18) sends none. The assembler then counts the completion itself: LM Studio
+  and llama.cpp send one token per delta frame, so a frame of a choice that carries text (content,
+  reasoning, a tool call's name or arguments) counts as one token. An approximation: an engine
+  that packs several tokens into a frame is under-counted. The prompt's count comes from the
+  proxy (:mod:`gateway.usage`).
+* LM Studio's ``/api/v0`` additions: its streams carry no ``stats``, ``model_info`` or
+  ``runtime`` (lmstudio-bug-tracker#676). The assembler times the stream itself (time to first
+  token, generation time, tokens per second; ``stop_reason`` from ``finish_reason``) and takes
+  ``model_info`` from what the proxy knows of the model. Whatever the stream does carry wins.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.errors import StreamCut, UpstreamProtocolError, UpstreamReported
@@ -31,34 +46,76 @@ def streaming_request_body(document: dict[str, Any]) -> bytes:
         return json.dumps(upstream, separators=(",", ":")).encode()
 
 
+#: ``finish_reason`` -> LM Studio's ``stats.stop_reason``. A stop string also ends with "stop";
+#: the stream cannot tell it from the end-of-sequence token.
+STOP_REASONS = {"stop": "eosFound", "length": "maxPredictedTokensReached", "tool_calls": "toolCalls"}
+#: What ``/api/v0`` answers add to the OpenAI body, as they may appear in a stream's chunks.
+_V0_FIELDS = ("stats", "model_info", "runtime")
+KINDS = ("chat", "text", "v0-chat", "v0-text")
+
+
 class CompletionAssembler:
     """Feeds on SSE text; ``result()`` returns the non-streaming body as a dict.
 
-    ``kind`` is "chat" (``chat.completion``) or "text" (legacy ``text_completion``).
+    ``kind`` is "chat" (``chat.completion``) or "text" (legacy ``text_completion``), prefixed
+    "v0-" on LM Studio's ``/api/v0`` routes, whose whole answers differ (``stats``, ``model_info``,
+    ``runtime``; no ``system_fingerprint``). ``clock`` times the stream from construction on:
+    create the assembler when the upstream's headers arrive.
     """
 
-    def __init__(self, kind: str) -> None:
-        if kind not in ("chat", "text"):
+    def __init__(self, kind: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if kind not in KINDS:
             raise ValueError(f"unknown completion kind {kind!r}")
-        self.kind = kind
+        self.lmstudio_v0 = kind.startswith("v0-")
+        self.kind = kind.removeprefix("v0-")
+        self._clock = clock
+        self._started_at = clock()
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
         self._parser = FrameParser()
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None
+        self._upstream_fields: dict[str, Any] = {}
         self._reasoning_frames = 0
         self._done = False
+        self._closed = False
 
     def feed(self, text: str) -> None:
         for frame in self._parser.feed(text):
             self._take(frame)
 
-    def result(self) -> dict[str, Any]:
+    def close(self) -> None:
+        """The stream ended: take what is buffered; raise if it was cut or carried no answer."""
+        if self._closed:
+            return
         for frame in self._parser.close():
             self._take(frame)
         if not self._done:
             raise StreamCut("The upstream stream ended before `data: [DONE]`; the answer is incomplete.")
         if not self._head:
             raise UpstreamProtocolError("The upstream stream carried no completion chunks.")
+        self._closed = True
+
+    @property
+    def usage_missing(self) -> bool:
+        """The upstream sent no usage: ``result`` needs the prompt's token count to make one."""
+        return self._usage is None
+
+    @property
+    def model(self) -> str | None:
+        model = self._head.get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens counted from the stream: one per frame carrying text, summed over choices."""
+        return sum(state["tokens"] for state in self._choices.values())
+
+    def result(self, *, prompt_tokens: int | None = None, model_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The whole answer. ``prompt_tokens`` completes a usage lmgate counts (the upstream sent
+        none; without it the body has no ``usage``); ``model_info`` is what ``/api/v0`` reports."""
+        self.close()
         body: dict[str, Any] = {
             "id": self._head.get("id"),
             "object": "chat.completion" if self.kind == "chat" else "text_completion",
@@ -68,7 +125,17 @@ class CompletionAssembler:
         }
         if self._usage is not None:
             body["usage"] = self._usage_with_details()
-        body["stats"] = {}
+        elif prompt_tokens is not None:
+            body["usage"] = self._counted_usage(prompt_tokens)
+        if self.lmstudio_v0:
+            body["stats"] = self._stats(body.get("usage"))
+            info = self._upstream_fields.get("model_info") or (dict(model_info) if model_info else None)
+            if info:
+                body["model_info"] = info
+            if self._upstream_fields.get("runtime"):
+                body["runtime"] = self._upstream_fields["runtime"]
+            return body
+        body["stats"] = self._upstream_fields.get("stats") or {}
         if "system_fingerprint" in self._head:
             body["system_fingerprint"] = self._head["system_fingerprint"]
         return body
@@ -93,36 +160,54 @@ class CompletionAssembler:
             self._head = {key: chunk[key] for key in ("id", "created", "model", "system_fingerprint") if key in chunk}
         if chunk.get("usage") is not None:
             self._usage = chunk["usage"]
+        for key in _V0_FIELDS:
+            if isinstance(chunk.get(key), dict) and chunk[key]:
+                self._upstream_fields[key] = chunk[key]
+        tokens = 0
         for choice in chunk.get("choices") or ():
-            self._merge_choice(choice)
+            tokens += self._merge_choice(choice)
+        if tokens:
+            now = self._clock()
+            if self._first_token_at is None:
+                self._first_token_at = now
+            self._last_token_at = now
 
-    def _merge_choice(self, choice: dict[str, Any]) -> None:
+    def _merge_choice(self, choice: dict[str, Any]) -> int:
+        """Merge one choice's piece; 1 if it carried text (a token, as the engines stream them)."""
         index = choice.get("index", 0)
-        state = self._choices.setdefault(index, {"fields": {}, "tool_calls": {}, "finish_reason": None})
+        state = self._choices.setdefault(index, {"fields": {}, "tool_calls": {}, "finish_reason": None, "tokens": 0})
         if choice.get("finish_reason") is not None:
             state["finish_reason"] = choice["finish_reason"]
         if self.kind == "text":
             text = choice.get("text")
             if isinstance(text, str):
                 state["fields"]["text"] = state["fields"].get("text", "") + text
-            return
-        delta = choice.get("delta") or {}
+            carried = isinstance(text, str) and text != ""
+        else:
+            carried = self._merge_delta(state, choice.get("delta") or {})
+        state["tokens"] += carried
+        return int(carried)
+
+    def _merge_delta(self, state: dict[str, Any], delta: dict[str, Any]) -> bool:
+        carried = False
         if delta.get("reasoning_content") or delta.get("reasoning"):
             self._reasoning_frames += 1
         for key, value in delta.items():
             if key == "tool_calls":
                 for call in value or ():
-                    _merge_tool_call(state["tool_calls"], call)
+                    carried = _merge_tool_call(state["tool_calls"], call) or carried
             elif key == "role":
                 state["fields"].setdefault("role", value)
             elif isinstance(value, str):
                 state["fields"][key] = state["fields"].get(key, "") + value
+                carried = carried or value != ""
+        return carried
 
     def _usage_with_details(self) -> Any:
         """LM Studio's non-streaming usage has ``completion_tokens_details``; its stream usage frame
         does not. It sends one token per delta frame, so the reasoning frames counted are the count."""
         usage = self._usage
-        if self.kind != "chat" or not isinstance(usage, dict) or "completion_tokens_details" in usage:
+        if self.kind != "chat" or self.lmstudio_v0 or not isinstance(usage, dict) or "completion_tokens_details" in usage:
             return usage
         detailed: dict[str, Any] = {}
         for key, value in usage.items():
@@ -130,6 +215,38 @@ class CompletionAssembler:
             if key == "completion_tokens":
                 detailed["completion_tokens_details"] = {"reasoning_tokens": self._reasoning_frames}
         return detailed
+
+    def _counted_usage(self, prompt_tokens: int) -> dict[str, Any]:
+        completion = self.completion_tokens
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        if self.kind == "chat" and not self.lmstudio_v0:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self._reasoning_frames}
+        return usage
+
+    def _stats(self, usage: Any) -> dict[str, Any]:
+        """``/api/v0``'s stats: the upstream's where its stream carried them, else lmgate's timing.
+
+        Time to first token runs from the upstream's headers (LM Studio sends them at once) to the
+        first token; generation time from the first token to the last; tokens per second is the
+        tokens after the first over that time (0 when there is no interval to measure).
+        """
+        end = self._last_token_at if self._last_token_at is not None else self._clock()
+        first = self._first_token_at if self._first_token_at is not None else end
+        generation_s = end - first
+        tokens = self.completion_tokens
+        finish = self._choices[min(self._choices)]["finish_reason"] if self._choices else None
+        measured: dict[str, Any] = {
+            "tokens_per_second": (tokens - 1) / generation_s if tokens > 1 and generation_s > 0 else 0.0,
+            "time_to_first_token": round(first - self._started_at, 3),
+            "generation_time": round(generation_s, 3),
+            "stop_reason": STOP_REASONS.get(finish, finish) if isinstance(finish, str) else "eosFound",
+        }
+        upstream = self._upstream_fields.get("stats") or {}
+        return {**measured, **upstream}
 
     def _choice(self, index: int) -> dict[str, Any]:
         state = self._choices[index]
@@ -141,14 +258,23 @@ class CompletionAssembler:
         for key, value in fields.items():
             if key not in ("role", "content"):
                 message[key] = value
-        # LM Studio's non-streaming message always carries both, empty when unused.
+        tool_calls = [state["tool_calls"][i] for i in sorted(state["tool_calls"])]
+        if self.lmstudio_v0:
+            # /api/v0's message is role and content only; other fields only when they say something.
+            message = {key: value for key, value in message.items() if key in ("role", "content") or value}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            return {"index": index, "logprobs": None, "finish_reason": state["finish_reason"], "message": message}
+        # LM Studio's /v1 non-streaming message always carries both, empty when unused.
         message.setdefault("reasoning_content", "")
-        message["tool_calls"] = [state["tool_calls"][i] for i in sorted(state["tool_calls"])]
+        message["tool_calls"] = tool_calls
         return {"index": index, "message": message, "logprobs": None, "finish_reason": state["finish_reason"]}
 
 
-def _merge_tool_call(calls: dict[int, dict[str, Any]], piece: dict[str, Any]) -> None:
-    """Tool calls stream as pieces: id, type and name first, then argument fragments."""
+def _merge_tool_call(calls: dict[int, dict[str, Any]], piece: dict[str, Any]) -> bool:
+    """Tool calls stream as pieces: id, type and name first, then argument fragments.
+
+    Returns whether the piece carried text (a name or arguments)."""
     index = piece.get("index", len(calls))
     call = calls.setdefault(index, {"type": "function", "function": {"name": "", "arguments": ""}})
     if piece.get("id"):
@@ -162,6 +288,7 @@ def _merge_tool_call(calls: dict[int, dict[str, Any]], piece: dict[str, Any]) ->
         call["function"]["arguments"] += function["arguments"]
     # Key order as in a non-streaming body: id, type, function.
     calls[index] = {key: call[key] for key in ("id", "type", "function") if key in call}
+    return bool(function.get("name") or function.get("arguments"))
 
 
 def _error_message(chunk: Any) -> str:

@@ -22,7 +22,8 @@ status, and its ``{"error": "text"}`` bodies are normalised to the OpenAI shape.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import anyio
 import httpx
@@ -37,13 +38,21 @@ from gateway.errors import (
     translate_transport_error,
 )
 from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.models.upstream import UpstreamModels
 from gateway.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path, route_raw_path
 from gateway.sse import StreamMarkers
 from gateway.telemetry.stream import UsageTap, usage_tap
+from gateway.usage import PromptTokens
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, request_json
 from middleware.request_id import request_id
 from middleware.response import is_event_stream
 from middleware.types import Receive, Scope, Send
+
+#: On an assembled answer whose usage lmgate counted (the upstream streamed none):
+#: ``counted``, or ``counted; prompt=estimated`` when the prompt's tokens are an estimate.
+USAGE_HEADER = b"x-lmgate-usage"
+#: The ``model_info`` of a model, for ``/api/v0`` answers lmgate assembles (None: unknown).
+ModelInfo = Callable[[str], Awaitable[Mapping[str, Any] | None]]
 
 # Error bodies are small; anything larger is passed through untouched rather than buffered.
 _MAX_ERROR_BODY = 64 * 1024
@@ -65,6 +74,7 @@ class Proxy:
         normalise_errors: bool = True,
         body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
         assembled_limit_bytes: int = DEFAULT_ASSEMBLED_LIMIT_BYTES,
+        model_info: ModelInfo | None = None,
     ) -> None:
         self.client = client
         self.timeout = client.timeout.as_dict()
@@ -81,6 +91,10 @@ class Proxy:
         self.normalise_errors = normalise_errors
         self.body_limit_bytes = body_limit_bytes
         self.assembled_limit_bytes = assembled_limit_bytes
+        # For assembled answers: the prompt's tokens when the upstream streams no usage, and the
+        # model_info of /api/v0 answers (the gateway points this at its model registry).
+        self.prompt_tokens = PromptTokens(client, self.upstream_url)
+        self.model_info: ModelInfo = model_info or _describe_with(UpstreamModels(client, upstream_url, api_key=api_key))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -257,7 +271,7 @@ class Proxy:
     async def _relay_assembled(
         self, response: httpx.Response, send: Send, *, kind: str, request_id: str, tap: UsageTap | None = None
     ) -> None:
-        assembler = CompletionAssembler(kind)
+        assembler = CompletionAssembler(kind)  # created as the headers arrive: it times the stream
         try:
             async for text in response.aiter_text():
                 if response.num_bytes_downloaded > self.assembled_limit_bytes:
@@ -269,17 +283,54 @@ class Proxy:
                 assembler.feed(text)
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response_started=False) from exc
-        document = assembler.result()
+        assembler.close()
+        # The request as sent is parsed again only when needed (a prompt may be megabytes long).
+        request = _sent_document(response.request) if assembler.usage_missing or not assembler.model else {}
+        model = assembler.model or _string(request.get("model"))
+        prompt_tokens, prompt_source = None, None
+        if assembler.usage_missing:  # an engine that ignores stream_options.include_usage
+            auth = response.request.headers.get("authorization")
+            prompt_tokens, prompt_source = await self.prompt_tokens.count(
+                request, model=model, headers={"authorization": auth} if auth else None
+            )
+        model_info = await self.model_info(model) if assembler.lmstudio_v0 and model else None
+        document = assembler.result(prompt_tokens=prompt_tokens, model_info=model_info)
+        counted = {"input": prompt_source, "output": "counted"} if prompt_source is not None else None
         if tap is not None:
-            tap.record.note_usage(document.get("usage"), document)
+            tap.record.note_usage(document.get("usage"), document, counted=counted)
         body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
         upstream = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=False)
         headers = [
             (k, v) for k, v in upstream if k not in (b"content-type", b"content-length", b"content-encoding", b"cache-control")
         ]
         headers += [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        if prompt_source is not None:
+            headers.append((USAGE_HEADER, b"counted" if prompt_source == "counted" else b"counted; prompt=estimated"))
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _sent_document(request: httpx.Request) -> dict[str, Any]:
+    """The JSON body lmgate sent upstream (the client's request, asking for a stream)."""
+    try:
+        document = json.loads(request.content)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _string(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _describe_with(upstream: UpstreamModels) -> ModelInfo:
+    """``model_info`` straight from ``GET /api/v0/models/{model}`` (a proxy without a registry)."""
+
+    async def model_info(model: str) -> Mapping[str, Any] | None:
+        facts = await upstream.model_facts(model)
+        return (facts.model_info() or None) if facts is not None else None
+
+    return model_info
 
 
 def _is_json(response: httpx.Response) -> bool:

@@ -25,12 +25,13 @@ LMSTUDIO_PREFIXES = ("/api/v0/", "/api/v1/")
 DONE_TERMINATED = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/api/v0/chat/completions", "/api/v0/completions"}
 )
-# Non-streaming requests on these routes are streamed upstream and assembled (see assemble.py).
+# Non-streaming requests on these routes are streamed upstream and assembled (see assemble.py),
+# into the whole answer of the route's kind (/api/v0's answers add stats, model_info, runtime).
 ASSEMBLABLE = {
     "/v1/chat/completions": "chat",
-    "/api/v0/chat/completions": "chat",
+    "/api/v0/chat/completions": "v0-chat",
     "/v1/completions": "text",
-    "/api/v0/completions": "text",
+    "/api/v0/completions": "v0-text",
 }
 
 

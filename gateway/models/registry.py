@@ -27,7 +27,7 @@ from typing import Any, Literal
 import anyio
 
 from gateway.models.clock import Clock
-from gateway.models.upstream import Listed, UpstreamError, UpstreamModels
+from gateway.models.upstream import Listed, ModelFacts, UpstreamError, UpstreamModels
 
 logger = logging.getLogger("lmgate.models")
 
@@ -105,6 +105,11 @@ class ModelRegistry:
         if record.id != name and record.listed is not None and name in record.listed.instances:
             return "loaded"  # a loaded instance named directly ("key:2")
         return record.state
+
+    def facts(self, name: str) -> ModelFacts | None:
+        """What the last listing said about the model's file and loaded context (LM Studio only)."""
+        record = self.find(name)
+        return record.listed.facts if record is not None and record.listed is not None else None
 
     def expected_load_s(self, model: str) -> float | None:
         """How long a load of ``model`` should take: its median; else scaled by size from others."""

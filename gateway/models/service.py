@@ -126,6 +126,17 @@ class ModelService:
             )
         return app
 
+    async def model_info(self, model: str) -> dict[str, Any] | None:
+        """``model_info`` for an ``/api/v0`` answer lmgate assembled (its stream carries none).
+
+        From the registry's listing where it knows the model and its loaded context; otherwise
+        ``GET /api/v0/models/{model}`` (cold starts off, a stale listing, a model loaded since).
+        """
+        known = self.registry.facts(model)
+        if known is None or known.context_length is None:
+            known = await self.upstream.model_facts(model) or known
+        return (known.model_info() or None) if known is not None else None
+
     # -- background tasks -----------------------------------------------------------------------
 
     @asynccontextmanager

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -56,6 +57,22 @@ class NotSupported(UpstreamError):
 
 
 @dataclass(frozen=True)
+class ModelFacts:
+    """What LM Studio's listings say about a model's file, as ``/api/v0`` answers report it
+    (``model_info``). ``context_length`` is the loaded context, None while not loaded."""
+
+    arch: str | None = None
+    quant: str | None = None
+    format: str | None = None
+    context_length: int | None = None
+
+    def model_info(self) -> dict[str, Any]:
+        """``model_info`` of an ``/api/v0`` answer: the fields known, in LM Studio's order."""
+        fields = {"arch": self.arch, "quant": self.quant, "format": self.format, "context_length": self.context_length}
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class Listed:
     """One model as the upstream lists it."""
 
@@ -64,6 +81,7 @@ class Listed:
     loaded: bool | None = None  # None: this upstream does not say
     instances: tuple[str, ...] = ()
     size_bytes: int | None = None
+    facts: ModelFacts | None = None  # LM Studio's listings only
 
     @property
     def is_embedding(self) -> bool:
@@ -115,6 +133,16 @@ class UpstreamModels:
             self._no_listing_until = anyio.current_time() + _REPROBE_S
             raise UpstreamError(unsupported)
         raise UpstreamError(f"The upstream did not answer {_LISTINGS[self.api]} as expected.")
+
+    async def model_facts(self, model: str) -> ModelFacts | None:
+        """``GET /api/v0/models/{model}``: the model's facts, None if the upstream cannot say."""
+        try:
+            status, document = await self._get_json("/api/v0/models/" + quote(model, safe="/"))
+        except UpstreamError:
+            return None
+        if status != 200 or not isinstance(document, dict) or not isinstance(document.get("id"), str):
+            return None
+        return _v0_facts(document)
 
     async def _get_json(self, path: str) -> tuple[int, Any]:
         try:
@@ -235,18 +263,42 @@ def _parse_listing(api: Api, document: Any) -> list[Listed] | None:
 
 
 def _v1_entry(entry: dict[str, Any]) -> Listed:
-    instances = tuple(
-        i["id"] for i in entry.get("loaded_instances") or () if isinstance(i, dict) and isinstance(i.get("id"), str)
-    )
+    loaded = [i for i in entry.get("loaded_instances") or () if isinstance(i, dict) and isinstance(i.get("id"), str)]
+    instances = tuple(i["id"] for i in loaded)
     size = entry.get("size_bytes")
-    return Listed(entry["key"], entry.get("type"), bool(instances), instances, size if isinstance(size, int) else None)
+    quantization = entry.get("quantization")
+    config = loaded[0].get("config") if loaded else None
+    facts = ModelFacts(
+        arch=_text(entry.get("architecture")),
+        quant=_text(quantization.get("name")) if isinstance(quantization, dict) else None,
+        format=_text(entry.get("format")),
+        context_length=_count(config.get("context_length")) if isinstance(config, dict) else None,
+    )
+    return Listed(entry["key"], entry.get("type"), bool(instances), instances, size if isinstance(size, int) else None, facts)
 
 
 def _v0_entry(entry: dict[str, Any]) -> Listed | None:
     if entry.get("state") not in ("loaded", "not-loaded"):
         return None
     loaded = entry["state"] == "loaded"
-    return Listed(entry["id"], entry.get("type"), loaded, (entry["id"],) if loaded else ())
+    return Listed(entry["id"], entry.get("type"), loaded, (entry["id"],) if loaded else (), facts=_v0_facts(entry))
+
+
+def _v0_facts(entry: dict[str, Any]) -> ModelFacts:
+    return ModelFacts(
+        arch=_text(entry.get("arch")),
+        quant=_text(entry.get("quantization")),
+        format=_text(entry.get("compatibility_type")),
+        context_length=_count(entry.get("loaded_context_length")),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 _ENTRY_PARSERS: dict[Api, Callable[[dict[str, Any]], Listed | None]] = {

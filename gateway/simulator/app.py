@@ -20,7 +20,6 @@ from gateway.simulator.embeddings import serve_embeddings
 from gateway.simulator.errors import SimError
 from gateway.simulator.faults import EARLY_FAULTS, REQUEST_FAULTS, Fault
 from gateway.simulator.formats import DIALECTS, Dialect
-from gateway.simulator.formats.chat import Completions
 from gateway.simulator.generation import Generation, apply_early_fault
 from gateway.simulator.http import EXPRESS_HEADERS, Exchange, run_watched
 from middleware.types import Receive, Scope, Send
@@ -163,7 +162,6 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/api/v1/models/unload"): Route(_rest_unload),
     ("POST", "/v1/embeddings"): Route(_embeddings, inference=True),
     ("POST", "/api/v0/embeddings"): Route(_embeddings, inference=True),
-    ("POST", "/api/v0/completions"): Route(_inference(Completions), inference=True),
     **{("POST", route): Route(_inference(dialect), inference=True) for route, dialect in DIALECTS.items()},
 }
 

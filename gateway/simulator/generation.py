@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 from gateway.simulator import errors, text
@@ -97,6 +98,8 @@ class Generation:
         self.exchange = exchange
         self.signals = exchange.signals
         self.dialect = dialect
+        if request.include_usage and not ctx.settings.stream_usage:
+            request = replace(request, include_usage=False)  # an engine that ignores the option
         self.request = request
         self.body = body
         self.fault = fault

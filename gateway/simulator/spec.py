@@ -82,6 +82,9 @@ class SimSettings:
     max_queued: int | None = None  # requests waiting for a slot beyond this get 503; None: unbounded
     queue_timeout_s: float | None = None  # a request queued longer than this gets 503; None: waits forever
     single_model_fallback: bool = False  # JIT off + one model loaded: it answers any model name (#619)
+    # Send the usage frame when a stream asks (stream_options.include_usage); false: never, as
+    # llama-cpp-python's server and LM Studio before 0.3.18 (non-streaming answers keep their usage).
+    stream_usage: bool = True
 
     def __post_init__(self) -> None:
         _not_negative(self, "default_ttl_s", "completion_tokens")

@@ -8,7 +8,8 @@ The code itself is logged too (``error_code``) for the precise story.
 Log events, one JSON line each (see ``gateway.logs`` for the stamps every line carries):
 
 * ``gen_request``: request_id, model, stream, prompt_chars, attempt, timeout_ms, route
-* ``gen_success``: latency_ms, ttft_ms, tokens_in, tokens_out, tokens_per_s, attempts, model_state
+* ``gen_success``: latency_ms, ttft_ms, tokens_in, tokens_out (with tokens_in_source, tokens_out_source:
+  upstream, counted or estimated), tokens_per_s, attempts, model_state
 * ``gen_error``: latency_ms, attempt, error_category, error_code, status, message
 * ``model_load``: model, load_ms, outcome
 

@@ -245,6 +245,10 @@ class Telemetry:
             attempts=outcome.attempts,
             model_state=self._model_state(record),
         )
+        if outcome.tokens_in is not None:
+            fields["tokens_in_source"] = record.usage_source("input")
+        if outcome.tokens_out is not None:
+            fields["tokens_out_source"] = record.usage_source("output")
         if record.model_load_s is not None:
             fields["load_ms"] = round(record.model_load_s * 1000)
         events.log_success(fields)

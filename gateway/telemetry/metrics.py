@@ -96,6 +96,12 @@ class GatewayMetrics:
             "gen_ai.client.token.usage", "Tokens per request from the upstream's usage report.",
             [OPERATION, MODEL, "gen_ai.token.type"], buckets=TOKEN_BUCKETS, registry=r,
         )
+        self.tokens_counted = Counter(
+            "lmgate.token.usage.counted",
+            "Requests whose token count lmgate made itself, the upstream having reported none: "
+            "counted (from the stream, or the upstream's tokenizer) or estimated (from the prompt's length).",
+            ["gen_ai.token.type", "source"], registry=r,
+        )
         self.tokens_per_second = Histogram(
             "lmgate.output.tokens_per_second", "Output tokens per second of generation (after the first token).",
             [MODEL], buckets=TOKENS_PER_SECOND_BUCKETS, registry=r,
@@ -139,6 +145,8 @@ class GatewayMetrics:
         for kind, count in (("input", outcome.tokens_in), ("output", outcome.tokens_out)):
             if count is not None:
                 self.tokens.labels(operation, model, kind).observe(count)
+                if record.usage_counted is not None:
+                    self.tokens_counted.labels(kind, record.usage_source(kind)).inc()
         if outcome.category is None:
             if outcome.ttft_s is not None:
                 self.ttft.labels(operation, model, record.route).observe(outcome.ttft_s)

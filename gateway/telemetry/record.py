@@ -45,6 +45,7 @@ class RequestRecord:
         "prompt",
         "inject_usage",
         "usage",
+        "usage_counted",
         "response_model",
         "response_id",
         "status",
@@ -69,6 +70,9 @@ class RequestRecord:
         #: The proxy should ask the upstream for a usage frame (and strip it): the client did not.
         self.inject_usage = False
         self.usage: dict[str, Any] | None = None
+        #: How lmgate made ``usage`` up when the upstream reported none: token type ("input",
+        #: "output") -> "counted" or "estimated". None: the upstream's own report.
+        self.usage_counted: dict[str, str] | None = None
         self.response_model: str | None = None
         self.response_id: str | None = None
         self.status = 0
@@ -83,10 +87,14 @@ class RequestRecord:
         self.model_state: str | None = None
         self.span: Any = None  # an OpenTelemetry span while tracing, else None
 
-    def note_usage(self, usage: object, document: dict[str, Any] | None = None) -> None:
-        """Keep the upstream's token usage (and the response's model and id, when known)."""
+    def note_usage(
+        self, usage: object, document: dict[str, Any] | None = None, *, counted: dict[str, str] | None = None
+    ) -> None:
+        """Keep the token usage (and the response's model and id, when known); ``counted`` when
+        lmgate counted it itself (see ``usage_counted``), else it is the upstream's report."""
         if isinstance(usage, dict):
             self.usage = usage
+            self.usage_counted = counted
         if document is not None:
             model, rid = document.get("model"), document.get("id")
             self.response_model = model if isinstance(model, str) else self.response_model
@@ -97,6 +105,10 @@ class RequestRecord:
         if self.error_code is None:
             self.error_code = code
             self.error_message = message
+
+    def usage_source(self, token_type: str) -> str:
+        """Where the ``token_type`` ("input" or "output") count came from: "upstream", "counted", "estimated"."""
+        return self.usage_counted.get(token_type, "upstream") if self.usage_counted is not None else "upstream"
 
     def tokens(self, kind: str) -> int | None:
         """``prompt_tokens`` or ``completion_tokens`` from the usage, when the upstream gave it."""

@@ -14,17 +14,27 @@ passes on whole frames only: a chunk that ends inside a frame keeps that partial
 back until its end arrives. A client cannot act on half a frame anyway (an SSE event is
 dispatched at its blank line). Before that point chunks pass exactly as they came, so the first
 byte reaches the client (and the timeout layer) as early as without telemetry.
+
+An engine that ignores ``include_usage`` (llama-cpp-python's server) sends no usage frame at all.
+So while it searches, the tap also counts the streamed tokens: one regular-expression scan per
+chunk for a non-empty string value of a field that carries generated text (``content``,
+``reasoning_content``, ``reasoning``, ``text``, a tool call's ``name`` and ``arguments``). LM
+Studio and llama.cpp send one token per frame, so that is the completion's token count (an
+approximation, documented). A stream that finished without a usage frame then reports that
+count, with the prompt estimated from its length, marked as counted by lmgate.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from gateway.errors import classify_upstream_message
 from gateway.routes import DONE_TERMINATED
 from gateway.sse import ERROR_EVENT_MARKER
 from gateway.telemetry.record import RequestRecord, record_of
+from gateway.usage import estimate_tokens
 from middleware.types import Scope
 
 _USAGE_KEY = b'"usage"'
@@ -35,6 +45,13 @@ _FINISH_WINDOW = len(_FINISH_KEY) + 16
 # A partial frame longer than this is passed on rather than held (a stream that is not SSE).
 _HOLD_LIMIT = 64 * 1024
 _BLANKS = b" \t\r\n"
+# A non-empty string value of a field that carries generated text: one streamed token. A match
+# whose opening quote is escaped is the same words inside generated text (checked by hand: a
+# look-behind makes the scan four times slower).
+_TEXT_VALUE = re.compile(rb'"(?:content|reasoning_content|reasoning|text|arguments|name)"\s*:\s*"[^"]')
+_BACKSLASH = 0x5C
+# Bytes kept from the previous chunk so that a key split across chunks is still seen.
+_COUNT_WINDOW = 48
 
 
 def usage_tap(scope: Scope, path: str) -> UsageTap | None:
@@ -55,19 +72,24 @@ class UsageTap:
     """Per upstream attempt: finds the usage frame (removing it when ``strip``) and, at the end, an
     error frame the upstream sent in place of ``[DONE]``; both land on the request's record."""
 
-    __slots__ = ("record", "strip", "_held", "_searching", "_finished", "_tail", "_last")
+    __slots__ = ("record", "strip", "tokens", "_held", "_searching", "_finished", "_tail", "_last", "_count_tail")
 
     def __init__(self, record: RequestRecord, *, strip: bool) -> None:
         self.record = record
         self.strip = strip
+        #: Tokens streamed so far, counted from the frames (what is reported if no usage comes).
+        self.tokens = 0
         self._held = b""
         self._searching = True
         self._finished = False
         self._tail = b""
         self._last = b""
+        self._count_tail = b""
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send on for ``chunk`` (possibly fewer, possibly with held ones first)."""
+        if self._searching:
+            self._count(chunk)
         if self._held:
             chunk = self._held + chunk
             self._held = b""
@@ -85,14 +107,31 @@ class UsageTap:
         return chunk
 
     def close(self) -> bytes:
-        """At the end of the stream: what is still held, and the record of an upstream error frame."""
+        """At the end of the stream: what is still held, the record of an upstream error frame,
+        and, for an answer that finished without a usage frame, the tokens counted."""
         rest, self._held = self._held, b""
         tail = self._last + rest
         at = tail.rfind(ERROR_EVENT_MARKER)
         if at >= 0:
             code, message = error_frame_details(tail, at)
             self.record.note_error(code, message)
+        elif self._searching and self._finished:
+            prompt = estimate_tokens(self.record.prompt_chars)
+            usage = {"prompt_tokens": prompt, "completion_tokens": self.tokens, "total_tokens": prompt + self.tokens}
+            self.record.note_usage(usage, counted={"input": "estimated", "output": "counted"})
         return rest
+
+    def _count(self, chunk: bytes) -> None:
+        """Count the tokens in ``chunk``, a key split from the previous chunk included."""
+        tail = self._count_tail
+        window = tail + chunk if tail else chunk
+        seen = len(tail)  # matches ending within it were counted with the last chunk
+        for match in _TEXT_VALUE.finditer(window):
+            start = match.start()
+            if match.end() > seen and (start == 0 or window[start - 1] != _BACKSLASH):
+                self.tokens += 1
+        # A chunk that ends at a frame boundary cannot have split a key (the usual case: no copy).
+        self._count_tail = b"" if chunk.endswith((b"\n\n", b"\r\n\r\n")) else window[-_COUNT_WINDOW:]
 
     def _saw_finish(self, chunk: bytes) -> bool:
         """Whether the answer has finished, counting a ``finish_reason`` split across chunks."""

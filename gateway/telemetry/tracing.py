@@ -148,6 +148,8 @@ class Tracing:
             optional = {
                 "gen_ai.usage.input_tokens": outcome.tokens_in,
                 "gen_ai.usage.output_tokens": outcome.tokens_out,
+                "lmgate.usage.input_source": record.usage_source("input") if outcome.tokens_in is not None else None,
+                "lmgate.usage.output_source": record.usage_source("output") if outcome.tokens_out is not None else None,
                 "gen_ai.response.time_to_first_chunk": outcome.ttft_s,
                 "gen_ai.response.model": record.response_model,
                 "gen_ai.response.id": record.response_id,

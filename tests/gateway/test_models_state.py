@@ -19,7 +19,7 @@ from gateway.app import Gateway, build_app
 from gateway.config import Config
 from gateway.models.clock import MonotonicClock
 from gateway.models.registry import ModelRecord, ModelRegistry
-from gateway.models.upstream import Listed, UpstreamModels, _parse_listing
+from gateway.models.upstream import Listed, ModelFacts, UpstreamModels, _parse_listing
 from gateway.serving import serve_in_background
 from gateway.simulator import FakeClock, SimModel, SimSettings, Simulator
 
@@ -27,9 +27,10 @@ pytestmark = pytest.mark.anyio
 
 V1_LISTING = {
     "models": [
-        {"type": "llm", "key": "google/gemma-4-26b-a4b", "size_bytes": 17990911801,
-         "loaded_instances": [{"id": "google/gemma-4-26b-a4b", "config": {"parallel": 4}},
-                              {"id": "google/gemma-4-26b-a4b:2", "config": {"parallel": 4}}]},
+        {"type": "llm", "key": "google/gemma-4-26b-a4b", "size_bytes": 17990911801, "architecture": "gemma4",
+         "quantization": {"name": "Q4_K_M", "bits_per_weight": 4}, "format": "gguf",
+         "loaded_instances": [{"id": "google/gemma-4-26b-a4b", "config": {"context_length": 4096, "parallel": 4}},
+                              {"id": "google/gemma-4-26b-a4b:2", "config": {"context_length": 4096, "parallel": 4}}]},
         {"type": "llm", "key": "deepseek-r1", "loaded_instances": []},
         {"type": "embedding", "key": "text-embedding-nomic-embed-text-v1.5-embedding", "size_bytes": 274290560,
          "loaded_instances": []},
@@ -38,7 +39,8 @@ V1_LISTING = {
 V0_LISTING = {
     "object": "list",
     "data": [
-        {"id": "qwen3-8b", "object": "model", "type": "llm", "state": "loaded", "loaded_context_length": 131072},
+        {"id": "qwen3-8b", "object": "model", "type": "llm", "arch": "qwen3", "compatibility_type": "gguf",
+         "quantization": "Q4_K_M", "state": "loaded", "loaded_context_length": 131072},
         {"id": "text-embedding-nomic-embed-text-v1.5", "object": "model", "type": "embeddings", "state": "not-loaded"},
     ],
 }
@@ -48,14 +50,18 @@ LM_STUDIO_UNKNOWN_ROUTE = {"error": "Unexpected endpoint or method. (GET /api/v1
 
 def test_the_v1_listing_gives_loaded_instances_types_and_sizes() -> None:
     gemma, deepseek, nomic = _parse_listing("api/v1", V1_LISTING)  # type: ignore[misc]
-    assert gemma == Listed("google/gemma-4-26b-a4b", "llm", True, ("google/gemma-4-26b-a4b", "google/gemma-4-26b-a4b:2"), 17990911801)
+    assert gemma == Listed("google/gemma-4-26b-a4b", "llm", True, ("google/gemma-4-26b-a4b", "google/gemma-4-26b-a4b:2"),
+                           17990911801, ModelFacts("gemma4", "Q4_K_M", "gguf", 4096))
     assert deepseek.loaded is False and deepseek.instances == ()
+    assert deepseek.facts == ModelFacts() and deepseek.facts.model_info() == {}  # not loaded: no context
     assert nomic.is_embedding and nomic.size_bytes == 274290560
 
 
 def test_the_v0_listing_gives_the_state() -> None:
     qwen, nomic = _parse_listing("api/v0", V0_LISTING)  # type: ignore[misc]
     assert (qwen.loaded, qwen.instances, nomic.loaded, nomic.is_embedding) == (True, ("qwen3-8b",), False, True)
+    assert qwen.facts is not None
+    assert qwen.facts.model_info() == {"arch": "qwen3", "quant": "Q4_K_M", "format": "gguf", "context_length": 131072}
 
 
 def test_the_openai_listing_leaves_the_state_unknown() -> None:

@@ -93,3 +93,44 @@ def test_an_error_frame_that_ends_the_stream_is_recorded(error_frame, code):
     t = tap()
     assert relay(t, [token("a"), error_frame]) == token("a") + error_frame
     assert t.record.error_code == code
+
+
+def spaced_frame(document: object) -> bytes:
+    """As llama-cpp-python writes frames: ``json.dumps`` with its default spaces."""
+    return b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+def chat_chunk(delta: dict[str, object], finish: str | None = None) -> dict[str, object]:
+    return {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+# A stream that never sends usage: one token per frame that carries text.
+COUNTED_STREAM = (
+    spaced_frame(chat_chunk({"role": "assistant"}))  # no text: not a token
+    + spaced_frame(chat_chunk({"reasoning_content": "hm"}))
+    + spaced_frame(chat_chunk({"content": 'say \\"content\\": \\"x'}))  # the key's words inside the text
+    + spaced_frame(chat_chunk({"content": ""}))  # empty: not a token
+    + spaced_frame(chat_chunk({"tool_calls": [{"index": 0, "id": "1", "type": "function",
+                                               "function": {"name": "get", "arguments": ""}}]}))
+    + spaced_frame(chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}))
+    + spaced_frame(chat_chunk({}, finish="tool_calls"))
+    + DONE
+)
+
+
+def test_without_a_usage_frame_the_tokens_streamed_are_counted_at_any_split():
+    for split in range(1, len(COUNTED_STREAM)):
+        t = tap(strip=False)
+        t.record.prompt_chars = 10
+        assert relay(t, [COUNTED_STREAM[:split], COUNTED_STREAM[split:]]) == COUNTED_STREAM, split
+        assert t.record.usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, split
+        assert t.record.usage_counted == {"input": "estimated", "output": "counted"}
+    t = tap(strip=False)
+    relay(t, [COUNTED_STREAM[i : i + 1] for i in range(len(COUNTED_STREAM))])
+    assert t.tokens == 4
+
+
+def test_an_upstream_usage_frame_wins_over_the_count():
+    t = tap()
+    relay(t, [STREAM])
+    assert t.record.usage == USAGE and t.record.usage_counted is None and t.record.usage_source("input") == "upstream"

@@ -55,6 +55,20 @@ async def test_the_usage_frame_comes_only_with_include_usage(sim, client):
     assert all("usage" not in e.json() for e in plain[:-1])
 
 
+async def test_stream_usage_off_ignores_include_usage_like_llama_cpp_python(sim, client):
+    # llama-cpp-python's server (and LM Studio before 0.3.18) never send the usage frame; the
+    # non-streaming answer keeps its usage.
+    sim.settings.stream_usage = False
+    body = {"model": "alpha", "messages": MESSAGES, "stream_options": {"include_usage": True}}
+    raw, events = await stream(client, sim.url + "/v1/chat/completions", body)
+    assert b'"usage"' not in raw
+    assert events[-2].json()["choices"][0]["finish_reason"] == "stop" and events[-1].data == "[DONE]"
+    _, text_events = await stream(client, sim.url + "/v1/completions", {"model": "alpha", "prompt": "Once", **body})
+    assert all("usage" not in e.json() for e in text_events[:-1])
+    whole = (await client.post(sim.url + "/v1/chat/completions", json={"model": "alpha", "messages": MESSAGES})).json()
+    assert whole["usage"]["completion_tokens"] == 3
+
+
 async def test_max_tokens_cuts_the_answer_with_finish_reason_length(sim, client):
     _, events = await stream(client, sim.url + "/v1/chat/completions", {"model": "alpha", "messages": MESSAGES, "max_tokens": 2})
     assert len(events) == 4  # two tokens, the final frame, [DONE]
@@ -115,6 +129,18 @@ async def test_api_v0_chat_adds_stats_model_info_and_runtime(sim, client):
     assert set(body["stats"]) == {"tokens_per_second", "time_to_first_token", "generation_time", "stop_reason"}
     assert body["model_info"] == {"arch": "llama", "quant": "Q4_K_M", "format": "gguf", "context_length": 4096}
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+async def test_api_v0_text_completions_add_stats_model_info_and_runtime(sim, client):
+    body = (await client.post(sim.url + "/api/v0/completions", json={"model": "alpha", "prompt": "Once", "max_tokens": 2})).json()
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage", "stats", "model_info", "runtime"}
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["stats"]["stop_reason"] == "maxPredictedTokensReached"
+    assert body["model_info"] == {"arch": "llama", "quant": "Q4_K_M", "format": "gguf", "context_length": 4096}
+    assert body["runtime"]["supported_formats"] == ["gguf"]
+    v1 = (await client.post(sim.url + "/v1/completions", json={"model": "alpha", "prompt": "Once", "max_tokens": 2})).json()
+    assert v1["stats"] == {} and "model_info" not in v1
 
 
 async def test_v0_stats_report_the_simulated_timing(client):

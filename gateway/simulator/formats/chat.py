@@ -115,6 +115,26 @@ class ChatCompletions(_OpenAIStream):
         )
 
 
+def v0_additions(answer: Answer) -> dict[str, Any]:
+    """What ``/api/v0`` adds to a whole body (documented for chat and text completions alike)."""
+    return {
+        "usage": usage(answer),
+        "stats": {
+            "tokens_per_second": answer.tokens_per_second,
+            "time_to_first_token": round(answer.ttft_s, 3),
+            "generation_time": round(answer.generation_s, 3),
+            "stop_reason": "eosFound" if answer.finish_reason == "stop" else "maxPredictedTokensReached",
+        },
+        "model_info": {
+            "arch": answer.spec.arch,
+            "quant": answer.spec.quantization,
+            "format": answer.spec.format,
+            "context_length": answer.context_length,
+        },
+        "runtime": RUNTIMES[answer.spec.format],
+    }
+
+
 class ChatCompletionsV0(ChatCompletions):
     """``/api/v0/chat/completions``: the same stream; the whole body adds ``stats``, ``model_info``, ``runtime``."""
 
@@ -123,25 +143,7 @@ class ChatCompletionsV0(ChatCompletions):
     def body(self, answer: Answer, request: Request) -> dict[str, Any]:
         message = {"role": "assistant", "content": answer.text}
         choice = {"index": 0, "logprobs": None, "finish_reason": answer.finish_reason, "message": message}
-        stats = {
-            "tokens_per_second": answer.tokens_per_second,
-            "time_to_first_token": round(answer.ttft_s, 3),
-            "generation_time": round(answer.generation_s, 3),
-            "stop_reason": "eosFound" if answer.finish_reason == "stop" else "maxPredictedTokensReached",
-        }
-        return self.whole(
-            answer,
-            choice,
-            usage=usage(answer),
-            stats=stats,
-            model_info={
-                "arch": answer.spec.arch,
-                "quant": answer.spec.quantization,
-                "format": answer.spec.format,
-                "context_length": answer.context_length,
-            },
-            runtime=RUNTIMES[answer.spec.format],
-        )
+        return self.whole(answer, choice, **v0_additions(answer))
 
 
 class Completions(_OpenAIStream):
@@ -169,3 +171,13 @@ class Completions(_OpenAIStream):
     def body(self, answer: Answer, request: Request) -> dict[str, Any]:
         choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
         return self.whole(answer, choice, usage=usage(answer), stats={}, system_fingerprint=answer.model)
+
+
+class CompletionsV0(Completions):
+    """``/api/v0/completions``: the same stream; the whole body adds ``stats``, ``model_info``, ``runtime``."""
+
+    route = "/api/v0/completions"
+
+    def body(self, answer: Answer, request: Request) -> dict[str, Any]:
+        choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
+        return self.whole(answer, choice, **v0_additions(answer))
