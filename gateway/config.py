@@ -138,12 +138,33 @@ class AuthConfig(Section):
         (), description="Digests of admin keys: needed to load or unload models and for any request that changes state."
     )
     open_paths: tuple[str, ...] = Field(
-        ("/healthz", "/readyz", "/metrics"), description="Paths answered without a key (GET/HEAD) when auth is on."
+        ("/healthz", "/readyz", "/metrics"),
+        description="Paths answered without a key (GET/HEAD) when auth is on; /metrics names every model: "
+        "drop it here to require a key.",
+    )
+    open_from: Literal["any", "loopback"] = Field(
+        "any",
+        description="Who reads open_paths without a key: any client, or loopback (this machine; through a local "
+        "proxy, by its X-Forwarded-For). Others need a key, or get 403 when no keys are configured.",
     )
     per_key_limit: int | None = Field(
         None, ge=1, description="Requests in flight per client key (429 rate_limited beyond); null: no per-key limit."
     )
     per_key_queue: int = Field(0, ge=0, description="Requests of one key that may wait for its per-key limit.")
+
+    @field_validator("open_paths")
+    @classmethod
+    def _exact_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from gateway.paths import BadPath, resolve_path, wire_path
+
+        for path in value:
+            try:
+                plain = path.startswith("/") and resolve_path(wire_path(path)) == path
+            except BadPath:
+                plain = False
+            if not plain:
+                raise ValueError(f"expected paths as requested, like '/metrics' (no '//', dot segments, '%' or ';'), got {path!r}")
+        return value
 
     @field_validator("keys", "admin_keys")
     @classmethod
