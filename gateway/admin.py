@@ -93,10 +93,24 @@ class AdminRoutes:
             raise NotFound(f"lmgate has no route {path!r}.")
 
     async def _readyz(self, send: Send) -> None:
-        if not self.gateway.models.ready:  # models.preload still loading
-            await send_json(send, 503, {"status": "preloading", "models": sorted(self.gateway.models.warmer.pending)})
+        """From known state only (gateway.telemetry.health.readiness): never an upstream request."""
+        from gateway.telemetry.health import readiness  # here: gateway.telemetry imports this module
+
+        gateway = self.gateway
+        if not gateway.models.ready:  # models.preload still loading
+            await send_json(send, 503, {"status": "preloading", "models": sorted(gateway.models.warmer.pending)})
             return
-        await send_json(send, *await self.gateway.telemetry.readiness(self.gateway.drain))
+        breaker, registry = gateway.breaker, gateway.models.registry
+        current = gateway.config.models.enabled and registry.fresh and registry.refresh_unreachable
+        await send_json(
+            send,
+            *readiness(
+                draining=gateway.drain.draining,
+                preloaded=gateway.telemetry.preloaded,
+                circuit=breaker.states().get(breaker.name) if breaker is not None else None,
+                unreachable=registry.refresh_error if current else None,
+            ),
+        )
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         accept = header_value(scope.get("headers", ()), b"accept")

@@ -347,8 +347,12 @@ class TracingConfig(Section):
 
 
 class HealthConfig(Section):
-    upstream_probe_ttl_s: float = Field(2.0, ge=0, description="Readiness reuses an upstream probe this long.")
-    probe_timeout_s: float = Field(2.0, gt=0, description="Deadline of the readiness probe of the upstream.")
+    upstream_probe_ttl_s: float = Field(
+        2.0, ge=0, description="Unused: /readyz no longer probes the upstream (it answers from known state); accepted."
+    )
+    probe_timeout_s: float = Field(
+        2.0, gt=0, description="Unused: /readyz no longer probes the upstream (it answers from known state); accepted."
+    )
     models: tuple[str, ...] = Field(
         (), description="Models /lmgate/health/llm checks with a 1-token generation; empty: those recently served."
     )
