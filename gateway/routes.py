@@ -101,10 +101,10 @@ class RouteTable:
 
     def allows(self, path: str) -> bool:
         """Whether a canonical ``path`` is forwarded; a path not in canonical form never is."""
+        if path in FORWARDED_PATHS:  # canonical as listed
+            return True
         if not self.is_canonical(path):
             return False
-        if path in FORWARDED_PATHS:
-            return True
         if any(path.startswith(prefix) and len(path) > len(prefix) for prefix in PARAMETER_PREFIXES):
             return True
         return path.startswith(self.extra_prefixes) if self.extra_prefixes else False

@@ -157,6 +157,22 @@ async def test_ordinary_clients_are_unaffected(sim, start_gateway):
     assert sim.counters.http_requests == 4
 
 
+async def test_a_model_key_with_a_slash_still_names_one_model_on_lmgates_routes(start_gateway):
+    from gateway.simulator import SimModel, Simulator
+
+    key = "google/gemma-3-4b"
+    model = SimModel(id=key, loaded=True, tokens_per_second=float("inf"), ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
+    async with Simulator(models=[model]) as sim, start_gateway(sim.url, auth=AUTH, models={"enabled": True}) as gw:
+        port = port_of(gw.url)
+        for target in ("/lmgate/models/google%2Fgemma-3-4b", "/lmgate/models/google/gemma-3-4b"):
+            got, body = await anyio.to_thread.run_sync(lambda: raw_request(port, "GET", target, key=ADMIN))
+            assert got == 200 and json.loads(body)["id"] == key, (target, body[:300])
+        loaded = await anyio.to_thread.run_sync(
+            lambda: raw_request(port, "POST", "/lmgate/models/google%2Fgemma-3-4b/load", key=ADMIN)
+        )
+    assert loaded[0] == 200 and json.loads(loaded[1])["model"] == key
+
+
 # --- credentials in the query -----------------------------------------------------------------------
 
 
