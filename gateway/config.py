@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from gateway.paths import BadPath, resolve_path, wire_path
+
 MiB = 1024 * 1024
 
 
@@ -111,9 +113,17 @@ class RoutesConfig(Section):
     @classmethod
     def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for prefix in value:
-            if not prefix.startswith("/") or ".." in prefix:
+            if not prefix.startswith("/") or ".." in prefix or not _plain_path(prefix):
                 raise ValueError(f"expected absolute path prefixes like '/v1/audio/', got {prefix!r}")
         return value
+
+
+def _plain_path(path: str) -> bool:
+    """A path as lmgate sees requests once normalised: no '//', dot segments, '%', ';' or '\\'."""
+    try:
+        return resolve_path(wire_path(path)) == path
+    except BadPath:
+        return False
 
 
 class LimitsConfig(Section):
@@ -155,14 +165,8 @@ class AuthConfig(Section):
     @field_validator("open_paths")
     @classmethod
     def _exact_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from gateway.paths import BadPath, resolve_path, wire_path
-
         for path in value:
-            try:
-                plain = path.startswith("/") and resolve_path(wire_path(path)) == path
-            except BadPath:
-                plain = False
-            if not plain:
+            if not path.startswith("/") or not _plain_path(path):
                 raise ValueError(f"expected paths as requested, like '/metrics' (no '//', dot segments, '%' or ';'), got {path!r}")
         return value
 
