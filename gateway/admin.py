@@ -9,6 +9,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from gateway.openapi import OPENAPI_PATH, openapi_document
+from gateway.paths import ascii_lower
 from gateway.routes import route_path
 from gateway.validation import InvalidRequest
 from middleware.errors import NotFound
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 _EXACT = frozenset({"/healthz", "/readyz", "/metrics"})
 LLM_HEALTH = "/lmgate/health/llm"
+_LMSTUDIO_MODELS = "/api/v1/models"
+_DOWNLOAD_STATUS = "/api/v1/models/download/status/"
 
 
 def is_admin_path(path: str) -> bool:
@@ -27,11 +30,22 @@ def is_admin_path(path: str) -> bool:
 
 
 def requires_admin_key(method: str, path: str) -> bool:
-    """Whether a request changes state (lmgate's admin actions, LM Studio's model load, unload and
-    download under ``/api/v1/models/``): with auth on, it needs an admin key."""
-    if method in ("GET", "HEAD", "OPTIONS"):
-        return False
-    return is_admin_path(path) or path.startswith("/api/v1/models/")
+    """Whether a request needs an admin key (with auth on), decided for every method.
+
+    ``path`` is canonical (``gateway.paths``). lmgate's own routes: any method but GET and HEAD
+    (its actions). LM Studio's model management (``/api/v1/models`` and below: load, unload,
+    download): everything but reading the list and a download's status, OPTIONS included. The
+    comparison ignores ASCII case as LM Studio's router does, so a path that the route table did
+    not spell (under an extra prefix) cannot slip past it either.
+    """
+    read = method in ("GET", "HEAD")
+    if is_admin_path(path):
+        return not read
+    folded = ascii_lower(path)
+    if folded == _LMSTUDIO_MODELS or folded.startswith(_LMSTUDIO_MODELS + "/"):
+        readable = folded == _LMSTUDIO_MODELS or folded.startswith(_DOWNLOAD_STATUS)
+        return not (read and readable)
+    return False
 
 
 async def send_json(send: Send, status: int, document: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -79,10 +93,24 @@ class AdminRoutes:
             raise NotFound(f"lmgate has no route {path!r}.")
 
     async def _readyz(self, send: Send) -> None:
-        if not self.gateway.models.ready:  # models.preload still loading
-            await send_json(send, 503, {"status": "preloading", "models": sorted(self.gateway.models.warmer.pending)})
+        """From known state only (gateway.telemetry.health.readiness): never an upstream request."""
+        from gateway.telemetry.health import readiness  # here: gateway.telemetry imports this module
+
+        gateway = self.gateway
+        if not gateway.models.ready:  # models.preload still loading
+            await send_json(send, 503, {"status": "preloading", "models": sorted(gateway.models.warmer.pending)})
             return
-        await send_json(send, *await self.gateway.telemetry.readiness(self.gateway.drain))
+        breaker, registry = gateway.breaker, gateway.models.registry
+        current = gateway.config.models.enabled and registry.fresh and registry.refresh_unreachable
+        await send_json(
+            send,
+            *readiness(
+                draining=gateway.drain.draining,
+                preloaded=gateway.telemetry.preloaded,
+                circuit=breaker.states().get(breaker.name) if breaker is not None else None,
+                unreachable=registry.refresh_error if current else None,
+            ),
+        )
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         accept = header_value(scope.get("headers", ()), b"accept")

@@ -3,6 +3,7 @@
 The request path, outermost first (read it like Envoy's filter list)::
 
     ErrorMiddleware                      renders every LmgateError; unknown errors -> logged 500
+    RequestNormalisation                 the canonical path (400 if none), credentials out of the query
     AuthMiddleware                       client keys (401), admin keys (403); off without keys
       ├── lmgate's own routes            /healthz, /readyz, /metrics, /lmgate/...
       └── TelemetryMiddleware            logs, metrics and the span of each request, once
@@ -37,10 +38,10 @@ from gateway.config import Config
 from gateway.models import ModelService
 from gateway.proxy import Proxy
 from gateway.status import StatusPage
-from gateway.routes import RouteTable, route_path
+from gateway.routes import RequestNormalisation, RouteTable, route_path
 from gateway.telemetry import Telemetry
 from gateway.validation import RequestValidation
-from middleware.auth import AuthMiddleware, client_identity
+from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.cache import CacheMiddleware, MemoryStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
@@ -205,14 +206,20 @@ class Gateway:
         self.admin = AdminRoutes(self)
         self.status = StatusPage(self)  # GET /lmgate/ and /lmgate/status.json
         # Outside telemetry: a client without a key cannot make lmgate read, log or time its body.
+        # Outside auth: the request target is rewritten to its canonical form once, before any
+        # decision reads it (gateway/paths.py); the proxy forwards that same form.
         self._app = ErrorMiddleware(
-            AuthMiddleware(
-                self._route,
-                key_digests=auth.digests(),
-                admin_digests=auth.admin_keys,
-                open_paths=auth.open_paths,
-                requires_admin=requires_admin_key,
-                path_of=route_path,
+            RequestNormalisation(
+                AuthMiddleware(
+                    self._route,
+                    key_digests=auth.digests(),
+                    admin_digests=auth.admin_keys,
+                    open_paths=auth.open_paths,
+                    open_from=loopback_client if auth.open_from == "loopback" else lambda scope: True,
+                    requires_admin=requires_admin_key,
+                    path_of=route_path,
+                ),
+                routes=self.proxy.routes,
             )
         )
 

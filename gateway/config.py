@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from gateway.paths import BadPath, resolve_path, wire_path
+
 MiB = 1024 * 1024
 
 
@@ -111,9 +113,17 @@ class RoutesConfig(Section):
     @classmethod
     def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for prefix in value:
-            if not prefix.startswith("/") or ".." in prefix:
+            if not prefix.startswith("/") or ".." in prefix or not _plain_path(prefix):
                 raise ValueError(f"expected absolute path prefixes like '/v1/audio/', got {prefix!r}")
         return value
+
+
+def _plain_path(path: str) -> bool:
+    """A path as lmgate sees requests once normalised: no '//', dot segments, '%', ';' or '\\'."""
+    try:
+        return resolve_path(wire_path(path)) == path
+    except BadPath:
+        return False
 
 
 class LimitsConfig(Section):
@@ -138,12 +148,27 @@ class AuthConfig(Section):
         (), description="Digests of admin keys: needed to load or unload models and for any request that changes state."
     )
     open_paths: tuple[str, ...] = Field(
-        ("/healthz", "/readyz", "/metrics"), description="Paths answered without a key (GET/HEAD) when auth is on."
+        ("/healthz", "/readyz", "/metrics"),
+        description="Paths answered without a key (GET/HEAD) when auth is on; /metrics names every model: "
+        "drop it here to require a key.",
+    )
+    open_from: Literal["any", "loopback"] = Field(
+        "any",
+        description="Who reads open_paths without a key: any client, or loopback (this machine; through a local "
+        "proxy, by its X-Forwarded-For). Others need a key, or get 403 when no keys are configured.",
     )
     per_key_limit: int | None = Field(
         None, ge=1, description="Requests in flight per client key (429 rate_limited beyond); null: no per-key limit."
     )
     per_key_queue: int = Field(0, ge=0, description="Requests of one key that may wait for its per-key limit.")
+
+    @field_validator("open_paths")
+    @classmethod
+    def _exact_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/") or not _plain_path(path):
+                raise ValueError(f"expected paths as requested, like '/metrics' (no '//', dot segments, '%' or ';'), got {path!r}")
+        return value
 
     @field_validator("keys", "admin_keys")
     @classmethod
@@ -326,8 +351,12 @@ class TracingConfig(Section):
 
 
 class HealthConfig(Section):
-    upstream_probe_ttl_s: float = Field(2.0, ge=0, description="Readiness reuses an upstream probe this long.")
-    probe_timeout_s: float = Field(2.0, gt=0, description="Deadline of the readiness probe of the upstream.")
+    upstream_probe_ttl_s: float = Field(
+        2.0, ge=0, description="Unused: /readyz no longer probes the upstream (it answers from known state); accepted."
+    )
+    probe_timeout_s: float = Field(
+        2.0, gt=0, description="Unused: /readyz no longer probes the upstream (it answers from known state); accepted."
+    )
     models: tuple[str, ...] = Field(
         (), description="Models /lmgate/health/llm checks with a 1-token generation; empty: those recently served."
     )

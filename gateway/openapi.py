@@ -199,11 +199,13 @@ _SCHEMAS: dict[str, Schema] = {
 # --- errors ------------------------------------------------------------------------------------
 
 _ERRORS: dict[int, str] = {
-    400: "Malformed: `bad_request`, `missing_required_parameter`, `invalid_type` (with `param`); or LM Studio's own "
-    "400 passed on (`model_not_found`, `context_length_exceeded`, ...).",
+    400: "Malformed: `bad_request`, `missing_required_parameter`, `invalid_type` (with `param`), a path that cannot "
+    "be read one way only (`bad_request`: `%25`, NUL, `\\`, `;`); or LM Studio's own 400 passed on "
+    "(`model_not_found`, `context_length_exceeded`, ...).",
     401: "`invalid_api_key`: no valid client key (once `auth.keys` are configured), or LM Studio refused lmgate's "
     "token (`upstream.api_key_env`).",
-    403: "`permission_denied`: this route changes state and needs an admin key.",
+    403: "`permission_denied`: this route changes state and needs an admin key; or an open path read from "
+    "another machine with `auth.open_from: loopback` and no keys.",
     404: "`not_found`: no such route, or no such model.",
     405: "`method_not_allowed`; `Allow` lists the methods.",
     409: "`model_busy`: requests are using the model; add `?force=true`.",
@@ -270,9 +272,11 @@ def _own_paths(*, metrics: bool) -> dict[str, Schema]:
     paths: dict[str, Schema] = {
         "/healthz": {"get": _operation("health", "Liveness: the process serves requests", _ok(_ref("Status")))},
         "/readyz": {"get": _operation(
-            "health", "Readiness: not draining, preloads done, upstream reachable",
+            "health", "Readiness from known state (never an upstream request): not draining, preloads done, "
+            "circuit not open, upstream not found unreachable",
             {**_ok(_ref("Status"), "`ready`"), "503": {
-                "description": "`draining`, `preloading` (with `models`) or `upstream_unreachable` (with `reason`).",
+                "description": "`draining`, `preloading` (with `models`), `circuit_open` or `upstream_unreachable` "
+                "(with `reason`).",
                 "content": _json(_ref("Status")),
             }},
         )},
@@ -287,16 +291,16 @@ def _own_paths(*, metrics: bool) -> dict[str, Schema]:
             "models", "Every model the upstream lists, with its state", _ok(_ref("Models"))
         )},
         "/lmgate/models/{id}": {"get": _operation(
-            "models", "One model", {**_ok(_ref("Model")), **_errors(404)},
+            "models", "One model", {**_ok(_ref("Model")), **_errors(400, 404)},
             parameters=[_model_id("The model's id.")],
         )},
         "/lmgate/models/{id}/load": {"post": _operation(
-            "models", "Load the model now (single flight with requests)", {**_ok(_ref("Loaded")), **_errors(502)},
+            "models", "Load the model now (single flight with requests)", {**_ok(_ref("Loaded")), **_errors(400, 502)},
             parameters=[_model_id("The model to load.")],
         )},
         "/lmgate/models/{id}/unload": {"post": _operation(
             "models", "Unload every instance of the model, or the one named",
-            {**_ok(_ref("Unloaded")), **_errors(409, 501, 502)},
+            {**_ok(_ref("Unloaded")), **_errors(400, 409, 501, 502)},
             parameters=[_model_id("The model, or one instance (`key:2`)."), {
                 "name": "force", "in": "query", "required": False, "schema": _STRING,
                 "description": "`true`, `1` or `yes`: unload even while requests use it (they fail); else no.",
@@ -344,12 +348,15 @@ def _forwarded_paths() -> dict[str, Schema]:
     }
 
 
-def _require_keys(paths: dict[str, Schema], open_paths: tuple[str, ...]) -> None:
-    """With client keys: 401 without one outside ``open_paths`` (GET), 403 for a client key on POST."""
+def _require_keys(paths: dict[str, Schema], open_paths: tuple[str, ...], *, loopback_only: bool) -> None:
+    """With client keys: 401 without one outside ``open_paths`` (GET; inside them too from another
+    machine with ``open_from: loopback``), 403 for a client key on POST."""
     for path, item in paths.items():
         for method, operation in item.items():
             if method == "get" and path in open_paths:
                 operation["security"] = []
+                if loopback_only:
+                    operation["responses"].update(_errors(401))
                 continue
             admin_only = method == "post" and path.startswith("/lmgate/")  # gateway.admin.requires_admin_key
             operation["responses"].update(_errors(401, *((403,) if admin_only else ())))
@@ -371,11 +378,15 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "components": components,
     }
     if config.auth.enabled:
-        _require_keys(paths, config.auth.open_paths)
+        _require_keys(paths, config.auth.open_paths, loopback_only=config.auth.open_from == "loopback")
         components["securitySchemes"] = {_KEY: {
             "type": "http",
             "scheme": "bearer",
             "description": "A client key (`X-Api-Key` works too); admin keys open every route.",
         }}
         document["security"] = [{_KEY: []}]
+    elif config.auth.open_from == "loopback":  # no keys: the open paths refuse other machines
+        for path in config.auth.open_paths:
+            if "get" in paths.get(path, {}):
+                paths[path]["get"]["responses"].update(_errors(403))
     return document

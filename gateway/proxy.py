@@ -39,7 +39,8 @@ from gateway.errors import (
 )
 from gateway.headers import downstream_response_headers, upstream_request_headers
 from gateway.models.upstream import UpstreamModels
-from gateway.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path, route_raw_path
+from gateway.paths import strip_credentials, wire_path
+from gateway.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path
 from gateway.sse import StreamMarkers
 from gateway.telemetry.stream import UsageTap, usage_tap
 from gateway.usage import PromptTokens
@@ -162,9 +163,10 @@ class Proxy:
         return kind
 
     def _upstream_url(self, scope: Scope) -> str:
-        # raw_path keeps the client's exact encoding; the route check ran on the decoded path.
-        url = self.upstream_url + route_raw_path(scope).decode("latin-1")
-        query = scope.get("query_string", b"")
+        # Built from the very path the route check and every other decision read (canonical:
+        # gateway.paths), never from the client's raw_path; credentials never leave in the query.
+        url = self.upstream_url + wire_path(route_path(scope)).decode("ascii")
+        query = strip_credentials(scope.get("query_string", b""))
         return f"{url}?{query.decode('latin-1')}" if query else url
 
     async def _exchange(

@@ -1,12 +1,23 @@
 """The routes lmgate forwards. Everything else is a 404: lmgate is never an open proxy.
 
 No request can choose the upstream: the URL is always the configured upstream joined with the
-request's path, and only paths on this list (or a configured extra prefix) are accepted.
+request's canonical path (``gateway.paths``), and only LM Studio's routes, listed here exactly,
+and the configured extra prefixes are accepted.
+
+LM Studio's router (Express) ignores case and a trailing slash, so a path that reaches one of its
+routes is spelled here as the route is (``/api/v1/MODELS/load/`` is ``/api/v1/models/load``): the
+admin rule, the allow-list and validation then compare exact strings, and the proxy forwards the
+same string. Parameters (a model key, a download job id) keep their case. lmgate's own routes
+(``/healthz``, ``/lmgate/...``) are served by lmgate itself, exactly as spelled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from urllib.parse import quote
+
+from gateway.paths import BadPath, ascii_lower, resolve_path, strip_credentials, wire_path
+from middleware.types import ASGIApp, Receive, Scope, Send
 
 LMSTUDIO_PATHS = frozenset(
     {
@@ -19,7 +30,25 @@ LMSTUDIO_PATHS = frozenset(
         "/lmstudio-greeting",
     }
 )
+#: The families of LM Studio's native REST APIs (metrics label them ``prefix*``).
 LMSTUDIO_PREFIXES = ("/api/v0/", "/api/v1/")
+#: LM Studio's native REST routes (research §1.4, §1.5), exactly.
+LMSTUDIO_API_PATHS = frozenset(
+    {
+        "/api/v0/models",
+        "/api/v0/chat/completions",
+        "/api/v0/completions",
+        "/api/v0/embeddings",
+        "/api/v1/chat",
+        "/api/v1/models",
+        "/api/v1/models/load",
+        "/api/v1/models/unload",
+        "/api/v1/models/download",
+    }
+)
+#: Routes ending in one parameter: ``/api/v0/models/{model}``, ``.../download/status/{job_id}``.
+PARAMETER_PREFIXES = ("/api/v0/models/", "/api/v1/models/download/status/")
+FORWARDED_PATHS = LMSTUDIO_PATHS | LMSTUDIO_API_PATHS
 
 # Routes whose event streams end with `data: [DONE]`; one that ends without it was cut.
 DONE_TERMINATED = frozenset(
@@ -36,26 +65,93 @@ ASSEMBLABLE = {
 
 
 class RouteTable:
-    """Decides whether a path may be forwarded."""
+    """Spells a path as the route it reaches (:meth:`normalise`) and decides whether it is forwarded."""
 
     def __init__(self, *, extra_prefixes: Iterable[str] = ()) -> None:
         extra = tuple(extra_prefixes)
         for prefix in extra:
             if not prefix.startswith("/"):
                 raise ValueError(f"route prefix {prefix!r} must start with '/'")
-        self.prefixes = LMSTUDIO_PREFIXES + extra
+            try:
+                resolved = resolve_path(wire_path(prefix))
+            except BadPath:
+                resolved = None
+            if resolved != prefix:
+                raise ValueError(f"route prefix {prefix!r} is not a plain path (dot segments, '//', '%', ';')")
+        self.extra_prefixes = extra
+
+    def normalise(self, raw_path: bytes) -> str:
+        """The canonical path of a client's raw path (below the mount point); ``BadPath`` (400)
+        when it cannot be read one way only. The one normalisation every decision relies on."""
+        return self.spell(resolve_path(raw_path))
+
+    def spell(self, path: str) -> str:
+        """A resolved path spelled as the route it reaches: LM Studio's in lower case without a
+        trailing slash (Express matches either way), an extra prefix as configured; the rest as is."""
+        folded = ascii_lower(path)
+        bare = folded.rstrip("/") or "/"
+        if bare in FORWARDED_PATHS:
+            return bare
+        for prefix in PARAMETER_PREFIXES:
+            if folded.startswith(prefix) and len(bare) > len(prefix):
+                return prefix + path[len(prefix) :].rstrip("/")
+        for prefix in self.extra_prefixes:
+            if folded.startswith(ascii_lower(prefix)):
+                return prefix + path[len(prefix) :]
+        return path
 
     def allows(self, path: str) -> bool:
-        if not is_clean_path(path):
+        """Whether a canonical ``path`` is forwarded; a path not in canonical form never is."""
+        if path in FORWARDED_PATHS:  # canonical as listed
+            return True
+        if not self.is_canonical(path):
             return False
-        return path in LMSTUDIO_PATHS or path.startswith(self.prefixes)
+        if any(path.startswith(prefix) and len(path) > len(prefix) for prefix in PARAMETER_PREFIXES):
+            return True
+        return path.startswith(self.extra_prefixes) if self.extra_prefixes else False
+
+    def is_canonical(self, path: str) -> bool:
+        try:
+            return self.normalise(wire_path(path)) == path
+        except (BadPath, UnicodeEncodeError):
+            return False
 
 
-def is_clean_path(path: str) -> bool:
-    """Reject dot segments, empty segments and backslashes: they could step outside a prefix."""
-    if not path.startswith("/") or "\\" in path or "//" in path:
-        return False
-    return not any(segment in (".", "..") for segment in path.split("/"))
+class RequestNormalisation:
+    """The outermost layer after error rendering: rewrites the request target once.
+
+    ``scope["path"]`` and ``scope["raw_path"]`` become the canonical path (below the mount point,
+    which is kept) and ``scope["query_string"]`` loses its credentials, so no later layer can read
+    the client's spelling by mistake. A path that cannot be normalised is ``400 bad_request``.
+    """
+
+    def __init__(self, app: ASGIApp, *, routes: RouteTable) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        mount = _mount_point(scope)
+        path = self.routes.normalise(route_raw_path(scope))
+        mount_raw = wire_path(mount) if mount else b""
+        scope = {
+            **scope,
+            "path": mount + path,
+            "raw_path": mount_raw + wire_path(path),
+            "query_string": strip_credentials(scope.get("query_string", b"")),
+        }
+        await self.app(scope, receive, send)
+
+
+def _mount_point(scope: Scope) -> str:
+    """``root_path`` when ``path`` lies below it (mounted), else ""."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return root
+    return ""
 
 
 def route_path(scope: dict) -> str:
@@ -66,18 +162,17 @@ def route_path(scope: dict) -> str:
     ``root_path`` is empty and this is ``path`` itself.
     """
     path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
-        return path[len(root) :] or "/"
-    return path
+    mount = _mount_point(scope)
+    return (path[len(mount) :] or "/") if mount else path
 
 
 def route_raw_path(scope: dict) -> bytes:
-    """``raw_path`` (the client's exact encoding) below the mount point; falls back to ``path``."""
+    """``raw_path`` below the mount point: the client's bytes before ``RequestNormalisation``, the
+    canonical path's after it. Without a usable ``raw_path``, ``path`` encoded again."""
     raw: bytes | None = scope.get("raw_path")
-    if raw is None:
-        return route_path(scope).encode("utf-8")
-    root = scope.get("root_path", "").encode("utf-8")
-    if root and raw.startswith(root) and raw[len(root) : len(root) + 1] in (b"/", b""):
-        return raw[len(root) :] or b"/"
-    return raw
+    mount = _mount_point(scope).encode("utf-8")
+    if raw is not None and not mount:
+        return raw
+    if raw is not None and raw.startswith(mount) and raw[len(mount) : len(mount) + 1] in (b"/", b""):
+        return raw[len(mount) :] or b"/"
+    return quote(route_path(scope), safe="/").encode("ascii")

@@ -9,8 +9,16 @@ enough: there is no dictionary to attack.
 * A request without a valid key is ``401 invalid_api_key`` (``WWW-Authenticate: Bearer``).
 * A request that ``requires_admin`` (loading or unloading models, anything that changes state)
   needs one of ``admin_digests``; a valid client key there is ``403 permission_denied``.
-* ``open_paths`` (health, readiness, metrics by default) are answered without a key, for GET/HEAD.
-* With no digests and no ``verifier`` the layer is off: every request passes.
+* ``open_paths`` (health, readiness, metrics by default) are answered without a key, for GET/HEAD,
+  to the clients ``open_from`` admits (all by default; :func:`loopback_client` for this machine
+  only). Others need a key there too; with no keys configured they get ``403 permission_denied``.
+* With no digests and no ``verifier`` the layer is off: every request passes (``open_from`` still
+  holds for the open paths).
+* A key is read from the ``Authorization`` and ``x-api-key`` headers only, never from the query
+  string: URLs end up in access logs, browser histories and proxies' logs.
+
+Decisions compare ``path_of(scope)`` exactly: put a layer in front that normalises the path (case,
+escapes, dot segments) the way the application behind routes it; lmgate's gateway does.
 
 The key's *identity* (its configured name, or ``key-`` and 8 hex digits of its digest: never
 the key) is left in ``scope["state"]`` for the layers inside, such as a per-key concurrency limit
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 
@@ -33,6 +42,7 @@ __all__ = [
     "client_identity",
     "hash_key",
     "is_admin",
+    "loopback_client",
     "normalise_digest",
     "parse_keys_file",
 ]
@@ -99,6 +109,35 @@ def is_admin(scope: Scope) -> bool:
     return bool((scope.get("state") or {}).get(_ADMIN))
 
 
+def loopback_client(scope: Scope) -> bool:
+    """Whether the client is on this machine: a loopback peer, and no forwarding header (added by
+    a proxy on this machine, such as NGINX) naming another address as the client.
+
+    The last ``X-Forwarded-For`` entry and ``X-Real-IP`` are the proxy's own word (NGINX's
+    ``$proxy_add_x_forwarded_for`` appends the address it saw), so a remote client cannot
+    pretend to be local by sending the header itself.
+    """
+    client = scope.get("client")
+    if not client or not _is_loopback(client[0]):
+        return False
+    for name, value in scope.get("headers", ()):
+        if name == b"x-forwarded-for":
+            if not _is_loopback(value.decode("latin-1").rsplit(",", 1)[-1]):
+                return False
+        elif name == b"x-real-ip" and not _is_loopback(value.decode("latin-1")):
+            return False
+    return True
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
+    return (mapped or ip).is_loopback
+
+
 def presented_key(scope: Scope) -> str | None:
     """``Authorization: Bearer <key>``, else ``x-api-key`` (Anthropic-style clients)."""
     fallback = None
@@ -120,6 +159,7 @@ class AuthMiddleware:
         admin_digests: digests of admin keys; they are valid client keys too.
         verifier: ``key -> identity or None``, consulted for keys no digest matched (a key store).
         open_paths: paths answered without a key (GET and HEAD only).
+        open_from: ``scope -> bool``: the clients ``open_paths`` are open to (default: all).
         requires_admin: ``(method, path) -> bool``: the request changes state.
         path_of: the request's path below any mount point (default ``scope["path"]``).
     """
@@ -132,6 +172,7 @@ class AuthMiddleware:
         admin_digests: Mapping[str, str] | Iterable[str] = (),
         verifier: Callable[[str], str | None] | None = None,
         open_paths: Collection[str] = ("/healthz", "/readyz", "/metrics"),
+        open_from: Callable[[Scope], bool] = lambda scope: True,
         requires_admin: Callable[[str, str], bool] = lambda method, path: False,
         path_of: Callable[[Scope], str] = lambda scope: scope["path"],
     ) -> None:
@@ -141,21 +182,30 @@ class AuthMiddleware:
         self._digests = [(bytes.fromhex(d), name, d in admins) for d, name in {**_named(key_digests), **admins}.items()]
         self.verifier = verifier
         self.open_paths = frozenset(open_paths)
+        self.open_from = open_from
         self.requires_admin = requires_admin
         self.path_of = path_of
         self.enabled = bool(self._digests) or verifier is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.enabled:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], self.path_of(scope)
         if path in self.open_paths and method in _SAFE_METHODS:
+            if self.open_from(scope):
+                await self.app(scope, receive, send)
+                return
+            if not self.enabled:  # no key could open it: say why
+                raise Forbidden(f"{path} is not open to this client.")
+        elif not self.enabled:
             await self.app(scope, receive, send)
             return
         key = presented_key(scope)
         if key is None:
-            raise _unauthorized("No API key was sent: send 'Authorization: Bearer <key>'.")
+            raise _unauthorized(
+                "No API key was sent: send 'Authorization: Bearer <key>' (a key in the URL's query string is not accepted)."
+            )
         identity, admin = self._match(key)
         if identity is None:
             raise _unauthorized("The API key is not valid for this gateway.")

@@ -48,7 +48,8 @@ class NotSupportedByUpstream(LmgateError):
 
 async def serve_models(service: ModelService, scope: Scope, send: Send) -> None:
     """Answer one request under ``/lmgate/models``."""
-    rest = route_path(scope)[len(MODELS_PATH) :].strip("/")
+    # The canonical path keeps an encoded slash as "%2F" (gateway/paths.py): here it is part of an id.
+    rest = route_path(scope)[len(MODELS_PATH) :].strip("/").replace("%2F", "/")
     method = scope["method"]
     await service.registry.refresh()  # on demand, when older than refresh_s
     if not rest:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import anyio
 
 from gateway.models.clock import Clock
-from gateway.models.upstream import Listed, ModelFacts, UpstreamError, UpstreamModels
+from gateway.models.upstream import Listed, ModelFacts, UpstreamError, UpstreamModels, UpstreamUnreachable
 
 logger = logging.getLogger("lmgate.models")
 
@@ -76,6 +76,7 @@ class ModelRegistry:
         self.records: dict[str, ModelRecord] = {}
         self.refreshed_at: float | None = None
         self.refresh_error: str | None = None
+        self.refresh_unreachable = False  # the last refresh got no HTTP answer at all (readiness)
         self._refreshing: anyio.Event | None = None
         self._changed: anyio.Event | None = None
 
@@ -158,10 +159,12 @@ class ModelRegistry:
             if self.refresh_error != str(exc):
                 logger.warning("model state refresh failed: %s", exc, extra={"event": "models_refresh_failed"})
             self.refresh_error = str(exc)
+            self.refresh_unreachable = isinstance(exc, UpstreamUnreachable)
             self.refreshed_at = self.clock.now()
         else:
             self._apply(listed)
             self.refresh_error = None
+            self.refresh_unreachable = False
             self.refreshed_at = self.clock.now()
         finally:
             # Also when cancelled (the requester that refreshed left): the waiters try again.

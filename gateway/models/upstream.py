@@ -44,6 +44,10 @@ class UpstreamError(Exception):
     """The upstream's model API could not be used: unreachable, refused, or an unexpected answer."""
 
 
+class UpstreamUnreachable(UpstreamError):
+    """No HTTP answer at all: refused, reset or timed out (readiness reports it)."""
+
+
 class LoadError(Exception):
     """A load failed; ``message`` is the upstream's own explanation where it gave one."""
 
@@ -148,7 +152,7 @@ class UpstreamModels:
         try:
             response = await self.client.get(self.url + path, headers=self.headers, timeout=self.timeout)
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"The upstream could not be reached: {describe(exc)}") from exc
+            raise UpstreamUnreachable(f"The upstream could not be reached: {describe(exc)}") from exc
         try:
             return response.status_code, response.json()
         except ValueError:

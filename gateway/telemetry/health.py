@@ -1,10 +1,13 @@
-"""Readiness and LLM health: cheap cached probes, so a health route can never hammer LM Studio.
+"""Readiness and LLM health, so a health route can never hammer LM Studio.
 
-* :class:`UpstreamProbe` answers "is the upstream reachable?" for ``/readyz`` with one
-  ``GET /lmstudio-greeting``, reused for ``health.upstream_probe_ttl_s``. Any HTTP answer counts
-  as reachable (a server without the greeting answers 404, which proves it is there); only a
-  failure to connect or a timeout does not. Whether the upstream *works* is the breaker's and
-  ``/lmgate/health/llm``'s question.
+* :func:`readiness` answers ``/readyz`` from what lmgate already knows, and never asks the
+  upstream itself: an orchestrator may call it as often as it likes, without a key, and cause no
+  upstream request. Not ready: draining, preloading, the upstream-wide circuit open (the breaker
+  saw the upstream fail and is shedding requests), or the latest model-state refresh, while it is
+  current (``models.refresh_s``), got no HTTP answer at all. Each of these clears by itself (the
+  circuit half-opens after its cool-down; a refresh older than ``refresh_s`` no longer counts), so
+  a load balancer that stops sending traffic on a 503 gets the instance back. Nothing known about
+  the upstream yet counts as ready: the first requests will tell.
 * :class:`LlmHealth` answers ``/lmgate/health/llm`` with a real 1-token generation per model,
   concurrently, cached for ``health.llm_check_ttl_s`` and single-flight (callers arriving during
   a check share its result), together with :class:`LatencyWindows`' rolling p50/p95/p99 of the
@@ -129,32 +132,23 @@ class _Cached:
         return value
 
 
-class UpstreamProbe:
-    """Whether the upstream answers HTTP at all; see the module docstring."""
+def readiness(
+    *, draining: bool, preloaded: bool, circuit: str | None, unreachable: str | None
+) -> tuple[int, dict[str, str]]:
+    """(status, body) for ``/readyz`` from known state; see the module docstring.
 
-    def __init__(self, client: httpx.AsyncClient, upstream_url: str, *, ttl_s: float, timeout_s: float,
-                 clock: Clock = time.monotonic) -> None:
-        self.client = client
-        self.url = upstream_url.rstrip("/") + "/lmstudio-greeting"
-        self.timeout_s = timeout_s
-        self._cache = _Cached(ttl_s, clock)
-
-    async def check(self) -> tuple[bool, str | None]:
-        """(reachable, why not)."""
-        if self._cache.fresh():
-            return self._cache.value
-        async with self._cache.lock:
-            if not self._cache.fresh():
-                self._cache.store(await self._probe())
-        return self._cache.value
-
-    async def _probe(self) -> tuple[bool, str | None]:
-        with suppress_http_instrumentation():
-            try:
-                await self.client.get(self.url, timeout=self.timeout_s)
-            except httpx.HTTPError as exc:
-                return False, f"the upstream is unreachable: {describe(exc)}"
-        return True, None
+    ``circuit``: the upstream-wide circuit's state (None without a breaker); ``unreachable``: why
+    the current model-state refresh got no answer (None when it did, or is not current).
+    """
+    if draining:
+        return 503, {"status": "draining"}
+    if not preloaded:
+        return 503, {"status": "preloading"}
+    if circuit == "open":
+        return 503, {"status": "circuit_open", "reason": "the upstream kept failing; requests are shed until the cool-down ends"}
+    if unreachable is not None:
+        return 503, {"status": "upstream_unreachable", "reason": unreachable}
+    return 200, {"status": "ready"}
 
 
 class LlmHealth:

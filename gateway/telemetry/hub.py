@@ -3,8 +3,7 @@
 One instance per ``Gateway`` (no module-level state): its own Prometheus registry, its own tracer
 provider (built from config, or injected), its own latency windows and probes. The gateway puts
 :meth:`middleware` right inside ``ErrorMiddleware`` and :meth:`admission` right inside the
-concurrency layer, and its admin routes ask :meth:`readiness`, ``metrics.render`` and
-``llm_health.report``.
+concurrency layer, and its admin routes ask ``metrics.render`` and ``llm_health.report``.
 
 Layers that know things the telemetry layer cannot see report them here: a circuit changing
 state (:meth:`circuit_changed`), a model load (:meth:`model_load`, for the cold-start handling;
@@ -24,7 +23,7 @@ from gateway import __version__
 from gateway.models.coldstart import model_state as coldstart_model_state
 from gateway.config import Config
 from gateway.telemetry import events
-from gateway.telemetry.health import LatencyWindows, LlmHealth, UpstreamProbe
+from gateway.telemetry.health import LatencyWindows, LlmHealth
 from gateway.telemetry.metrics import GatewayMetrics, StateCollector
 from gateway.telemetry.middleware import AdmissionMark, TelemetryMiddleware, outcome_of
 from gateway.telemetry.record import NOT_INFERENCE, RequestOutcome, RequestRecord, record_of
@@ -51,7 +50,6 @@ class Telemetry:
         metrics: GatewayMetrics | None,
         tracing: Tracing | None,
         windows: LatencyWindows,
-        probe: UpstreamProbe,
         llm_health: LlmHealth,
         log_prompts: bool = False,
         request_stream_usage: bool = True,
@@ -62,7 +60,6 @@ class Telemetry:
         self.metrics = metrics
         self.tracing = tracing
         self.windows = windows
-        self.probe = probe
         self.llm_health = llm_health
         self.log_prompts = log_prompts
         self.request_stream_usage = request_stream_usage
@@ -126,8 +123,6 @@ class Telemetry:
             metrics=metrics,
             tracing=tracing,
             windows=windows,
-            probe=UpstreamProbe(client, upstream, ttl_s=health.upstream_probe_ttl_s, timeout_s=health.probe_timeout_s,
-                                clock=clock),
             llm_health=LlmHealth(client, upstream, api_key=api_key, models=health.models, ttl_s=health.llm_check_ttl_s,
                                  timeout_s=health.llm_check_timeout_s, windows=windows, clock=clock),
             log_prompts=config.logging.prompts,
@@ -155,17 +150,6 @@ class Telemetry:
         if self.metrics is not None:
             collector = StateCollector(retry=retry, breaker=breaker, concurrency=concurrency, drain=drain)
             self.metrics.registry.register(collector)  # type: ignore[arg-type]
-
-    async def readiness(self, drain: DrainState) -> tuple[int, dict[str, str]]:
-        """(status, body) for ``/readyz``: not draining, preload done, upstream reachable."""
-        if drain.draining:
-            return 503, {"status": "draining"}
-        if not self.preloaded:
-            return 503, {"status": "preloading"}
-        reachable, reason = await self.probe.check()
-        if not reachable:
-            return 503, {"status": "upstream_unreachable", "reason": reason or ""}
-        return 200, {"status": "ready"}
 
     def circuit_changed(self, circuit: str, old: str, new: str) -> None:
         """The breaker's ``on_state_change``: counts transitions (the breaker logs them itself)."""

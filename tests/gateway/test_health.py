@@ -15,6 +15,7 @@ from gateway.app import Gateway, build_app
 from gateway.config import Config
 from gateway.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
+from gateway.telemetry.health import readiness
 
 pytestmark = pytest.mark.anyio
 
@@ -43,40 +44,75 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 @asynccontextmanager
-async def gateway(upstream_url: str, **health: Any) -> AsyncIterator[tuple[str, Gateway]]:
-    app = build_app(Config.model_validate({"upstream": {"url": upstream_url}, "health": health}))
+async def gateway(
+    upstream_url: str, *, sections: dict[str, Any] | None = None, **health: Any
+) -> AsyncIterator[tuple[str, Gateway]]:
+    app = build_app(Config.model_validate({"upstream": {"url": upstream_url}, "health": health, **(sections or {})}))
     async with serve_in_background(app) as server:
         yield server.url, app
     await app.aclose()
 
 
-async def test_readiness_probes_the_upstream_once_per_ttl(upstream, client):
-    async def handler(scope, receive, send):
-        # Any answer proves the upstream is there, even one that is not LM Studio's.
-        await send({"type": "http.response.start", "status": 404, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    upstream.handler = handler
-    async with gateway(upstream.url, upstream_probe_ttl_s=60) as (url, _):
-        answers = [await client.get(url + "/readyz") for _ in range(3)]
+async def test_readiness_never_asks_the_upstream(sim, client):
+    # It was one GET /lmstudio-greeting per probe TTL: an open route, so anyone could make lmgate
+    # send requests upstream. It answers from what lmgate already knows.
+    async with gateway(sim.url) as (url, _):
+        answers = [await client.get(url + "/readyz") for _ in range(20)]
         alive = await client.get(url + "/healthz")
-    assert [(a.status_code, a.json()) for a in answers] == [(200, {"status": "ready"})] * 3
-    assert [scope["path"] for scope, _ in upstream.requests].count("/lmstudio-greeting") == 1
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"status": "ready"})] * 20
     assert (alive.status_code, alive.json()) == (200, {"status": "ok"})
+    assert sim.counters.http_requests == 0
 
 
-async def test_readiness_is_503_while_draining_preloading_or_unreachable(sim, client):
-    async with gateway("http://127.0.0.1:9") as (url, _):
-        unreachable = await client.get(url + "/readyz")
+@pytest.mark.parametrize(
+    ("known", "status"),
+    [
+        ({}, "ready"),
+        ({"circuit": "closed"}, "ready"),
+        ({"circuit": "half_open"}, "ready"),  # traffic must come for the probe to close it
+        ({"circuit": "open"}, "circuit_open"),
+        ({"unreachable": "connection refused"}, "upstream_unreachable"),
+        ({"preloaded": False, "circuit": "open"}, "preloading"),
+        ({"draining": True, "preloaded": False}, "draining"),
+    ],
+)
+def test_readiness_from_known_state(known, status):
+    answer_status, document = readiness(**{"draining": False, "preloaded": True, "circuit": None, "unreachable": None, **known})
+    assert document["status"] == status
+    assert answer_status == (200 if status == "ready" else 503)
+
+
+async def test_readiness_is_503_while_draining_or_preloading(sim, client):
     async with gateway(sim.url) as (url, app):
         app.telemetry.preloaded = False
         preloading = await client.get(url + "/readyz")
         app.drain.start()
         draining = await client.get(url + "/readyz")
-    assert unreachable.status_code == 503 and unreachable.json()["status"] == "upstream_unreachable"
-    assert "unreachable" in unreachable.json()["reason"]
     assert (preloading.status_code, preloading.json()) == (503, {"status": "preloading"})
     assert (draining.status_code, draining.json()) == (503, {"status": "draining"})
+
+
+async def test_readiness_is_503_once_a_model_state_refresh_found_the_upstream_unreachable(client):
+    async with gateway("http://127.0.0.1:9", sections={"models": {"refresh_s": 60}}) as (url, _):
+        before = await client.get(url + "/readyz")  # nothing known yet: the first requests will tell
+        assert (await client.get(url + "/lmgate/models")).json()["refresh_error"]
+        unreachable = await client.get(url + "/readyz")
+    assert before.status_code == 200
+    assert unreachable.status_code == 503 and unreachable.json()["status"] == "upstream_unreachable"
+    assert "could not be reached" in unreachable.json()["reason"]
+
+
+async def test_readiness_is_503_while_the_upstream_circuit_is_open(client):
+    sections = {
+        "models": {"enabled": False},
+        "retry": {"enabled": False},
+        "circuit_breaker": {"failure_threshold": 1, "reset_timeout_s": 600},
+    }
+    async with gateway("http://127.0.0.1:9", sections=sections) as (url, app):
+        failed = await client.post(url + "/v1/chat/completions", json={"model": "m", "messages": []})
+        assert failed.status_code >= 500
+        shed = await client.get(url + "/readyz")
+    assert shed.status_code == 503 and shed.json()["status"] == "circuit_open"
 
 
 async def test_the_llm_check_generates_one_token_and_is_cached(sim, client):

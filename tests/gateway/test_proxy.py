@@ -157,7 +157,7 @@ async def test_an_unreachable_upstream_is_502_upstream_unavailable(client):
                          "param": "model", "code": "model_not_found"}}, 400, "model_not_found"),
         (400, {"error": {"message": "No models loaded. Please load a model.", "type": "invalid_request_error",
                          "param": "model", "code": None}}, 400, "model_not_loaded"),
-        (200, {"error": "Unexpected endpoint or method. (GET /api/v1/nothing)"}, 404, "not_found"),
+        (200, {"error": "Unexpected endpoint or method. (GET /api/v1/chat)"}, 404, "not_found"),
         (500, {"error": "The model has crashed without additional information. (Exit code: 11)"}, 500, "model_crashed"),
     ],
 )
@@ -169,7 +169,7 @@ async def test_lm_studio_errors_keep_their_status_and_get_the_openai_shape(
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
     upstream.handler = handler
-    response = await client.get(gateway + "/api/v1/nothing")
+    response = await client.get(gateway + "/api/v1/chat")  # GET on a POST route
     assert response.status_code == expected_status
     error = response.json()["error"]
     assert error["code"] == expected_code

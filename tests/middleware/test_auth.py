@@ -15,6 +15,7 @@ from middleware.auth import (
     client_identity,
     hash_key,
     is_admin,
+    loopback_client,
     normalise_digest,
     parse_keys_file,
 )
@@ -105,6 +106,53 @@ async def test_without_keys_the_layer_is_off():
     transport = httpx.ASGITransport(ErrorMiddleware(AuthMiddleware(whoami)))
     async with httpx.AsyncClient(transport=transport, base_url="http://lmgate") as c:
         assert (await c.post("/admin/anything")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "local"),
+    [
+        ("127.0.0.1", [], True),
+        ("127.8.9.10", [], True),
+        ("::1", [], True),
+        ("::ffff:127.0.0.1", [], True),  # a dual-stack socket's IPv4 peer
+        ("192.0.2.7", [], False),
+        ("::ffff:192.0.2.7", [], False),
+        (None, [], False),
+        # Through a proxy on this machine: its X-Forwarded-For entry (the last) names the client.
+        ("127.0.0.1", [(b"x-forwarded-for", b"203.0.113.9")], False),
+        ("127.0.0.1", [(b"x-forwarded-for", b"127.0.0.1")], True),
+        ("127.0.0.1", [(b"x-forwarded-for", b"127.0.0.1, 203.0.113.9")], False),
+        ("127.0.0.1", [(b"x-forwarded-for", b"203.0.113.9, 127.0.0.1")], True),  # forged by the client, appended by NGINX
+        ("127.0.0.1", [(b"x-real-ip", b"203.0.113.9")], False),
+        ("127.0.0.1", [(b"x-forwarded-for", b"not an address")], False),
+        ("192.0.2.7", [(b"x-forwarded-for", b"127.0.0.1")], False),  # a remote peer cannot claim to be local
+    ],
+)
+def test_loopback_clients(peer, headers, local):
+    scope = {"type": "http", "client": (peer, 50000) if peer else None, "headers": headers}
+    assert loopback_client(scope) is local
+
+
+@pytest.mark.parametrize(
+    ("keys", "forwarded_for", "without_key", "with_key"),
+    [
+        (True, None, 200, 200),
+        (True, "203.0.113.9", 401, 200),  # a remote client needs a key on the open paths too
+        (False, None, 200, 200),
+        (False, "203.0.113.9", 403, 403),  # no key could open it: 403, not 401
+    ],
+)
+async def test_open_paths_can_be_open_to_loopback_clients_only(keys, forwarded_for, without_key, with_key):
+    options: dict[str, Any] = {"open_from": loopback_client}
+    if not keys:
+        options.update(key_digests=(), admin_digests=())
+    headers = {"x-forwarded-for": forwarded_for} if forwarded_for else {}
+    transport = httpx.ASGITransport(app(**options), client=("127.0.0.1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://lmgate") as c:
+        assert (await c.get("/healthz", headers=headers)).status_code == without_key
+        assert (await c.get("/healthz", headers={**headers, **bearer(CLIENT)})).status_code == with_key
+        # Other routes are as before: a key with keys configured, open without.
+        assert (await c.get("/v1/models", headers=headers)).status_code == (401 if keys else 200)
 
 
 async def test_a_verifier_is_asked_for_keys_no_digest_matched():

@@ -54,6 +54,22 @@ async def test_health_and_metrics_are_open_by_default_and_can_be_protected(sim, 
         assert (await client.get(gw.url + "/metrics", headers=bearer(CLIENT))).status_code == 200
 
 
+@pytest.mark.parametrize("keys", [AUTH, {}], ids=["keys", "no keys"])
+async def test_open_paths_can_be_open_to_this_machine_only(sim, start_gateway, client, keys):
+    remote = {"X-Forwarded-For": "203.0.113.9"}  # as NGINX on this machine says a remote client's address
+    async with start_gateway(sim.url, auth={**keys, "open_from": "loopback"}) as gw:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(gw.url + path)).status_code == 200, path
+            refused = await client.get(gw.url + path, headers=remote)
+            assert refused.status_code == (401 if keys else 403), path
+            assert refused.json()["error"]["code"] == ("invalid_api_key" if keys else "permission_denied")
+        if keys:
+            assert (await client.get(gw.url + "/metrics", headers={**remote, **bearer(CLIENT)})).status_code == 200
+        # The forwarded routes are as before: a key with keys configured, open without.
+        listed = await client.get(gw.url + "/v1/models", headers=remote)
+        assert listed.status_code == (401 if keys else 200)
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [

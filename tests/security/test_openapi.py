@@ -141,6 +141,11 @@ def test_keys_are_described_where_lmgate_asks_for_them():
         assert keyed["paths"][path]["get"]["security"] == [] and "401" not in keyed["paths"][path]["get"]["responses"]
     assert "403" in keyed["paths"]["/lmgate/models/{id}/load"]["post"]["responses"]
     assert "403" not in keyed["paths"]["/v1/chat/completions"]["post"]["responses"]
+    # auth.open_from: loopback: a key (401 without) or, with no keys to give, 403 from other machines.
+    local = openapi_document(Config.model_validate({"auth": {**DOCUMENT["auth"], "open_from": "loopback"}}))
+    assert "401" in local["paths"]["/metrics"]["get"]["responses"]
+    unkeyed = openapi_document(Config.model_validate({"auth": {"open_from": "loopback"}}))
+    assert "403" in unkeyed["paths"]["/metrics"]["get"]["responses"] and "security" not in unkeyed
 
 
 def test_metrics_are_described_only_when_served():
