@@ -340,7 +340,12 @@ class CacheConfig(Section):
     enabled: bool = Field(
         False, description="Answer repeated deterministic requests (temperature 0 or a seed, no tools) from memory."
     )
-    max_entries: int = Field(500, ge=0, description="Answers kept, least recently used dropped first (env EVAL_CACHE_SIZE).")
+    max_entries: int = Field(
+        500,
+        ge=0,
+        description="Answers kept, least recently used dropped first (env EVAL_CACHE_SIZE, which also turns the "
+        "cache on above 0 unless `enabled` is set, off at 0).",
+    )
     max_bytes: int = Field(64 * MiB, ge=1, description="Bytes of answers kept in all.")
     max_entry_bytes: int = Field(1 * MiB, ge=1, description="Larger answers are relayed but not kept.")
     ttl_s: float = Field(3600.0, gt=0, description="How long an answer is served from the cache.")
@@ -412,6 +417,8 @@ def load_config(
                 raise ConfigError(f"environment variable {name}: got {env[name]!r}; expected a number") from None
             _set(raw, key, value)
             origins[key] = f"environment variable {name}"
+    if "EVAL_CACHE_SIZE" in env:
+        _switch_cache(raw, origins)
     for name, text in env.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             key = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
@@ -425,6 +432,22 @@ def load_config(
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source, origins)) from None
+
+
+def _switch_cache(raw: dict[str, Any], origins: dict[tuple[str, ...], str]) -> None:
+    """``EVAL_CACHE_SIZE`` also switches the cache: the seed's pipeline set it because its cache was
+    on with that many entries, so a user who sets it expects caching. A positive size turns the
+    cache on unless the file says ``cache.enabled`` itself; 0 turns it off. A negative size is left
+    for validation to reject, naming the variable."""
+    cache = raw["cache"]
+    size = cache["max_entries"]
+    if size == 0:
+        cache["enabled"] = False
+    elif size > 0 and "enabled" not in cache:
+        cache["enabled"] = True
+    else:
+        return
+    origins[("cache", "enabled")] = "environment variable EVAL_CACHE_SIZE"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -124,3 +124,25 @@ def test_the_configuration_reference_is_in_sync():
     assert committed == reference_markdown(), (
         "regenerate with: python -m gateway.config_reference > docs/configuration.md"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "enabled", "entries"),
+    [
+        ("", {"EVAL_CACHE_SIZE": "200"}, True, 200),  # the seed's pipeline: a size means a cache
+        ("cache: {max_entries: 10}", {"EVAL_CACHE_SIZE": "200"}, True, 200),
+        ("cache: {enabled: false}", {"EVAL_CACHE_SIZE": "200"}, False, 200),  # said explicitly: stays off
+        ("cache: {enabled: true}", {"EVAL_CACHE_SIZE": "0"}, False, 0),  # 0 entries: no cache
+        ("", {"EVAL_CACHE_SIZE": "0"}, False, 0),
+        ("", {"EVAL_CACHE_SIZE": "200", "LMGATE_CACHE__ENABLED": "false"}, False, 200),  # higher precedence
+        ("", {}, False, 500),
+    ],
+)
+def test_eval_cache_size_turns_the_cache_on_as_the_seeds_pipeline_expects(tmp_path, text, env, enabled, entries):
+    config = load_config(write(tmp_path, text), env=env)
+    assert (config.cache.enabled, config.cache.max_entries) == (enabled, entries)
+
+
+def test_a_negative_eval_cache_size_names_the_variable():
+    with pytest.raises(ConfigError, match="environment variable EVAL_CACHE_SIZE: cache.max_entries: input should be greater"):
+        load_config(env={"EVAL_CACHE_SIZE": "-1"})
