@@ -56,7 +56,9 @@ class ModelService:
         self.on_load = on_load
         self.clock = clock or MonotonicClock()
         self.upstream = UpstreamModels(client, upstream_url, api_key=api_key, load_method=options.load_method)
-        self.registry = ModelRegistry(self.upstream, clock=self.clock, refresh_s=options.refresh_s)
+        self.registry = ModelRegistry(
+            self.upstream, clock=self.clock, refresh_s=options.refresh_s, pinned=(*options.preload, *options.keep_warm)
+        )
         self.loader = Loader(
             self.registry,
             self.upstream,
