@@ -1,8 +1,11 @@
 """ErrorMiddleware as the outermost layer: nothing is written to a client that has left.
 
-Over a real socket (hypercorn): asyncio logs "socket.send() raised exception." for every write to
-a connection that is gone (past its fifth), and an overloaded gateway wrote once per chunk still
-under way to every departed client: 90,000 such lines in one benchmark round.
+asyncio logs "socket.send() raised exception." for every write to a connection that is gone (past
+its fifth), and an overloaded gateway wrote once per chunk still under way to every departed
+client: 90,000 such lines in one benchmark round. Once any layer has received ``http.disconnect``,
+ErrorMiddleware passes no more sends on (in-process test: for any server); over a real socket the
+count of such log lines is 0. An app that cannot receive the disconnect because it never suspends
+is covered by lmgate's hypercorn set-up (tests/gateway/test_serving.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import httpx
 import pytest
 
 from gateway.serving import serve_in_background
+from gateway.simulator.testing import ASGICall
 from middleware.errors import ErrorMiddleware
 from middleware.types import Message, Receive, Scope, Send
 
@@ -33,6 +37,7 @@ class SlowToStop:
         self.heard_disconnect = anyio.Event()
         self.finished = anyio.Event()
         self.sends_returned = 0
+        self.sends_before_hearing = 0  # sends that had returned when the disconnect was heard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,6 +51,7 @@ class SlowToStop:
             while (await receive())["type"] != "http.disconnect":
                 pass
             gone = True
+            self.sends_before_hearing = self.sends_returned
             self.heard_disconnect.set()
 
         async def counted(message: Message) -> None:
@@ -78,6 +84,23 @@ async def test_a_client_that_left_is_sent_nothing_more_so_asyncio_logs_nothing(c
     writes = [r for r in caplog.records if r.name == "asyncio" and r.getMessage() == ASYNCIO_WRITE_WARNING]
     assert app.heard_disconnect.is_set() and writes == []
     assert app.sends_returned > SENT_AFTER_LEAVING  # the app's sends still return: it ends on its own terms
+
+
+async def test_once_the_app_has_received_http_disconnect_nothing_more_reaches_the_server():
+    # In-process, so it holds for any ASGI server: one that writes to the dead socket (hypercorn,
+    # when lmgate is mounted in someone else's) gets nothing to write.
+    app = SlowToStop()
+    call = ASGICall(ErrorMiddleware(app), "POST", "/v1/chat/completions", {"stream": True})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call.call)
+        with anyio.fail_after(5):
+            while len(call.messages) < 3:
+                await call.changed.wait()
+        call.disconnect()
+        with anyio.fail_after(5):
+            await app.finished.wait()
+    assert app.sends_returned == app.sends_before_hearing + SENT_AFTER_LEAVING  # every send returned...
+    assert len(call.messages) == app.sends_before_hearing  # ...but none after the disconnect reached the server
 
 
 async def test_a_disconnect_reported_after_a_complete_response_changes_nothing():
