@@ -271,7 +271,6 @@ async def test_twenty_requests_through_limit_4_and_queue_8(client):
     assert sim.counters.max_active_generations == 4
 
 
-@pytest.mark.slow
 async def test_a_concurrency_limit_above_the_old_pool_size_lets_every_stream_reach_lm_studio():
     # With the pool sized apart from the limit (100 connections), streams 101 and up waited inside
     # the HTTP client, outside the queue, its metrics and its Retry-After. The derived pool follows
