@@ -67,7 +67,10 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
     pool = config.upstream.pool
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
-            connect=timeouts.connect_s, read=timeouts.total_s, write=timeouts.total_s, pool=config.concurrency.max_wait_s
+            connect=timeouts.connect_s,
+            read=timeouts.total_s,
+            write=timeouts.total_s,
+            pool=config.concurrency.max_wait_s,
         ),
         limits=httpx.Limits(
             max_connections=config.upstream_pool_connections(),

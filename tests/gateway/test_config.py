@@ -144,7 +144,8 @@ def test_eval_cache_size_turns_the_cache_on_as_the_seeds_pipeline_expects(tmp_pa
 
 
 def test_a_negative_eval_cache_size_names_the_variable():
-    with pytest.raises(ConfigError, match="environment variable EVAL_CACHE_SIZE: cache.max_entries: input should be greater"):
+    expected = "environment variable EVAL_CACHE_SIZE: cache.max_entries: input should be greater"
+    with pytest.raises(ConfigError, match=expected):
         load_config(env={"EVAL_CACHE_SIZE": "-1"})
 
 

@@ -165,7 +165,8 @@ def test_a_pool_smaller_than_the_concurrency_limit_exits_2_naming_both_keys_and_
     # its Retry-After: lmgate refuses the configuration instead of starting with two limits.
     path = tmp_path / "lmgate.yaml"
     path.write_text("concurrency: {limit: 120}\nupstream: {pool: {max_connections: 50}}\n")
-    result = subprocess.run(lmgate("serve", "--port", "0", "--config", str(path)), capture_output=True, text=True, timeout=30)
+    command = lmgate("serve", "--port", "0", "--config", str(path))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "upstream.pool.max_connections (50) is smaller than concurrency.limit (120)" in result.stderr
     assert "at least 125" in result.stderr and "listening" not in result.stderr

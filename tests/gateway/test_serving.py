@@ -72,7 +72,8 @@ async def test_nothing_is_written_to_a_departed_client_even_by_an_app_that_never
             while not received.endswith(b"data: {}\n\n\r\n"):
                 received += await stream.receive()
         # Leave with a reset, as a client killed mid-stream does: the server's writes then fail.
-        stream.extra(SocketAttribute.raw_socket).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_on_close = struct.pack("ii", 1, 0)
+        stream.extra(SocketAttribute.raw_socket).setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, reset_on_close)
         await stream.aclose()
         client_left.set()
         with anyio.fail_after(5):
