@@ -179,8 +179,8 @@ class LiteLLM(Leg):
 def lmgate_config(mock_url: str, *, everything: bool) -> dict[str, object]:
     config: dict[str, object] = {
         "listen": {"host": "127.0.0.1", "port": 0},
-        "upstream": {"url": mock_url, "pool": {"max_connections": POOL_CONNECTIONS,
-                                                "max_keepalive_connections": POOL_KEEPALIVE}},
+        # The pool's size follows concurrency.limit (derived); only the idle connections kept are raised.
+        "upstream": {"url": mock_url, "pool": {"max_keepalive_connections": POOL_KEEPALIVE}},
         "concurrency": {"limit": POOL_CONNECTIONS, "max_queue": POOL_CONNECTIONS},
     }
     if everything:

@@ -59,13 +59,24 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
     httpx's default 5 s read timeout would cut every model load; the read timeout here is only a
     backstop at the total deadline, while the timeout middleware enforces the real deadlines.
     ``trust_env=False``: an HTTP_PROXY variable must never reroute traffic meant for localhost.
+
+    One limit governs: the pool is sized from the concurrency limit (``Config.upstream_pool_connections``),
+    so requests wait in lmgate's queue, where they are bounded, counted and told when to retry, not
+    in the pool. A wait for a connection that remains (an explicit pool with per-model limits or
+    without a limit) lasts at most ``concurrency.max_wait_s``, like a wait in the queue, and is
+    refused like one (``translate_transport_error``: 503 ``overloaded``).
     """
     timeouts = config.timeouts
     pool = config.upstream.pool
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=timeouts.connect_s, read=timeouts.total_s, write=timeouts.total_s, pool=timeouts.total_s),
+        timeout=httpx.Timeout(
+            connect=timeouts.connect_s,
+            read=timeouts.total_s,
+            write=timeouts.total_s,
+            pool=config.concurrency.max_wait_s,
+        ),
         limits=httpx.Limits(
-            max_connections=pool.max_connections,
+            max_connections=config.upstream_pool_connections(),
             max_keepalive_connections=pool.max_keepalive_connections,
             keepalive_expiry=pool.keepalive_expiry_s,
         ),

@@ -46,7 +46,12 @@ class ListenConfig(Section):
 
 
 class PoolConfig(Section):
-    max_connections: int = Field(100, ge=1, description="Most upstream connections open at once.")
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Most upstream connections open at once; null: derived, the concurrency limit (max_limit when "
+        "adaptive) plus room for loads, keep-warm pings and health checks, unbounded without a total limit.",
+    )
     max_keepalive_connections: int = Field(20, ge=0, description="Idle upstream connections kept for reuse.")
     keepalive_expiry_s: float = Field(30.0, gt=0, description="Seconds an idle upstream connection is kept.")
 
@@ -230,7 +235,9 @@ class ConcurrencyConfig(Section):
     enabled: bool = Field(True, description="Limit requests in flight to the upstream and queue the rest.")
     limit: int = Field(4, ge=1, description="Requests in flight (LM Studio's default parallel slots; env EVAL_CONCURRENCY).")
     max_queue: int = Field(16, ge=0, description="Requests waiting for a slot; beyond it 503 overloaded.")
-    max_wait_s: float = Field(30.0, gt=0, description="Longest wait in the queue.")
+    max_wait_s: float = Field(
+        30.0, gt=0, description="Longest wait in the queue (and for an upstream connection, should the pool be full)."
+    )
     per_model: bool = Field(False, description="Separate limits per model.")
     adaptive: bool = Field(False, description="Let the limit follow observed latency between min_limit and max_limit.")
     min_limit: int = Field(1, ge=1, description="Adaptive lower bound.")
@@ -312,6 +319,10 @@ class LoggingConfig(Section):
     pipeline_version: str | None = Field(None, description="Stamped on every log line (env EVAL_PIPELINE_VERSION).")
 
 
+#: Upstream connections outside the concurrency slots besides loads, keep-warm and listed health
+#: checks: the model-state refresh, the readiness probe, an admin unload, one LLM health check.
+SIDE_CONNECTIONS = 4
+
 # Doubling from 10 ms like the GenAI semantic conventions, continued past their 81.92 s to ~44 min:
 # local prefill of a long prompt, or a model load, takes minutes.
 DURATION_BUCKETS_S = tuple(round(0.01 * 2**n, 2) for n in range(19))
@@ -369,7 +380,12 @@ class CacheConfig(Section):
     enabled: bool = Field(
         False, description="Answer repeated deterministic requests (temperature 0 or a seed, no tools) from memory."
     )
-    max_entries: int = Field(500, ge=0, description="Answers kept, least recently used dropped first (env EVAL_CACHE_SIZE).")
+    max_entries: int = Field(
+        500,
+        ge=0,
+        description="Answers kept, least recently used dropped first (env EVAL_CACHE_SIZE, which also turns the "
+        "cache on above 0 unless `enabled` is set, off at 0).",
+    )
     max_bytes: int = Field(64 * MiB, ge=1, description="Bytes of answers kept in all.")
     max_entry_bytes: int = Field(1 * MiB, ge=1, description="Larger answers are relayed but not kept.")
     ttl_s: float = Field(3600.0, gt=0, description="How long an answer is served from the cache.")
@@ -392,6 +408,63 @@ class Config(Section):
     health: HealthConfig = Field(default_factory=HealthConfig, description="Readiness and LLM health checks.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Client keys and admin keys.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache for deterministic requests.")
+
+    @model_validator(mode="after")
+    def _pool_fits_the_concurrency_limit(self) -> "Config":
+        explicit = self.upstream.pool.max_connections
+        slots = self._concurrency_slots()
+        if explicit is None or slots is None:
+            return self
+        key, limit, per_model = slots
+        side = self.side_connections()
+        if explicit < limit + side:
+            # A request past the pool would wait inside the HTTP client: outside the queue, its
+            # bounds, its metrics and its Retry-After. Two limits, one of them invisible.
+            raise ValueError(
+                f"upstream.pool.max_connections ({explicit}) is smaller than {key} ({limit}{per_model}) plus "
+                f"{side} connections for model loads, keep-warm pings, health checks and model-state refreshes: "
+                f"requests past the pool would wait unseen, outside the queue. Set upstream.pool.max_connections "
+                f"to at least {limit + side}, or remove it to have it derived from {key}."
+            )
+        return self
+
+    def _concurrency_slots(self) -> tuple[str, int, str] | None:
+        """(key, requests it lets reach the upstream at once, ", per model" or ""); None: no limit."""
+        c = self.concurrency
+        if not c.enabled:
+            return None
+        per_model = ", per model" if c.per_model else ""
+        if c.adaptive:
+            return "concurrency.max_limit", max(c.max_limit, c.limit), per_model
+        return "concurrency.limit", c.limit, per_model
+
+    def side_connections(self) -> int:
+        """Upstream connections lmgate may open at once outside the concurrency slots.
+
+        Model loads (``max_concurrent_loads``; preloads are loads), one keep-warm ping per
+        ``keep_warm`` model, one LLM health check per ``health.models`` entry, plus
+        ``SIDE_CONNECTIONS``: the model-state refresh, the readiness probe, an admin unload and a
+        health check of a recently served model. Retries need none: an attempt's connection is
+        released before the next attempt starts, within the same slot.
+        """
+        models = self.models
+        return models.max_concurrent_loads + len(models.keep_warm) + len(self.health.models) + SIDE_CONNECTIONS
+
+    def upstream_pool_connections(self) -> int | None:
+        """The upstream pool's size: ``upstream.pool.max_connections``, else derived from the limit.
+
+        Derived: the requests the concurrency layer lets through at once plus
+        :meth:`side_connections`, so that the queue stays the one place where requests wait. None
+        (unbounded) where no total limit exists (concurrency off, or limits per model): the pool
+        must not become a hidden limit there either.
+        """
+        explicit = self.upstream.pool.max_connections
+        if explicit is not None:
+            return explicit
+        slots = self._concurrency_slots()
+        if slots is None or self.concurrency.per_model:
+            return None
+        return slots[1] + self.side_connections()
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets masked (for ``config check`` and logs)."""
@@ -441,6 +514,8 @@ def load_config(
                 raise ConfigError(f"environment variable {name}: got {env[name]!r}; expected a number") from None
             _set(raw, key, value)
             origins[key] = f"environment variable {name}"
+    if "EVAL_CACHE_SIZE" in env:
+        _switch_cache(raw, origins)
     for name, text in env.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             key = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
@@ -454,6 +529,22 @@ def load_config(
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source, origins)) from None
+
+
+def _switch_cache(raw: dict[str, Any], origins: dict[tuple[str, ...], str]) -> None:
+    """``EVAL_CACHE_SIZE`` also switches the cache: the seed's pipeline set it because its cache was
+    on with that many entries, so a user who sets it expects caching. A positive size turns the
+    cache on unless the file says ``cache.enabled`` itself; 0 turns it off. A negative size is left
+    for validation to reject, naming the variable."""
+    cache = raw["cache"]
+    size = cache["max_entries"]
+    if size == 0:
+        cache["enabled"] = False
+    elif size > 0 and "enabled" not in cache:
+        cache["enabled"] = True
+    else:
+        return
+    origins[("cache", "enabled")] = "environment variable EVAL_CACHE_SIZE"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -512,11 +603,14 @@ def _explain(exc: ValidationError, source: str, origins: Mapping[tuple[str, ...]
             if inside:
                 origin = " and ".join([source, *inside]) if source != "defaults" else " and ".join(inside)
         key = ".".join(location) or "(top level)"
+        reason = error["msg"].removeprefix("Value error, ")
+        if not location and error["type"] == "value_error":
+            lines.append(f"{origin}: {reason}")  # a check across sections names its own keys
+            continue
         if error["type"] == "extra_forbidden":
             lines.append(f"{origin}: {key}: unknown key; check its spelling against `lmgate config schema`")
             continue
         value = error.get("input")
-        reason = error["msg"].removeprefix("Value error, ")
         # A misplaced secret (a plain key under auth.keys, a token of the wrong type) is never echoed.
         shown = "a value that is not shown" if _SECRET_KEYS & set(location) else repr(_without_userinfo(value))
         lines.append(f"{origin}: {key}: {reason[0].lower()}{reason[1:]} (got {shown})")

@@ -93,7 +93,8 @@ the environment variables of the table at the end, `LMGATE_<SECTION>__<KEY>` var
 |---|---|---|
 {seeds}
 
-`EVAL_CACHE_SIZE` sizes the response cache; `cache.enabled` turns it on (docs/cache.md).
+`EVAL_CACHE_SIZE` sizes the response cache and switches it: a size above 0 turns the cache on
+(unless the file sets `cache.enabled` itself, for example `false`), 0 turns it off (docs/cache.md).
 """
 
 

@@ -16,7 +16,7 @@ this module re-exports them and adds what only the proxy needs:
 | `payload_too_large`       | 413    | body over `limits.body_bytes`                                |
 | `rate_limited`            | 429    | per-key concurrency limit                                    |
 | `client_cancelled`        | (499)  | the client left; nothing is sent, it is logged               |
-| `overloaded`              | 503    | concurrency limit and queue full                             |
+| `overloaded`              | 503    | concurrency limit and queue full, or upstream pool full      |
 | `draining`                | 503    | shutting down                                                |
 | `circuit_open`            | 503    | the upstream keeps failing                                   |
 | `model_loading`           | 503    | model still loading and `models.on_loading: reject`          |
@@ -111,6 +111,10 @@ class UpstreamReported(LmgateError):
         return cls(message, status=status, code=code, type=kind)
 
 
+#: Retry-After for a request refused because the upstream pool stayed full (the queue's default).
+POOL_RETRY_AFTER_S = 5.0
+
+
 def translate_transport_error(exc: httpx.HTTPError, *, response_started: bool) -> LmgateError:
     """The ``LmgateError`` for an httpx failure talking to the upstream.
 
@@ -118,6 +122,13 @@ def translate_transport_error(exc: httpx.HTTPError, *, response_started: bool) -
     """
     if response_started:
         return StreamCut(f"The upstream stream was cut: {describe(exc)}")
+    if isinstance(exc, httpx.PoolTimeout):
+        # lmgate's own pool stayed full (an explicit upstream.pool.max_connections): a wait in a
+        # queue, refused like the concurrency queue's, neither retried nor held against the upstream.
+        return Overloaded(
+            "No upstream connection came free in time (upstream.pool.max_connections); try again later.",
+            retry_after_s=POOL_RETRY_AFTER_S,
+        )
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"The upstream timed out: {describe(exc)}")
     if isinstance(exc, httpx.TransportError):

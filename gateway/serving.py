@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from hypercorn.asyncio import serve
@@ -102,8 +103,37 @@ def close_idle_connections_at_eof() -> None:
     TCPServer._read_data = read_then_stop_idle_timer  # type: ignore[method-assign]
 
 
+def drop_sends_to_closed_streams() -> None:
+    """Make hypercorn drop what an app sends once the client's connection is gone.
+
+    hypercorn 0.18 marks a stream closed when its connection is lost (and queues
+    ``http.disconnect``), but still writes every later ``http.response.body`` to the dead socket,
+    and asyncio logs "socket.send() raised exception." for each write past the fifth. An app
+    draining a backlog (the proxy relaying upstream chunks that arrived while the loop was busy)
+    never suspends between such sends, since the failed write returns at once, so it cannot even
+    receive the ``http.disconnect`` waiting for it: 500 clients leaving at once logged tens of
+    thousands of lines. Dropped once closed, the sends cost nothing until the app notices.
+    Idempotent; tested in tests/gateway/test_serving.py.
+    """
+    from hypercorn.protocol.http_stream import HTTPStream
+
+    if getattr(HTTPStream.app_send, "_lmgate_drops_when_closed", False):
+        return
+    app_send = HTTPStream.app_send
+
+    async def app_send_while_open(self: HTTPStream, message: Any) -> None:
+        # ``closed`` is also set once the response is complete, when no body may follow anyway.
+        if self.closed and message is not None and message["type"] == "http.response.body":
+            return
+        await app_send(self, message)
+
+    app_send_while_open._lmgate_drops_when_closed = True  # type: ignore[attr-defined]
+    HTTPStream.app_send = app_send_while_open  # type: ignore[method-assign]
+
+
 def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float = 5.0) -> HypercornConfig:
     close_idle_connections_at_eof()
+    drop_sends_to_closed_streams()
     config = HypercornConfig()
     # hypercorn adopts the descriptor and closes it on shutdown; detach so Python does not too.
     config.bind = [f"fd://{sock.detach()}"]

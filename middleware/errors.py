@@ -245,6 +245,13 @@ class ErrorMiddleware:
     Cancellation is never caught. A client that left (``ClientDisconnected``) gets nothing. An
     unknown exception is logged with the request id and answered with 500 ``internal_error``; it
     never propagates to the server, so one bad request cannot take the process down.
+
+    Once any layer has received ``http.disconnect``, nothing more is written: sends return at once.
+    The inner layers still see the disconnect and stop on their own (the proxy closes the upstream),
+    but the chunks they send meanwhile no longer reach a closed socket, where hypercorn writes them
+    anyway and asyncio logs "socket.send() raised exception." for each (tens of thousands of lines
+    per overload). Servers also report ``http.disconnect`` after a complete response, when nothing
+    is left to send.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -255,17 +262,27 @@ class ErrorMiddleware:
             await self.app(scope, receive, send)
             return
         response = ResponseState()
+        client_left = False
+
+        async def watching_receive() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_left = True
+            return message
 
         async def tracking_send(message: Message) -> None:
+            if client_left:
+                return  # nobody to write to (see the class docstring)
             response.observe(message)
             await send(message)
 
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, watching_receive, tracking_send)
         except ClientDisconnected:
             return
         except LmgateError as error:
-            await send_error(send, error, response)
+            await send_error(tracking_send, error, response)
         except Exception:
             logger.exception(
                 "unhandled error while serving %s %s",
@@ -273,4 +290,4 @@ class ErrorMiddleware:
                 scope.get("path"),
                 extra={"event": "unhandled_error", "request_id": request_id(scope)},
             )
-            await send_error(send, InternalError(), response)
+            await send_error(tracking_send, InternalError(), response)

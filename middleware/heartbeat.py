@@ -10,8 +10,9 @@ For a request that expects an event stream (``"stream": true`` in its JSON body,
 text/event-stream``):
 
 * If the inner app has sent nothing for ``interval_s``, the layer starts the response itself:
-  ``200``, ``text/event-stream``, ``Cache-Control: no-cache``, ``X-Accel-Buffering: no`` and the
-  request's ``X-Request-ID``; then a
+  ``200``, ``text/event-stream``, ``Cache-Control: no-cache``, ``X-Accel-Buffering: no``, the
+  request's ``X-Request-ID`` and whatever ``start_headers(scope)`` returns (what inner layers
+  already know: lmgate's cold-start layer says ``X-Lmgate-Model-State`` there); then a
   heartbeat frame every ``interval_s`` of silence.
 * From then on the inner app's ``http.response.start`` is swallowed. Its headers that matter to a
   client (``carry_headers`` prefixes, ``X-Lmgate-*`` by default) are sent as one SSE comment
@@ -43,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 
 import anyio
 
@@ -53,10 +54,12 @@ from middleware.request_id import request_id
 from middleware.response import ResponseState, header_value, is_event_stream
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Describe", "HeartbeatMiddleware", "comment_frame", "event_frame", "expects_event_stream"]
+__all__ = ["Describe", "HeartbeatMiddleware", "StartHeaders", "comment_frame", "event_frame", "expects_event_stream"]
 
 #: ``describe(scope, elapsed_s)`` -> the heartbeat frame(s), each ending in a blank line.
 Describe = Callable[[Scope, float], bytes]
+#: ``start_headers(scope)`` -> further headers for a response the layer starts early.
+StartHeaders = Callable[[Scope], Iterable[tuple[bytes, bytes]]]
 
 PRESTART_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-type", b"text/event-stream"),
@@ -108,7 +111,8 @@ class HeartbeatMiddleware:
 
     ``interval_s``: silence before a heartbeat (and before an early start). ``describe``: the
     heartbeat frame(s) for a request. ``carry_headers``: lower-case name prefixes of inner headers
-    worth a comment when the inner start had to be swallowed.
+    worth a comment when the inner start had to be swallowed. ``start_headers``: headers (lower-case
+    names) an early start carries besides the layer's own, read from the scope at that moment.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class HeartbeatMiddleware:
         interval_s: float = 10.0,
         describe: Describe | None = None,
         carry_headers: Collection[bytes] = DEFAULT_CARRY_HEADERS,
+        start_headers: StartHeaders | None = None,
         body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
     ) -> None:
         if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
@@ -128,6 +133,7 @@ class HeartbeatMiddleware:
         self.interval_s = float(interval_s)
         self.describe = describe or default_describe
         self.carry_headers = tuple(carry_headers)
+        self.start_headers = start_headers
         self.body_limit_bytes = body_limit_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -135,7 +141,9 @@ class HeartbeatMiddleware:
             await self.app(scope, receive, send)
             return
         wants_stream = await expects_event_stream(scope, receive, limit_bytes=self.body_limit_bytes)
-        relay = _Relay(send, scope, carry_headers=self.carry_headers, wants_stream=wants_stream)
+        relay = _Relay(
+            send, scope, carry_headers=self.carry_headers, start_headers=self.start_headers, wants_stream=wants_stream
+        )
         failure: Exception | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._beat, scope, relay)
@@ -179,14 +187,23 @@ class _Relay:
     """
 
     __slots__ = (
-        "send", "scope", "carry_headers", "wants_stream", "client", "prestarted", "last_byte_at",
+        "send", "scope", "carry_headers", "start_headers", "wants_stream", "client", "prestarted", "last_byte_at",
         "converting", "inner_status", "inner_headers", "held", "app_sending", "beating", "closed",
     )
 
-    def __init__(self, send: Send, scope: Scope, *, carry_headers: tuple[bytes, ...], wants_stream: bool) -> None:
+    def __init__(
+        self,
+        send: Send,
+        scope: Scope,
+        *,
+        carry_headers: tuple[bytes, ...],
+        start_headers: StartHeaders | None,
+        wants_stream: bool,
+    ) -> None:
         self.send = send
         self.scope = scope
         self.carry_headers = carry_headers
+        self.start_headers = start_headers
         self.wants_stream = wants_stream
         self.client = ResponseState()  # what the client has been sent, by anyone
         self.prestarted = False
@@ -223,6 +240,8 @@ class _Relay:
             if not self.client.started:
                 self.prestarted = True
                 headers = [*PRESTART_HEADERS, (b"x-request-id", request_id(self.scope).encode("latin-1"))]
+                if self.start_headers is not None:
+                    headers.extend(self.start_headers(self.scope))
                 await self._send({"type": "http.response.start", "status": 200, "headers": headers})
             await self._send({"type": "http.response.body", "body": frame, "more_body": True})
         finally:

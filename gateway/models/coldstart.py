@@ -24,6 +24,12 @@ For an inference request naming a model:
 A client that leaves while the model loads ends its own request only; the load goes on for the
 others (see ``gateway.models.loader``).
 
+When the load outlasts ``models.heartbeat_s``, the heartbeat layer starts the response before
+this layer's own start exists; :func:`early_headers` gives it ``X-Lmgate-Model-State`` for that
+early start (``cold`` once the request joined a load, ``warm`` or ``unknown`` once forwarded), while
+``X-Lmgate-Load-Ms``, known only when the load ends, reaches the client in the heartbeat layer's
+comment carrying this layer's headers.
+
 The layer publishes what the request is waiting for in ``scope["state"]``, from which
 :func:`heartbeat_describer` builds the heartbeat text: ``: lmgate loading model=<id> elapsed_s=12
 eta_s=30`` while the model loads, ``: lmgate waiting model=<id> elapsed_s=40`` after (queue,
@@ -47,7 +53,14 @@ from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive, re
 from middleware.heartbeat import Describe, comment_frame, event_frame
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["INFERENCE_PATHS", "ColdStartMiddleware", "RequestPhase", "heartbeat_describer", "model_state"]
+__all__ = [
+    "INFERENCE_PATHS",
+    "ColdStartMiddleware",
+    "RequestPhase",
+    "early_headers",
+    "heartbeat_describer",
+    "model_state",
+]
 
 #: Routes whose requests make the upstream load the model they name.
 INFERENCE_PATHS = frozenset(
@@ -98,6 +111,17 @@ def model_state(scope: Scope) -> tuple[str, float | None] | None:
     if phase is None or phase.state is None:
         return None
     return phase.state, phase.waited_s
+
+
+def early_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """``X-Lmgate-Model-State`` as far as it is known now, for a response started before this
+    layer's own start (the heartbeat layer's ``start_headers``); empty while it is not known yet
+    (the model's state is still being read from the upstream)."""
+    phase = request_phase(scope)
+    if phase is None:
+        return []
+    state = phase.state or ("cold" if phase.job is not None else None)
+    return [(STATE_HEADER, state.encode("ascii"))] if state is not None else []
 
 
 class ColdStartMiddleware:

@@ -12,6 +12,11 @@ server, or a model it does not list).
 
 The listing is re-read every ``refresh_s`` and on demand when a request finds it older than that.
 Concurrent refreshes are merged into one.
+
+Records of models the upstream does not list are bounded: an admin can ask to load any name, and
+each failed load leaves a record with its error. The newest ``UNLISTED_KEPT`` such records that
+nothing uses stay (``/lmgate/models`` shows their errors), older ones are forgotten after a failed
+load or a refresh. Models named in the configuration (``pinned``: preload, keep-warm) always stay.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -34,6 +39,9 @@ logger = logging.getLogger("lmgate.models")
 State = Literal["unknown", "not-loaded", "loading", "loaded", "failed"]
 #: Load durations remembered per model, for the median.
 DURATIONS_KEPT = 20
+#: Records of models the upstream does not list (heard of only through lmgate's own failed loads,
+#: an admin load of any name) kept for ``/lmgate/models``; older ones are forgotten.
+UNLISTED_KEPT = 16
 
 
 @dataclass(eq=False)
@@ -69,10 +77,13 @@ class ModelRecord:
 class ModelRegistry:
     """Every model lmgate has heard of on one upstream, and the freshness of that knowledge."""
 
-    def __init__(self, upstream: UpstreamModels, *, clock: Clock, refresh_s: float) -> None:
+    def __init__(
+        self, upstream: UpstreamModels, *, clock: Clock, refresh_s: float, pinned: Collection[str] = ()
+    ) -> None:
         self.upstream = upstream
         self.clock = clock
         self.refresh_s = refresh_s
+        self.pinned = frozenset(pinned)  # configured models: their records are never forgotten
         self.records: dict[str, ModelRecord] = {}
         self.refreshed_at: float | None = None
         self.refresh_error: str | None = None
@@ -185,6 +196,22 @@ class ModelRegistry:
         for model, record in self.records.items():
             if model not in seen:
                 record.listed = None
+        self._forget_unlisted()
+
+    def _forget_unlisted(self) -> None:
+        """Forget the oldest records of models the upstream does not list, beyond ``UNLISTED_KEPT``."""
+        unlisted = [model for model, record in self.records.items() if self._forgettable(record)]
+        for model in unlisted[: max(0, len(unlisted) - UNLISTED_KEPT)]:
+            del self.records[model]
+
+    def _forgettable(self, record: ModelRecord) -> bool:
+        return (
+            record.listed is None
+            and record.loading_since is None
+            and not record.in_flight
+            and not record.waiting
+            and record.id not in self.pinned
+        )
 
     # -- what lmgate saw ------------------------------------------------------------------------
 
@@ -200,6 +227,10 @@ class ModelRegistry:
         record = self.record(model)
         record.loading_since = None
         record.load_error = error
+        if error is not None and record.listed is None:
+            # The newest failure last: the oldest unlisted records are the ones forgotten.
+            self.records[record.id] = self.records.pop(record.id)
+            self._forget_unlisted()
         if error is None:
             if seconds is not None:
                 record.durations.append(seconds)

@@ -20,7 +20,7 @@ from gateway.config import Config, ModelsConfig
 from gateway.errors import ModelLoadFailed
 from gateway.models.admin import serve_models
 from gateway.models.clock import Clock, MonotonicClock
-from gateway.models.coldstart import ColdStartMiddleware, heartbeat_describer
+from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer
 from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRegistry
 from gateway.models.upstream import UpstreamModels
@@ -56,7 +56,9 @@ class ModelService:
         self.on_load = on_load
         self.clock = clock or MonotonicClock()
         self.upstream = UpstreamModels(client, upstream_url, api_key=api_key, load_method=options.load_method)
-        self.registry = ModelRegistry(self.upstream, clock=self.clock, refresh_s=options.refresh_s)
+        self.registry = ModelRegistry(
+            self.upstream, clock=self.clock, refresh_s=options.refresh_s, pinned=(*options.preload, *options.keep_warm)
+        )
         self.loader = Loader(
             self.registry,
             self.upstream,
@@ -122,6 +124,7 @@ class ModelService:
                 app,
                 interval_s=self.options.heartbeat_s,
                 describe=heartbeat_describer(self.registry, status_events=self.options.status_events),
+                start_headers=early_headers if self.options.enabled else None,
                 body_limit_bytes=body_limit_bytes,
             )
         return app

@@ -178,9 +178,10 @@ class Telemetry:
         model_label, token = begun if begun is not None else ("", None)
         outcome: RequestOutcome | None = None
         try:
-            if record.model_state is None:
+            if record.model_state is None or record.model_load_s is None:
                 # The heartbeat layer may have started the stream before the cold-start layer's
-                # headers existed; the cold-start layer left the same facts in the scope.
+                # headers existed (or with the state only, the load time unknown then); the
+                # cold-start layer left the same facts in the scope.
                 reported = coldstart_model_state(scope)
                 if reported is not None:
                     record.model_state, record.model_load_s = reported

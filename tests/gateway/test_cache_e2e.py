@@ -3,7 +3,7 @@
 What only the full stack shows: a hit never reaches LM Studio, never loads a model and never takes
 a concurrency slot (the cache sits outside those layers); a streamed hit parses like the original
 stream in the official SDK; a stream the upstream cut is not stored; hits and misses reach
-``/metrics``; ``EVAL_CACHE_SIZE`` sizes the cache.
+``/metrics``; ``EVAL_CACHE_SIZE`` sizes the cache (and turns it on).
 """
 
 from __future__ import annotations

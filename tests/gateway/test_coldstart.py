@@ -161,6 +161,21 @@ async def test_a_short_load_needs_no_heartbeat_and_reports_cold_in_headers(clien
     assert not comments(response.content)
 
 
+async def test_a_cold_stream_that_heartbeats_started_says_cold_in_its_headers(client):
+    # The load (0.5 s) outlasts heartbeat_s (0.1 s): the heartbeat layer sends the 200 before the
+    # model is loaded. The cold-start layer knew by then that this request waits for a load, so
+    # the early headers say so; the load time is known only later, in the carried comment.
+    model = cold("cold-8b", load_delay_s=0.5)
+    async with Simulator(models=[model]) as sim, lmgate(sim.url) as (url, _):
+        response, chunks = await timed_stream(client, url + CHAT, chat(model.id, stream=True))
+    raw = b"".join(chunk for _, chunk in chunks)
+    assert chunks[0][1].startswith(b": lmgate loading model=cold-8b")  # heartbeats started the stream
+    assert response.headers["x-lmgate-model-state"] == "cold" and "x-lmgate-load-ms" not in response.headers
+    (carried,) = [line for line in comments(raw) if b"x-lmgate-load-ms=" in line]
+    assert int(carried.split(b"x-lmgate-load-ms=")[1].split()[0]) >= 400
+    assert raw.endswith(b"data: [DONE]\n\n") and sim.counters.loads_completed == 1
+
+
 async def test_the_openai_sdk_skips_heartbeats_and_status_events_and_parses_the_answer(client):
     model = cold("cold-8b", load_delay_s=0.5)
     async with (
@@ -329,6 +344,7 @@ async def test_an_upstream_without_model_state_is_passed_through_under_heartbeat
         again = await client.post(url + CHAT, json=chat("m", stream=True))
     assert first.startswith(b": lmgate waiting model=m") and second.startswith(b": lmgate waiting model=m")
     assert b" x-lmgate-model-state=unknown" in comments(rest)[0] and rest.endswith(b"data: [DONE]\n\n")
+    assert response.headers["x-lmgate-model-state"] == "unknown"  # known before the upstream answered
     assert again.headers["x-lmgate-model-state"] == "unknown"
     assert app.models.registry.state("m") == "unknown"
     paths = [scope["path"] for scope, _ in upstream.requests]
@@ -350,6 +366,7 @@ async def test_heartbeats_cover_the_wait_for_a_concurrency_slot(client):
     waits = [line for line in comments(raw) if line.startswith(b": lmgate waiting model=busy-7b")]
     assert rest.endswith(b"data: [DONE]\n\n") and raw.endswith(b"data: [DONE]\n\n")
     assert len(waits) >= 3 and queued.headers["x-accel-buffering"] == "no"
+    assert queued.headers["x-lmgate-model-state"] == "warm"  # said by the early start too
 
 
 async def test_retries_stay_possible_while_only_heartbeats_went_out(client):

@@ -128,3 +128,82 @@ def test_the_configuration_reference_is_in_sync():
     assert committed == reference_markdown(), (
         "regenerate with: python -m gateway.config_reference > docs/configuration.md"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "enabled", "entries"),
+    [
+        ("", {"EVAL_CACHE_SIZE": "200"}, True, 200),  # the seed's pipeline: a size means a cache
+        ("cache: {max_entries: 10}", {"EVAL_CACHE_SIZE": "200"}, True, 200),
+        ("cache: {enabled: false}", {"EVAL_CACHE_SIZE": "200"}, False, 200),  # said explicitly: stays off
+        ("cache: {enabled: true}", {"EVAL_CACHE_SIZE": "0"}, False, 0),  # 0 entries: no cache
+        ("", {"EVAL_CACHE_SIZE": "0"}, False, 0),
+        ("", {"EVAL_CACHE_SIZE": "200", "LMGATE_CACHE__ENABLED": "false"}, False, 200),  # higher precedence
+        ("", {}, False, 500),
+    ],
+)
+def test_eval_cache_size_turns_the_cache_on_as_the_seeds_pipeline_expects(tmp_path, text, env, enabled, entries):
+    config = load_config(write(tmp_path, text), env=env)
+    assert (config.cache.enabled, config.cache.max_entries) == (enabled, entries)
+
+
+def test_a_negative_eval_cache_size_names_the_variable():
+    expected = "environment variable EVAL_CACHE_SIZE: cache.max_entries: input should be greater"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(env={"EVAL_CACHE_SIZE": "-1"})
+
+
+# --- one limit governs: the upstream pool follows the concurrency limit ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("sections", "pool"),
+    [
+        ({}, 4 + 5),  # limit 4, plus one load, the refresh, the readiness probe, an unload, a health check
+        ({"concurrency": {"limit": 500}}, 505),
+        ({"concurrency": {"adaptive": True, "limit": 8, "max_limit": 64}}, 64 + 5),
+        ({"concurrency": {"limit": 8}, "models": {"max_concurrent_loads": 2, "keep_warm": ["a", "b"]}}, 8 + 8),
+        ({"concurrency": {"limit": 8}, "health": {"models": ["a", "b", "c"]}}, 8 + 8),
+        ({"concurrency": {"enabled": False}}, None),  # nothing bounds requests: neither may the pool
+        ({"concurrency": {"per_model": True}}, None),  # a limit per model has no total
+        ({"concurrency": {"limit": 8}, "upstream": {"pool": {"max_connections": 64}}}, 64),
+    ],
+)
+def test_the_upstream_pool_is_derived_from_the_concurrency_limit(sections, pool):
+    assert Config.model_validate(sections).upstream_pool_connections() == pool
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "minimum"),
+    [
+        (
+            "concurrency: {limit: 500}\nupstream: {pool: {max_connections: 100}}",
+            "upstream.pool.max_connections (100) is smaller than concurrency.limit (500) plus 5",
+            505,
+        ),
+        (
+            "concurrency: {adaptive: true, max_limit: 64}\nupstream: {pool: {max_connections: 20}}",
+            "upstream.pool.max_connections (20) is smaller than concurrency.max_limit (64) plus 5",
+            69,
+        ),
+        (
+            "concurrency: {per_model: true, limit: 30}\nupstream: {pool: {max_connections: 30}}",
+            "upstream.pool.max_connections (30) is smaller than concurrency.limit (30, per model) plus 5",
+            35,
+        ),
+    ],
+)
+def test_an_explicit_pool_smaller_than_the_concurrency_limit_is_refused(tmp_path, text, expected, minimum):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    message = str(caught.value)
+    assert str(path) in message and expected in message and f"at least {minimum}" in message
+
+
+def test_the_pool_check_names_the_environment_variable_that_raised_the_limit(tmp_path):
+    path = write(tmp_path, "upstream: {pool: {max_connections: 50}}")
+    with pytest.raises(ConfigError, match="environment variable EVAL_CONCURRENCY") as caught:
+        load_config(path, env={"EVAL_CONCURRENCY": "64"})
+    assert "concurrency.limit (64)" in str(caught.value) and "at least 69" in str(caught.value)
+    assert load_config(path, env={"EVAL_CONCURRENCY": "45"}).upstream_pool_connections() == 50

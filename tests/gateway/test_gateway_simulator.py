@@ -138,7 +138,9 @@ async def leave_after(client: httpx.AsyncClient, url: str, body: dict[str, Any],
     return left_at
 
 
-async def test_leaving_mid_stream_cancels_generation_within_budget(sim, gateway, client):
+async def test_leaving_mid_stream_cancels_generation_within_budget(sim, gateway, client, caplog):
+    caplog.set_level("WARNING", logger="asyncio")
+
     async def after_first_chunk(response: httpx.Response) -> None:
         await anext(response.aiter_raw())
 
@@ -148,6 +150,8 @@ async def test_leaving_mid_stream_cancels_generation_within_budget(sim, gateway,
     propagation_s = sim.counters.cancel_times[0] - left_at
     assert propagation_s < CANCEL_BUDGET_S
     assert sim.counters.tokens_before_cancel[0] < 24
+    # The outermost layer stops writing to the departed client; the disconnect still reaches the proxy.
+    assert not [r for r in caplog.records if r.name == "asyncio" and "socket.send()" in r.getMessage()]
 
 
 async def test_leaving_during_prefill_is_noticed_at_once_and_stops_after_the_prefill(sim, gateway, client):
@@ -265,6 +269,62 @@ async def test_twenty_requests_through_limit_4_and_queue_8(client):
     assert all(r.content.endswith(b"data: [DONE]\n\n") for r in served)
     assert all(r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1 for r in shed)
     assert sim.counters.max_active_generations == 4
+
+
+async def test_a_concurrency_limit_above_the_old_pool_size_lets_every_stream_reach_lm_studio():
+    # With the pool sized apart from the limit (100 connections), streams 101 and up waited inside
+    # the HTTP client, outside the queue, its metrics and its Retry-After. The derived pool follows
+    # the limit: every admitted stream is generating at LM Studio at once.
+    streams = 104
+    clock = FakeClock()  # standing still: every generation waits for its first token until advanced
+    model = SimModel(id=WARM, loaded=True, parallel=streams, tokens_per_second=float("inf"), ttft_base_s=1.0,
+                     ttft_per_prompt_token_s=0.0)
+    unbounded = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with (
+        Simulator(models=[model], clock=clock) as sim,
+        running_gateway(sim.url, concurrency={"limit": streams, "max_queue": 0}) as gateway,
+        httpx.AsyncClient(timeout=30.0, trust_env=False, limits=unbounded) as crowd,
+    ):
+        results: list[httpx.Response] = []
+
+        async def one() -> None:
+            results.append(await crowd.post(gateway + "/v1/chat/completions", json=chat(stream=True)))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(streams):
+                tg.start_soon(one)
+            await sim.wait_for(lambda c: c.active_generations == streams, timeout=10)
+            clock.advance(1.0)
+    assert sim.counters.max_active_generations == streams
+    assert [r.status_code for r in results] == [200] * streams
+    assert all(r.content.endswith(b"data: [DONE]\n\n") for r in results)
+
+
+async def test_a_wait_for_an_upstream_connection_is_bounded_and_refused_like_the_queue(client):
+    # Without a concurrency limit an explicit pool is the only bound. A request waiting for one of
+    # its connections waits at most concurrency.max_wait_s, then is refused like a full queue
+    # (503 overloaded, Retry-After): lmgate's own overload, not an upstream timeout to retry or
+    # to count against the upstream's circuit.
+    clock = FakeClock()
+    model = SimModel(id=WARM, loaded=True, tokens_per_second=float("inf"), ttft_base_s=1.0, ttft_per_prompt_token_s=0.0)
+    async with Simulator(models=[model], clock=clock) as sim, running_gateway(
+        sim.url, concurrency={"enabled": False, "max_wait_s": 0.2}, upstream={"pool": {"max_connections": 1}}
+    ) as gateway:
+        async with anyio.create_task_group() as tg:
+            first: list[httpx.Response] = []
+
+            async def holds_the_only_connection() -> None:
+                first.append(await client.post(gateway + "/v1/chat/completions", json=chat(stream=True)))
+
+            tg.start_soon(holds_the_only_connection)
+            await sim.wait_for(lambda c: c.active_generations == 1)
+            with anyio.fail_after(5):
+                refused = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
+            clock.advance(1.0)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert "upstream.pool.max_connections" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert first[0].content.endswith(b"data: [DONE]\n\n") and sim.counters.requests == 1
 
 
 async def test_the_breaker_opens_sheds_half_opens_and_closes(sim, client):

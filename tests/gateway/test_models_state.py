@@ -18,7 +18,7 @@ import pytest
 from gateway.app import Gateway, build_app
 from gateway.config import Config
 from gateway.models.clock import MonotonicClock
-from gateway.models.registry import ModelRecord, ModelRegistry
+from gateway.models.registry import UNLISTED_KEPT, ModelRecord, ModelRegistry
 from gateway.models.upstream import Listed, ModelFacts, UpstreamModels, _parse_listing
 from gateway.serving import serve_in_background
 from gateway.simulator import FakeClock, SimModel, SimSettings, Simulator
@@ -227,6 +227,24 @@ async def test_a_failing_preload_keeps_readyz_at_503_and_is_retried(client):
     assert failed.status_code == 503
     assert listing["models"][0]["load_error"] == 'Failed to load model "pinned". Error: Model loading was stopped due to insufficient system resources.'
     assert sim.counters.loads_completed == 1
+
+
+async def test_failed_loads_of_models_the_upstream_does_not_list_leave_a_bounded_number_of_records(client):
+    # Each failed admin load of a model LM Studio does not have used to leave a record forever.
+    # The newest UNLISTED_KEPT stay visible with their errors; configured models always stay.
+    ghosts = UNLISTED_KEPT + 8
+    async with Simulator(models=[fast("real-8b")]) as sim, lmgate(sim, keep_warm=["ghost-kept"]) as (url, app):
+        registry = app.models.registry
+        await registry.wait_for(lambda r: "ghost-kept" in r.records)  # its keep-warm ping failed
+        for n in range(ghosts):
+            assert (await client.post(url + f"/lmgate/models/ghost-{n}/load")).status_code == 502
+        listing = (await client.get(url + "/lmgate/models")).json()
+        newest = (await client.get(url + f"/lmgate/models/ghost-{ghosts - 1}")).json()
+        oldest = await client.get(url + "/lmgate/models/ghost-0")
+    ids = {m["id"] for m in listing["models"]}
+    assert ids == {"real-8b", "ghost-kept", *(f"ghost-{n}" for n in range(ghosts - UNLISTED_KEPT, ghosts))}
+    assert newest["state"] == "failed" and newest["load_error"] and oldest.status_code == 404
+    assert len(registry.records) == UNLISTED_KEPT + 2
 
 
 async def test_loads_go_through_the_api_key(client):

@@ -167,6 +167,18 @@ def test_a_bad_config_exits_2_before_binding_and_names_the_key(tmp_path):
     assert "listening" not in result.stderr
 
 
+def test_a_pool_smaller_than_the_concurrency_limit_exits_2_naming_both_keys_and_the_minimum(tmp_path):
+    # Requests past the pool would wait inside the HTTP client, unseen by the queue, its metrics and
+    # its Retry-After: lmgate refuses the configuration instead of starting with two limits.
+    path = tmp_path / "lmgate.yaml"
+    path.write_text("concurrency: {limit: 120}\nupstream: {pool: {max_connections: 50}}\n")
+    command = lmgate("serve", "--port", "0", "--config", str(path))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "upstream.pool.max_connections (50) is smaller than concurrency.limit (120)" in result.stderr
+    assert "at least 125" in result.stderr and "listening" not in result.stderr
+
+
 def test_config_check_prints_the_effective_config_without_secrets(tmp_path):
     path = tmp_path / "lmgate.yaml"
     path.write_text("upstream: {api_key: sk-lm-secret:token}\ntimeouts: {idle_s: 12}\n")
