@@ -38,6 +38,7 @@ from gateway.proxy import Proxy
 from gateway.status import StatusPage
 from gateway.routes import RouteTable, route_path
 from gateway.telemetry import Telemetry
+from gateway.transport import FramingGuard
 from gateway.validation import RequestValidation
 from middleware.auth import AuthMiddleware, client_identity
 from middleware.cache import CacheMiddleware, MemoryStore
@@ -56,16 +57,19 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
     httpx's default 5 s read timeout would cut every model load; the read timeout here is only a
     backstop at the total deadline, while the timeout middleware enforces the real deadlines.
     ``trust_env=False``: an HTTP_PROXY variable must never reroute traffic meant for localhost.
+    The transport is httpx's own behind a :class:`FramingGuard`: a connection the upstream sent
+    more on than its response declared is closed, never handed to another client's request.
     """
     timeouts = config.timeouts
     pool = config.upstream.pool
+    limits = httpx.Limits(
+        max_connections=pool.max_connections,
+        max_keepalive_connections=pool.max_keepalive_connections,
+        keepalive_expiry=pool.keepalive_expiry_s,
+    )
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=timeouts.connect_s, read=timeouts.total_s, write=timeouts.total_s, pool=timeouts.total_s),
-        limits=httpx.Limits(
-            max_connections=pool.max_connections,
-            max_keepalive_connections=pool.max_keepalive_connections,
-            keepalive_expiry=pool.keepalive_expiry_s,
-        ),
+        transport=FramingGuard(httpx.AsyncHTTPTransport(limits=limits, trust_env=False)),
         follow_redirects=False,
         trust_env=False,
     )
