@@ -103,6 +103,7 @@ class Gateway:
             normalise_errors=config.routes.normalise_errors,
             body_limit_bytes=config.limits.body_bytes,
             assembled_limit_bytes=config.limits.assembled_bytes,
+            frame_limit_bytes=config.limits.frame_bytes,
         )
         stack: ASGIApp = self.proxy
         self.breaker: CircuitBreakerMiddleware | None = None

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from gateway.errors import StreamCut, UpstreamProtocolError, UpstreamReported
-from gateway.sse import Frame, FrameParser
+from gateway.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
 
 
 def streaming_request_body(document: dict[str, Any]) -> bytes:
@@ -37,11 +37,11 @@ class CompletionAssembler:
     ``kind`` is "chat" (``chat.completion``) or "text" (legacy ``text_completion``).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, max_frame_bytes: int = DEFAULT_FRAME_BYTES) -> None:
         if kind not in ("chat", "text"):
             raise ValueError(f"unknown completion kind {kind!r}")
         self.kind = kind
-        self._parser = FrameParser()
+        self._parser = FrameParser(max_frame_bytes)
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None
