@@ -253,7 +253,7 @@ class Proxy:
                 if markers is not None:
                     markers.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            chunk = await _next_chunk(chunks, started=True, held=frames.pending)
+            chunk = await _next_chunk(chunks, started=True, frames=frames)
         if tap is not None and (rest := tap.close()):
             if markers is not None:
                 markers.feed(rest)
@@ -351,10 +351,10 @@ def _is_json(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith("application/json")
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes], *, started: bool, held: int = 0) -> bytes:
+async def _next_chunk(chunks: AsyncIterator[bytes], *, started: bool, frames: FrameHold | None = None) -> bytes:
     """The next raw chunk, b"" at the end; transport failures translated for the current phase.
 
-    ``held``: bytes of a partial frame not sent, which a cut drops (the error says so).
+    ``frames``: the event stream's hold, whose partial frame a cut drops (the error says so).
     """
     try:
         return await anext(chunks)
@@ -362,8 +362,8 @@ async def _next_chunk(chunks: AsyncIterator[bytes], *, started: bool, held: int 
         return b""
     except httpx.HTTPError as exc:
         error = translate_transport_error(exc, response_started=started)
-        if held:
-            error = StreamCut(f"{error.message} {_dropped(held)}")
+        if frames is not None and frames.pending:
+            error = StreamCut(f"{error.message} {_dropped(frames.pending)}")
         raise error from exc
 
 

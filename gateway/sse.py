@@ -48,14 +48,14 @@ class StreamMarkers:
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        # The chunk itself, then only the seam with the previous one: no copy of the chunk.
-        if not self.done:
-            self.done = DONE_MARKER in chunk or (bool(self._tail) and DONE_MARKER in self._tail + chunk[:_TAIL])
-        if not self.error:
-            self.error = ERROR_EVENT_MARKER in chunk or (
-                bool(self._tail) and ERROR_EVENT_MARKER in self._tail + chunk[:_TAIL]
-            )
-        self._tail = chunk[-_TAIL:] if len(chunk) >= _TAIL else (self._tail + chunk)[-_TAIL:]
+        # One copy of the chunk with the previous tail in front (linear; for the usual chunk of one
+        # frame this is cheaper than searching the chunk and the seam apart).
+        window = self._tail + chunk
+        if not self.done and DONE_MARKER in window:
+            self.done = True
+        if not self.error and ERROR_EVENT_MARKER in window:
+            self.error = True
+        self._tail = window[-_TAIL:]
 
 
 class FrameHold:
