@@ -40,6 +40,7 @@ from gateway.proxy import Proxy
 from gateway.status import StatusPage
 from gateway.routes import RequestNormalisation, RouteTable, route_path
 from gateway.telemetry import Telemetry
+from gateway.transport import FramingGuard
 from gateway.validation import RequestValidation
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.cache import CacheMiddleware, MemoryStore
@@ -65,9 +66,17 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
     in the pool. A wait for a connection that remains (an explicit pool with per-model limits or
     without a limit) lasts at most ``concurrency.max_wait_s``, like a wait in the queue, and is
     refused like one (``translate_transport_error``: 503 ``overloaded``).
+
+    The transport is httpx's own behind a :class:`FramingGuard`: a connection the upstream sent
+    more on than its response declared is closed, never handed to another client's request.
     """
     timeouts = config.timeouts
     pool = config.upstream.pool
+    limits = httpx.Limits(
+        max_connections=config.upstream_pool_connections(),
+        max_keepalive_connections=pool.max_keepalive_connections,
+        keepalive_expiry=pool.keepalive_expiry_s,
+    )
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=timeouts.connect_s,
@@ -75,11 +84,7 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
             write=timeouts.total_s,
             pool=config.concurrency.max_wait_s,
         ),
-        limits=httpx.Limits(
-            max_connections=config.upstream_pool_connections(),
-            max_keepalive_connections=pool.max_keepalive_connections,
-            keepalive_expiry=pool.keepalive_expiry_s,
-        ),
+        transport=FramingGuard(httpx.AsyncHTTPTransport(limits=limits, trust_env=False)),
         follow_redirects=False,
         trust_env=False,
     )
@@ -113,6 +118,7 @@ class Gateway:
             normalise_errors=config.routes.normalise_errors,
             body_limit_bytes=config.limits.body_bytes,
             assembled_limit_bytes=config.limits.assembled_bytes,
+            frame_limit_bytes=config.limits.frame_bytes,
         )
         stack: ASGIApp = self.proxy
         self.breaker: CircuitBreakerMiddleware | None = None

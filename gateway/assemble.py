@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.errors import StreamCut, UpstreamProtocolError, UpstreamReported
-from gateway.sse import Frame, FrameParser
+from gateway.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
 
 
 def streaming_request_body(document: dict[str, Any]) -> bytes:
@@ -63,7 +63,9 @@ class CompletionAssembler:
     create the assembler when the upstream's headers arrive.
     """
 
-    def __init__(self, kind: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, kind: str, *, clock: Callable[[], float] = time.monotonic, max_frame_bytes: int = DEFAULT_FRAME_BYTES
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown completion kind {kind!r}")
         self.lmstudio_v0 = kind.startswith("v0-")
@@ -72,7 +74,7 @@ class CompletionAssembler:
         self._started_at = clock()
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
-        self._parser = FrameParser()
+        self._parser = FrameParser(max_frame_bytes)
         self._head: dict[str, Any] = {}
         self._choices: dict[int, dict[str, Any]] = {}
         self._usage: Any = None

@@ -140,6 +140,12 @@ class LimitsConfig(Section):
     assembled_bytes: int = Field(
         64 * MiB, ge=1024, description="Largest non-streaming answer lmgate assembles from a stream (502 above it)."
     )
+    frame_bytes: int = Field(
+        8 * MiB,
+        ge=1024,
+        description="Largest single SSE frame from the upstream; a bigger one ends the stream with an error frame "
+        "(502 when assembled).",
+    )
 
 
 class AuthConfig(Section):

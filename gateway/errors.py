@@ -23,7 +23,7 @@ this module re-exports them and adds what only the proxy needs:
 | `timeout`                 | 504    | a lmgate deadline (first token, idle, total) passed          |
 | `upstream_unavailable`    | 502    | connection refused or reset before a response                |
 | `upstream_timeout`        | 504    | connecting or reading from the upstream timed out            |
-| `upstream_protocol_error` | 502    | the upstream's answer could not be understood                |
+| `upstream_protocol_error` | 502    | the upstream's answer could not be understood: broken HTTP, cut short, a frame over `limits.frame_bytes` |
 | `stream_cut`              | 502    | the upstream's stream ended before it finished               |
 | `model_load_failed`       | 502    | the upstream could not load the model                        |
 | `internal_error`          | 500    | a bug in lmgate; logged with the request id                  |
@@ -131,9 +131,25 @@ def translate_transport_error(exc: httpx.HTTPError, *, response_started: bool) -
         )
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"The upstream timed out: {describe(exc)}")
+    if isinstance(exc, httpx.RemoteProtocolError) and not _peer_left(exc):
+        # The upstream is reachable and answered, in bytes that are not HTTP (a bad chunk header,
+        # a status line that is not one). Not retried: the same server answering the same request
+        # again is unlikely to do better, and each attempt may cost a whole generation.
+        return UpstreamProtocolError(f"The upstream's answer broke the HTTP protocol: {describe(exc)}")
     if isinstance(exc, httpx.TransportError):
         return UpstreamUnavailable(f"The upstream could not be reached: {describe(exc)}")
     return UpstreamProtocolError(f"The upstream request failed: {describe(exc)}")
+
+
+# How h11 and httpcore word a protocol error that is really the peer going away (EOF): the
+# connection closed before or inside a response. Those stay upstream_unavailable (retried).
+_PEER_LEFT_WORDING = ("disconnected", "closed connection")
+
+
+def _peer_left(exc: httpx.RemoteProtocolError) -> bool:
+    """Whether a protocol error is the upstream closing the connection, not a malformed answer."""
+    text = str(exc).lower()
+    return any(words in text for words in _PEER_LEFT_WORDING)
 
 
 def describe(exc: BaseException) -> str:

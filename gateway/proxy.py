@@ -11,7 +11,14 @@ Shape of one request:
    the pooled connection is released, not leaked.
 3. Relay: each upstream chunk (``aiter_raw``: no decoding, content-encoding intact) is sent to the
    client as one ASGI message as soon as it arrives. ``await send`` returns only when the server
-   accepted the bytes, so a slow client slows the reads from the upstream (backpressure).
+   accepted the bytes, so a slow client slows the reads from the upstream (backpressure). On an
+   event stream only whole frames go out: a chunk's trailing partial frame waits for the chunk
+   that completes it (``FrameHold``), so a cut never leaves half a frame in front of the error.
+4. The end: a response must end where its framing says. Bytes the upstream sent past its
+   ``Content-Length`` (or after its last chunk) mean the body was cut by its own header, or the
+   connection carries something else: the client gets an error, never a clean end, and the
+   connection is closed (``gateway.transport``). A JSON answer lmgate reads whole (an error, or
+   JSON where an event stream was asked for) must parse.
 
 Failures before the response starts are raised as ``LmgateError`` (rendered by the outer
 ``ErrorMiddleware``, and seen by retry and the breaker); after it started, as ``StreamCut`` (an
@@ -41,8 +48,9 @@ from gateway.headers import downstream_response_headers, upstream_request_header
 from gateway.models.upstream import UpstreamModels
 from gateway.paths import strip_credentials, wire_path
 from gateway.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path
-from gateway.sse import StreamMarkers
+from gateway.sse import DEFAULT_FRAME_BYTES, FrameHold, StreamMarkers
 from gateway.telemetry.stream import UsageTap, usage_tap
+from gateway.transport import unread_bytes
 from gateway.usage import PromptTokens
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, request_json
 from middleware.request_id import request_id
@@ -76,6 +84,7 @@ class Proxy:
         body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
         assembled_limit_bytes: int = DEFAULT_ASSEMBLED_LIMIT_BYTES,
         model_info: ModelInfo | None = None,
+        frame_limit_bytes: int = DEFAULT_FRAME_BYTES,
     ) -> None:
         self.client = client
         self.timeout = client.timeout.as_dict()
@@ -96,6 +105,7 @@ class Proxy:
         # model_info of /api/v0 answers (the gateway points this at its model registry).
         self.prompt_tokens = PromptTokens(client, self.upstream_url)
         self.model_info: ModelInfo = model_info or _describe_with(UpstreamModels(client, upstream_url, api_key=api_key))
+        self.frame_limit_bytes = frame_limit_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,6 +117,8 @@ class Proxy:
             raise NotFound(f"lmgate does not serve {path!r}; see the list of forwarded routes in docs.")
         body = await read_body(scope, receive, limit_bytes=self.body_limit_bytes)
         assemble_kind = self._assembly_kind(scope, path)
+        # The upstream is asked for an event stream (by the client, or by lmgate to assemble one).
+        expects_events = assemble_kind is not None or (request_json(scope) or {}).get("stream") is True
         tap = usage_tap(scope, path)
         if assemble_kind is not None or (tap is not None and tap.strip):
             # Assembly needs a stream; telemetry needs the usage the client did not ask for.
@@ -140,7 +152,10 @@ class Proxy:
 
             watchers.start_soon(watch_disconnect)
             try:
-                await self._exchange(request, send, path=path, request_id=rid, assemble_kind=assemble_kind, tap=tap)
+                await self._exchange(
+                    request, send, path=path, request_id=rid, assemble_kind=assemble_kind, tap=tap,
+                    expects_events=expects_events,
+                )
                 completed = True
             except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
                 failure = exc
@@ -178,43 +193,53 @@ class Proxy:
         request_id: str,
         assemble_kind: str | None,
         tap: UsageTap | None = None,
+        expects_events: bool = False,
     ) -> None:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise translate_transport_error(exc, response_started=False) from exc
         try:
+            status = response.status_code
             event_stream = is_event_stream(response.headers.raw)
             chunks = response.aiter_raw()
             head = b""
-            if self.normalise_errors and (response.status_code >= 400 or (not event_stream and _is_json(response))):
-                # Errors are small JSON documents; LM Studio even answers unknown routes with
-                # 200 {"error": ...}. Read an error whole to normalise it; peek at a 200.
-                if response.status_code < 400:
-                    head = await _next_chunk(chunks, started=False)
-                if response.status_code >= 400 or head.startswith(b'{"error"'):
-                    head, complete = await _read_up_to(chunks, head, limit=_MAX_ERROR_BODY)
+            if self.normalise_errors and status >= 400:
+                # Errors are small JSON documents: read one whole to normalise it.
+                head, complete = await _read_up_to(chunks, head, limit=_MAX_ERROR_BODY)
+                if complete:
+                    _check_end(response)
+                    await self._send_error_body(response, head, send, request_id=request_id)
+                    return
+            elif status < 400 and not event_stream and _is_json(response):
+                # LM Studio even answers unknown routes with 200 {"error": ...}: peek at a 200.
+                head = await _next_chunk(chunks, started=False)
+                is_error = self.normalise_errors and head.startswith(b'{"error"')
+                if is_error or (expects_events and status == 200):
+                    # Read whole: an error to normalise, or JSON where an event stream was asked
+                    # for (an SDK finds no event in it, cut or not, and says nothing).
+                    limit = _MAX_ERROR_BODY if is_error else self.assembled_limit_bytes
+                    head, complete = await _read_up_to(chunks, head, limit=limit)
                     if complete:
-                        await self._send_error_body(response, head, send, request_id=request_id)
-                        return
-            if assemble_kind is not None and event_stream and response.status_code == 200:
+                        _check_end(response)
+                        _check_json(head, status)
+                        if is_error:
+                            await self._send_error_body(response, head, send, request_id=request_id)
+                            return
+            if assemble_kind is not None and event_stream and status == 200:
                 await self._relay_assembled(response, send, kind=assemble_kind, request_id=request_id, tap=tap)
-            else:
-                await self._relay(
-                    response,
-                    chunks,
-                    send,
-                    head=head,
-                    path=path,
-                    request_id=request_id,
-                    event_stream=event_stream,
-                    tap=tap if event_stream and response.status_code == 200 else None,
+            elif event_stream:
+                await self._relay_events(
+                    response, chunks, send, head=head, path=path, request_id=request_id,
+                    tap=tap if status == 200 else None,
                 )
+            else:
+                await self._relay_body(response, chunks, send, head=head, request_id=request_id)
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    async def _relay(
+    async def _relay_events(
         self,
         response: httpx.Response,
         chunks: AsyncIterator[bytes],
@@ -223,31 +248,71 @@ class Proxy:
         head: bytes,
         path: str,
         request_id: str,
-        event_stream: bool,
         tap: UsageTap | None = None,
     ) -> None:
-        """Send the response on, chunk by chunk; ``head`` holds bytes already read from ``chunks``.
+        """Send an event stream on as it comes, whole frames only; ``head``: bytes already read.
 
-        ``tap`` (telemetry) may hold back a partial frame and remove the usage frame it asked for.
+        A partial frame is held until its blank line arrives (:class:`FrameHold`). On a cut it is
+        dropped, and lmgate's error frame says so, rather than reaching the client in front of that
+        error frame as broken JSON. ``tap`` (telemetry) may remove the usage frame it asked for.
         """
-        headers = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=event_stream)
+        headers = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=True)
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        markers = StreamMarkers() if event_stream and path in DONE_TERMINATED else None
-        chunk = head
-        while True:
+        frames = FrameHold(self.frame_limit_bytes)
+        markers = StreamMarkers() if path in DONE_TERMINATED else None
+        chunk = head or await _next_chunk(chunks, started=True)
+        while chunk:
+            chunk = frames.feed(chunk)
             if tap is not None:
                 chunk = tap.feed(chunk)
             if chunk:
                 if markers is not None:
                     markers.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunk = await _next_chunk(chunks, started=True, frames=frames)
+        if tap is not None and (rest := tap.close()):
+            if markers is not None:
+                markers.feed(rest)
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
+        # The stream ended where the upstream's framing says: was the answer complete?
+        if markers is None or not (markers.done or markers.error):
+            if frames.pending:
+                without_done = " without `data: [DONE]`" if markers is not None else ""
+                raise StreamCut(f"The upstream ended the stream inside a frame{without_done}. {_dropped(frames.pending)}")
+            if markers is not None:
+                raise StreamCut("The upstream ended the stream without `data: [DONE]`; the answer is incomplete.")
+            _check_end(response, cut=True)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_body(
+        self, response: httpx.Response, chunks: AsyncIterator[bytes], send: Send, *, head: bytes, request_id: str
+    ) -> None:
+        """Send a body that is not an event stream on, chunk by chunk; ``head``: bytes already read.
+
+        The start waits for the first chunk, and chunks are counted against the ``Content-Length``:
+        a body its own header cuts short (the upstream sent more) fails before its last byte goes
+        out, so the client never holds a complete-looking answer: a 502 when the first chunk is
+        the last, an aborted transfer otherwise.
+        """
+        headers = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=False)
+        remaining = _content_length(response)
+        checked = started = False
+        chunk = head or await _next_chunk(chunks, started=False)
+        while chunk:
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    _check_end(response)
+                    checked = True
+            if not started:
+                await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+                started = True
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
             chunk = await _next_chunk(chunks, started=True)
-            if not chunk and tap is not None:
-                chunk, tap = tap.close(), None
-            if not chunk:
-                break
-        if markers is not None and not markers.done and not markers.error:
-            raise StreamCut("The upstream ended the stream without `data: [DONE]`; the answer is incomplete.")
+        if not checked:
+            _check_end(response)
+        if not started:
+            await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_error_body(self, response: httpx.Response, body: bytes, send: Send, *, request_id: str) -> None:
@@ -273,7 +338,8 @@ class Proxy:
     async def _relay_assembled(
         self, response: httpx.Response, send: Send, *, kind: str, request_id: str, tap: UsageTap | None = None
     ) -> None:
-        assembler = CompletionAssembler(kind)  # created as the headers arrive: it times the stream
+        # created as the headers arrive: it times the stream
+        assembler = CompletionAssembler(kind, max_frame_bytes=self.frame_limit_bytes)
         try:
             async for text in response.aiter_text():
                 if response.num_bytes_downloaded > self.assembled_limit_bytes:
@@ -339,14 +405,58 @@ def _is_json(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith("application/json")
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes], *, started: bool) -> bytes:
-    """The next raw chunk, b"" at the end; transport failures translated for the current phase."""
+async def _next_chunk(chunks: AsyncIterator[bytes], *, started: bool, frames: FrameHold | None = None) -> bytes:
+    """The next raw chunk, b"" at the end; transport failures translated for the current phase.
+
+    ``frames``: the event stream's hold, whose partial frame a cut drops (the error says so).
+    """
     try:
         return await anext(chunks)
     except StopAsyncIteration:
         return b""
     except httpx.HTTPError as exc:
-        raise translate_transport_error(exc, response_started=started) from exc
+        error = translate_transport_error(exc, response_started=started)
+        if frames is not None and frames.pending:
+            error = StreamCut(f"{error.message} {_dropped(frames.pending)}")
+        raise error from exc
+
+
+def _dropped(held: int) -> str:
+    return f"Its last frame arrived only in part; those {held} bytes were dropped, not sent."
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _check_end(response: httpx.Response, *, cut: bool = False) -> None:
+    """Raise if the upstream sent bytes past the end its framing declared for ``response``.
+
+    Call once the body reached that end. A ``Content-Length`` shorter than the body sent means the
+    answer was cut by its own header. ``cut``: the response has started as an event stream.
+    """
+    extra = unread_bytes(response)
+    if not extra:
+        return
+    declared = response.headers.get("content-length")
+    framing = f"its Content-Length ({declared} bytes)" if declared is not None else "its framing"
+    message = (
+        f"The upstream's answer (HTTP {response.status_code}) is cut: {extra} more bytes came after the end "
+        f"{framing} declared."
+    )
+    raise StreamCut(message) if cut else UpstreamProtocolError(message)
+
+
+def _check_json(body: bytes, status: int) -> None:
+    """Raise if a JSON answer lmgate read whole does not parse: it was cut, or is not JSON."""
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UpstreamProtocolError(
+            f"The upstream's JSON answer (HTTP {status}, {len(body)} bytes) does not parse; it is incomplete "
+            f"or not JSON: {exc}"
+        ) from exc
 
 
 async def _read_up_to(chunks: AsyncIterator[bytes], head: bytes, *, limit: int) -> tuple[bytes, bool]:

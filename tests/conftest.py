@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
 import pytest
@@ -67,3 +70,117 @@ async def upstream() -> AsyncIterator[ScriptedUpstream]:
     async with serve_in_background(scripted) as server:
         scripted.url = server.url
         yield scripted
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    connection: int  # which upstream connection carried it: 1 for the first accepted, and so on
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+
+RawAnswer = Callable[[RawRequest, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawUpstream:
+    """An upstream written byte by byte: a broken server no HTTP library would let a test write.
+
+    ``answer(request, writer)`` writes whatever the test wants (more than its ``Content-Length``,
+    half a frame, a bad chunk header) and may close the writer; otherwise the connection stays open
+    for the next request (keep-alive). Model listings (``GET /api/...``, what lmgate's model layer
+    asks) are answered with an empty list, so the model layer forwards requests untouched. The
+    class's static methods build the usual pieces. Tests assert only what clients see, so they do
+    not depend on the HTTP library lmgate uses underneath.
+    """
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.answer: RawAnswer | None = None
+        self.requests: list[RawRequest] = []
+        self.connections = 0
+        self.closed_early = 0  # writes that failed because the peer (lmgate) had closed
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # cancelled on exit: a handler waits for a next request that never comes
+        task.add_done_callback(self._tasks.discard)
+        self.connections += 1
+        number = self.connections
+        try:
+            while not writer.is_closing():
+                request = await _read_request(reader, number)
+                if request is None:
+                    return
+                self.requests.append(request)
+                if request.method == "GET" and request.path.startswith("/api/"):
+                    writer.write(self.response(b'{"data":[]}'))
+                else:
+                    assert self.answer is not None, "the test did not script the raw upstream"
+                    await self.answer(request, writer)
+                if not writer.is_closing():
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.closed_early += 1
+        finally:
+            writer.close()
+
+    @staticmethod
+    def response(body: bytes, *, content_type: bytes = b"application/json", content_length: int | None = None,
+                 status: bytes = b"200 OK") -> bytes:
+        """A whole response whose ``Content-Length`` is ``content_length`` (default: the truth)."""
+        length = len(body) if content_length is None else content_length
+        return (b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
+                + b"\r\ncontent-length: " + str(length).encode() + b"\r\n\r\n" + body)
+
+    @staticmethod
+    def chunked_head(content_type: bytes = b"text/event-stream") -> bytes:
+        return b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    @staticmethod
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n" % len(data) + data + b"\r\n"
+
+    LAST_CHUNK = b"0\r\n\r\n"
+
+
+async def _read_request(reader: asyncio.StreamReader, connection: int) -> RawRequest | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return RawRequest(connection, method, target, headers, body)
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    async with RawUpstream() as raw:
+        yield raw

@@ -347,16 +347,31 @@ async def test_the_breaker_opens_sheds_half_opens_and_closes(sim, client):
 
 
 async def test_an_idle_timeout_mid_stream_ends_with_an_error_frame_and_cancels_lm_studio(sim, client):
-    sim.inject_fault("slow_bytes", delay_s=5.0)  # first byte, then silence far past idle_s
-    async with running_gateway(sim.url, timeouts={"idle_s": 0.3}) as gateway:
-        response = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
+    # slow-7b sends a token every 0.2 s: after the first one, a silence longer than idle_s.
+    async with running_gateway(sim.url, timeouts={"idle_s": 0.1}) as gateway:
+        response = await client.post(gateway + "/v1/chat/completions", json=chat("slow-7b", stream=True))
         with anyio.fail_after(3):
             await sim.wait_for(lambda c: c.disconnects == 1)
     assert response.status_code == 200
     frames = response.content.split(b"\n\n")
+    assert frames[0].startswith(b"data: {")  # a token went out first: this was mid-stream
     error = [f for f in frames if f.startswith(b"event: error")]
     assert len(error) == 1 and json.loads(error[0].split(b"data: ", 1)[1])["error"]["code"] == "timeout"
-    assert b"[DONE]" not in response.content
+    assert b"idle deadline" in error[0] and b"[DONE]" not in response.content
+
+
+async def test_a_frame_trickling_in_byte_by_byte_is_no_first_token(sim, client):
+    # Half a frame is held back (whole frames only), so it neither reaches the client nor counts
+    # as the first token: the first-token deadline ends the stream, with nothing half-sent.
+    sim.inject_fault("slow_bytes", delay_s=5.0)  # first byte, then silence
+    async with running_gateway(sim.url, timeouts={"first_token_s": 0.3}) as gateway:
+        response = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
+        with anyio.fail_after(3):
+            await sim.wait_for(lambda c: c.disconnects == 1)
+    assert response.status_code == 200
+    error = json.loads(response.content.split(b"data: ", 1)[1])["error"]
+    assert response.content.startswith(b"event: error") and error["code"] == "timeout"
+    assert "first-token deadline" in error["message"]
 
 
 async def test_a_first_token_timeout_is_a_504_before_anything_was_sent(sim, client):

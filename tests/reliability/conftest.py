@@ -86,7 +86,9 @@ def open_fds() -> int:
 
 
 def _pool(client: httpx.AsyncClient) -> Any:
-    return client._transport._pool  # type: ignore[attr-defined]  # httpcore's pool: no public view
+    transport = client._transport  # type: ignore[attr-defined]
+    transport = getattr(transport, "transport", transport)  # lmgate's FramingGuard wraps httpx's transport
+    return transport._pool  # httpcore's pool: no public view
 
 
 def connections_in_use(client: httpx.AsyncClient) -> int:
