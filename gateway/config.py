@@ -41,6 +41,13 @@ class Section(BaseModel):
 class ListenConfig(Section):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 or :: for all interfaces).")
     port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Client connections open at once; at the cap the longest idle one is closed for a new one, "
+        "or the new one is closed when none is idle. null: the open-files limit less upstream.pool.max_connections "
+        "and 64 (docs/production.md).",
+    )
 
 
 class PoolConfig(Section):
