@@ -129,6 +129,12 @@ class LimitsConfig(Section):
         12 * 1024, ge=1024, description="Largest request header block (431 above it; the HTTP server cuts at 16 KiB)."
     )
     url_bytes: int = Field(8 * 1024, ge=256, description="Longest request path and query (414 above it).")
+    body_idle_s: float = Field(
+        5.0, gt=0, description="Longest wait for the next piece of a request body (408 request_timeout after it)."
+    )
+    body_total_s: float = Field(
+        30.0, gt=0, description="Longest time a request body may take to arrive whole (408 request_timeout after it)."
+    )
     assembled_bytes: int = Field(
         64 * MiB, ge=1024, description="Largest non-streaming answer lmgate assembles from a stream (502 above it)."
     )
