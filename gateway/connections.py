@@ -47,11 +47,12 @@ logger = logging.getLogger("lmgate.connections")
 
 #: Descriptors kept for lmgate itself beyond upstream connections: the listening socket, the event
 #: loop's own, standard streams, an OTLP exporter, files read at run time, and idle connections
-#: being closed to make room (at most ``EVICTION_BURST`` at once).
+#: closed to make room (up to ``EVICTION_BURST`` a turn, their descriptors free the turn after).
 RESERVED_DESCRIPTORS = 64
 #: Fewer client connections than this is a limit lmgate cannot serve under.
 MIN_CONNECTIONS = 16
-#: Idle connections being closed at once; beyond it, new connections are refused instead.
+#: Idle connections closed per event-loop turn to admit new ones; further new connections wait in
+#: the listen queue for the next turn, when the closed ones' descriptors are free.
 EVICTION_BURST = 16
 #: How long nothing must have been evicted, refused or failed before connections count as recovered.
 QUIET_S = 5.0
@@ -148,6 +149,7 @@ class ConnectionLimiter:
         self._close: dict[Hashable, Callable[[], None]] = {}
         self._idle: dict[Hashable, None] = {}  # insertion order: longest idle first
         self._evicting: set[Hashable] = set()
+        self._evicted_this_turn = 0
         self._exhausted_at: float | None = None
         self._last_trouble = 0.0
         self._evicted = 0
@@ -157,6 +159,15 @@ class ConnectionLimiter:
     @property
     def exhausted(self) -> bool:
         return self._exhausted_at is not None
+
+    def ready(self) -> bool:
+        """Whether to accept a connection now; False: leave it queued until the next turn.
+
+        Only at the cap, with idle connections left but this turn's evictions used up: the next
+        turn has their descriptors back. A new connection is never refused while one is idle.
+        """
+        at_cap = self.max_connections is not None and self.open >= self.max_connections
+        return not (at_cap and self._idle and self._evicted_this_turn >= EVICTION_BURST)
 
     def admit(self) -> bool:
         """Whether a connection just accepted may stay (else the caller closes it)."""
@@ -196,14 +207,20 @@ class ConnectionLimiter:
         self.open -= 1
 
     def _evict_longest_idle(self) -> bool:
-        if not self._idle or len(self._evicting) >= EVICTION_BURST:
+        if not self._idle or self._evicted_this_turn >= EVICTION_BURST:
             return False
+        if self._evicted_this_turn == 0:
+            asyncio.get_running_loop().call_soon(self._new_turn)
+        self._evicted_this_turn += 1
         key = next(iter(self._idle))
         del self._idle[key]
         self._evicting.add(key)
         self._evicted += 1
-        self._close[key]()
+        self._close[key]()  # the transport closes its socket early in the next turn
         return True
+
+    def _new_turn(self) -> None:
+        self._evicted_this_turn = 0
 
     def _trouble(self, reason: str, **fields: Any) -> None:
         now = self.clock()
@@ -287,6 +304,8 @@ class GuardedListener(socket.socket):
 
     def accept(self) -> tuple[socket.socket, Any]:
         for _ in range(EVICTION_BURST):
+            if not self.connections.ready():
+                raise BlockingIOError(errno.EAGAIN, "at the cap: more idle connections are closed next turn")
             conn, address = self._accept_unless_backing_off()
             if self.connections.admit():
                 return conn, address
