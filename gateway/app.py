@@ -5,6 +5,7 @@ The request path, outermost first (read it like Envoy's filter list)::
     ErrorMiddleware                      renders every LmgateError; unknown errors -> logged 500
     RequestNormalisation                 the canonical path (400 if none), credentials out of the query
     AuthMiddleware                       client keys (401), admin keys (403); off without keys
+    BodyDeadlines                        408 for a request body that stalls (limits.body_idle_s, body_total_s)
       ├── lmgate's own routes            /healthz, /readyz, /metrics, /lmgate/...
       └── TelemetryMiddleware            logs, metrics and the span of each request, once
           RequestValidation              4xx for what the upstream cannot serve (gateway/validation.py)
@@ -43,6 +44,7 @@ from gateway.telemetry import Telemetry
 from gateway.transport import FramingGuard
 from gateway.validation import RequestValidation
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
+from middleware.body import BodyDeadlines
 from middleware.cache import CacheMiddleware, MemoryStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
@@ -228,7 +230,8 @@ class Gateway:
         self._app = ErrorMiddleware(
             RequestNormalisation(
                 AuthMiddleware(
-                    self._route,
+                    # Whichever layer reads a body first (telemetry, admin, proxy), it cannot wait for ever.
+                    BodyDeadlines(self._route, idle_s=config.limits.body_idle_s, total_s=config.limits.body_total_s),
                     key_digests=auth.digests(),
                     admin_digests=auth.admin_keys,
                     open_paths=auth.open_paths,

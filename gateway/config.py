@@ -43,6 +43,13 @@ class Section(BaseModel):
 class ListenConfig(Section):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 or :: for all interfaces).")
     port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Client connections open at once; at the cap the longest idle one is closed for a new one, "
+        "or the new one is closed when none is idle. null: the open-files limit less upstream.pool.max_connections "
+        "and 64 (docs/production.md).",
+    )
 
 
 class PoolConfig(Section):
@@ -137,6 +144,12 @@ class LimitsConfig(Section):
         12 * 1024, ge=1024, description="Largest request header block (431 above it; the HTTP server cuts at 16 KiB)."
     )
     url_bytes: int = Field(8 * 1024, ge=256, description="Longest request path and query (414 above it).")
+    body_idle_s: float = Field(
+        5.0, gt=0, description="Longest wait for the next piece of a request body (408 request_timeout after it)."
+    )
+    body_total_s: float = Field(
+        30.0, gt=0, description="Longest time a request body may take to arrive whole (408 request_timeout after it)."
+    )
     assembled_bytes: int = Field(
         64 * MiB, ge=1024, description="Largest non-streaming answer lmgate assembles from a stream (502 above it)."
     )

@@ -13,6 +13,7 @@ this module re-exports them and adds what only the proxy needs:
 | `bad_request`             | 400    | malformed request, rejected before the upstream             |
 | `invalid_api_key`         | 401    | missing or wrong client key                                  |
 | `not_found`               | 404    | a route lmgate does not serve (never an open proxy)          |
+| `request_timeout`         | 408    | the body stalled (`limits.body_idle_s`, `limits.body_total_s`) |
 | `payload_too_large`       | 413    | body over `limits.body_bytes`                                |
 | `rate_limited`            | 429    | per-key concurrency limit                                    |
 | `client_cancelled`        | (499)  | the client left; nothing is sent, it is logged               |
@@ -50,6 +51,7 @@ from middleware.errors import (
     Overloaded,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     StreamCut,
     Unauthorized,
     UpstreamProtocolError,
@@ -75,6 +77,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
+    "RequestTimeout",
     "StreamCut",
     "Unauthorized",
     "UpstreamProtocolError",

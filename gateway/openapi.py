@@ -208,6 +208,7 @@ _ERRORS: dict[int, str] = {
     "another machine with `auth.open_from: loopback` and no keys.",
     404: "`not_found`: no such route, or no such model.",
     405: "`method_not_allowed`; `Allow` lists the methods.",
+    408: "`request_timeout`: the body stalled (`limits.body_idle_s`, `limits.body_total_s`); the connection closes.",
     409: "`model_busy`: requests are using the model; add `?force=true`.",
     413: "`payload_too_large`: the body is over `limits.body_bytes`.",
     414: "`uri_too_long`: path and query over `limits.url_bytes`.",
@@ -246,7 +247,7 @@ def _errors(*statuses: int) -> dict[str, Schema]:
 
 # --- routes ------------------------------------------------------------------------------------
 
-_FORWARDED_ERRORS = (400, 401, 404, 413, 414, 415, 429, 431, 500, 502, 503, 504)
+_FORWARDED_ERRORS = (400, 401, 404, 408, 413, 414, 415, 429, 431, 500, 502, 503, 504)
 
 
 def _operation(tag: str, summary: str, responses: dict[str, Schema], **more: Any) -> Schema:

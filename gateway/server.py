@@ -18,6 +18,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 
 from gateway.app import Gateway
 from gateway.config import Config
+from gateway.connections import ConnectionLimiter, connection_cap
 from gateway.serving import bind_socket, format_url, hypercorn_config
 
 logger = logging.getLogger("lmgate")
@@ -28,6 +29,7 @@ _ABORT_FLUSH_S = 2.0
 
 async def serve(config: Config, *, simulate: bool = False, announce: Callable[[str], None] = print) -> int:
     """Serve until SIGTERM/SIGINT, drain, and return the exit code (0)."""
+    connections = ConnectionLimiter(connection_cap(config, simulate=simulate))  # ConfigError before binding
     async with AsyncExitStack() as stack:
         # Bind before anything starts: a port in use ends start-up with one ListenError, not an
         # error group from the simulator's task group. hypercorn adopts (detaches) the socket
@@ -89,6 +91,6 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
                 extra={"event": "drain_end", "completed": finished, "aborted": aborted},
             )
 
-        hyper = hypercorn_config(sock, graceful_timeout_s=_ABORT_FLUSH_S)
+        hyper = hypercorn_config(sock, graceful_timeout_s=_ABORT_FLUSH_S, connections=connections)
         await hypercorn_serve(gateway, hyper, shutdown_trigger=drain_on_signal)  # type: ignore[arg-type]
     return 0

@@ -18,7 +18,9 @@ from typing import Any
 import anyio
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 
+from gateway.connections import ConnectionLimiter, GuardedListener, track_connections
 from middleware.types import ASGIApp
 
 # Connections the kernel queues before hypercorn accepts them: a burst of clients (or NGINX
@@ -131,12 +133,32 @@ def drop_sends_to_closed_streams() -> None:
     HTTPStream.app_send = app_send_while_open  # type: ignore[method-assign]
 
 
-def hypercorn_config(sock: socket.socket, *, graceful_timeout_s: float = 5.0) -> HypercornConfig:
+class _GuardedConfig(HypercornConfig):
+    """hypercorn's config, serving one :class:`GuardedListener` and carrying its limiter."""
+
+    def __init__(self, listener: GuardedListener) -> None:
+        super().__init__()
+        self.listener = listener
+        # Read by the connection tracking in gateway.connections (track_connections).
+        self.lmgate_connections = listener.connections
+
+    def create_sockets(self) -> Sockets:
+        # hypercorn closes the sockets it is given on shutdown.
+        return Sockets(secure_sockets=[], insecure_sockets=[self.listener], quic_sockets=[])
+
+
+def hypercorn_config(
+    sock: socket.socket, *, graceful_timeout_s: float = 5.0, connections: ConnectionLimiter | None = None
+) -> HypercornConfig:
+    """hypercorn set up to serve ``sock`` (which it adopts), capped by ``connections`` if given.
+
+    Without ``connections`` there is no cap, but running out of descriptors is still handled
+    (gateway/connections.py).
+    """
     close_idle_connections_at_eof()
     drop_sends_to_closed_streams()
-    config = HypercornConfig()
-    # hypercorn adopts the descriptor and closes it on shutdown; detach so Python does not too.
-    config.bind = [f"fd://{sock.detach()}"]
+    track_connections()
+    config = _GuardedConfig(GuardedListener.adopt(sock, connections or ConnectionLimiter()))
     config.graceful_timeout = graceful_timeout_s
     # hypercorn calls listen() again with its own backlog (default 100), overriding bind_socket's.
     config.backlog = LISTEN_BACKLOG
@@ -166,11 +188,12 @@ async def serve_in_background(
     port: int = 0,
     graceful_timeout_s: float = 5.0,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    connections: ConnectionLimiter | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Serve ``app`` until the block exits (or ``shutdown_trigger`` returns), then shut down."""
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
-    config = hypercorn_config(sock, graceful_timeout_s=graceful_timeout_s)
+    config = hypercorn_config(sock, graceful_timeout_s=graceful_timeout_s, connections=connections)
     stopped = anyio.Event()
 
     async def trigger() -> None:

@@ -134,7 +134,8 @@ class RequestValidation:
             )
         names = {name.lower() for name, _ in headers}
         if b"content-length" in names and b"transfer-encoding" in names:
-            # RFC 9112 §6.1: a request smuggling vector; refuse it and close the connection.
+            # RFC 9112 §6.1: a request smuggling vector; refuse it and close the connection. Telemetry
+            # reads inference bodies before this layer runs: read_body refuses the same first.
             raise InvalidRequest(
                 "The request has both Content-Length and Transfer-Encoding.", headers=[("Connection", "close")]
             )

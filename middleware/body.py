@@ -7,14 +7,20 @@ the server's original ``receive``, in ``scope["state"]``. Any layer can then han
 :func:`replaying_receive`: the cached body first, then the server's own channel (where only
 ``http.disconnect`` is left to arrive). Replaying always delegates to the *server's* receive, never
 to another replay, so nested layers cannot deliver the body twice.
+
+:class:`BodyDeadlines`, outside every layer that reads a body, bounds how long a body may take to
+arrive, whichever layer reads it; and :func:`read_body` refuses a body whose length is ambiguous before
+reading any of it.
 """
 
 from __future__ import annotations
 
 import json
 
-from middleware.errors import BadRequest, ClientDisconnected, PayloadTooLarge
-from middleware.types import Message, Receive, Scope
+import anyio
+
+from middleware.errors import BadRequest, ClientDisconnected, PayloadTooLarge, RequestTimeout
+from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 _BODY = "lmgate.body"
 _TRANSPORT_RECEIVE = "lmgate.transport_receive"
@@ -33,13 +39,20 @@ async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAUL
     """Return the whole request body, reading it from the server on the first call only.
 
     Raises ``PayloadTooLarge`` past ``limit_bytes`` (checked against ``Content-Length`` before
-    reading anything) and ``ClientDisconnected`` when the client leaves mid-upload.
+    reading anything), ``BadRequest`` for a body framed by both ``Content-Length`` and
+    ``Transfer-Encoding`` (before reading anything), and ``ClientDisconnected`` when the client
+    leaves mid-upload.
     """
     state = scope.setdefault("state", {})
     cached = state.get(_BODY)
     if cached is not None:
         return cached
-    for key, value in scope.get("headers", ()):
+    headers = scope.get("headers", ())
+    if any(key == b"transfer-encoding" for key, _ in headers) and any(key == b"content-length" for key, _ in headers):
+        # RFC 9112 §6.1: a request smuggling vector. Refused before the body is read, or a client
+        # that sends no body would hold the connection until the body deadline.
+        raise BadRequest("The request has both Content-Length and Transfer-Encoding.", headers=[("Connection", "close")])
+    for key, value in headers:
         if key == b"content-length":
             try:
                 declared = int(value)
@@ -72,15 +85,71 @@ async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAUL
 
 
 async def _discard(receive: Receive, limit_bytes: int) -> None:
-    """Read the rest of a refused body and drop it, up to ``limit_bytes``."""
+    """Read the rest of a refused body and drop it, up to ``limit_bytes`` or its deadline."""
     dropped = 0
-    while dropped <= limit_bytes:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        dropped += len(message.get("body", b""))
-        if not message.get("more_body", False):
+    try:
+        while dropped <= limit_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+    except RequestTimeout:
+        return  # the body is refused anyway: the client still learns why (413), not only that it was slow
+
+
+class BodyDeadlines:
+    """A request body must keep coming (``idle_s`` between pieces) and be whole within ``total_s``.
+
+    hypercorn cuts a client that trickles its headers (after its keep-alive timeout), but once the
+    headers are in, a body that never comes would hold the connection, and whatever layer waits
+    for it, for ever. This layer wraps ``receive`` so that every reader of the body is bound by the
+    deadlines, and answers 408 ``request_timeout`` with ``Connection: close`` when one passes. The
+    clocks run only while a layer waits for the body: the first wait starts the total, so a body
+    lmgate is slow to read is never blamed on the client. Once the body is whole, ``receive`` is
+    passed through untouched (the proxy waits on it for ``http.disconnect``).
+    """
+
+    def __init__(self, app: ASGIApp, *, idle_s: float, total_s: float) -> None:
+        if idle_s <= 0 or total_s <= 0:
+            raise ValueError("body deadlines must be positive")
+        self.app = app
+        self.idle_s = idle_s
+        self.total_s = total_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
+        await self.app(scope, self._receive_in_time(receive), send)
+
+    def _receive_in_time(self, receive: Receive) -> Receive:
+        idle_s, total_s = self.idle_s, self.total_s
+        whole = False
+        total_deadline: float | None = None
+
+        async def receive_in_time() -> Message:
+            nonlocal whole, total_deadline
+            if whole:
+                return await receive()
+            now = anyio.current_time()
+            if total_deadline is None:
+                total_deadline = now + total_s
+            wait = min(idle_s, total_deadline - now)
+            message: Message | None = None
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    message = await receive()
+            if message is None:
+                if wait < idle_s:
+                    raise RequestTimeout(f"The request body did not arrive whole within {total_s:g} s.")
+                raise RequestTimeout(f"The request body stopped arriving: nothing for {idle_s:g} s.")
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                whole = True
+            return message
+
+        return receive_in_time
 
 
 def replaying_receive(scope: Scope, receive: Receive) -> Receive:

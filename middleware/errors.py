@@ -44,6 +44,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
+    "RequestTimeout",
     "StreamCut",
     "Unauthorized",
     "UpstreamProtocolError",
@@ -119,6 +120,16 @@ class NotFound(LmgateError):
 class PayloadTooLarge(LmgateError):
     status, code, type = 413, "payload_too_large", "invalid_request_error"
     default_message = "The request body is larger than this gateway accepts."
+
+
+class RequestTimeout(LmgateError):
+    """The client stopped sending its request body; the connection is closed after the answer."""
+
+    status, code, type = 408, "request_timeout", "invalid_request_error"
+    default_message = "The request body did not arrive in time."
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().response_headers(), (b"connection", b"close")]
 
 
 class RateLimited(LmgateError):

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.cli import _parser
 from gateway.config import Config
+from gateway.connections import RESERVED_DESCRIPTORS
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNITS = sorted(path.name for path in UNITS_DIR.glob("*.service"))
@@ -66,3 +67,12 @@ def test_systemd_analyze_verify_accepts_the_unit(unit, tmp_path):
     result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=60)
     # Unknown keys are only warnings (exit status 0): any output is a failure here.
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_the_open_files_limit_leaves_room_for_many_client_connections(unit):
+    # Without it lmgate got systemd's 1,024, and 1,100 idle connections locked it out.
+    limit = service(unit)["LimitNOFILE"]
+    assert limit.isdigit() and int(limit) >= 65536
+    pool = Config().upstream.pool.max_connections
+    assert int(limit) - pool - RESERVED_DESCRIPTORS >= 65000  # the default listen.max_connections

@@ -1,0 +1,392 @@
+"""Client connections: a cap below the open-files limit, and what happens at it.
+
+Every client connection is a file descriptor. Without a cap, enough idle connections (1,100 under
+the default limit of 1,024) leave lmgate with no descriptor for the next ``accept()``. asyncio
+then logs a traceback for every failed ``accept()``: its accept loop keeps calling ``accept()``
+after the first failure, and schedules a retry for each one (python/cpython#151615). That gave
+hundreds of thousands of tracebacks a minute, a busy core, and a ``/healthz`` nobody could reach
+until the idle connections timed out.
+
+So lmgate:
+
+* raises its soft ``RLIMIT_NOFILE`` to the hard limit at start-up (:func:`raise_open_files_limit`);
+* caps client connections at ``listen.max_connections``, by default the open-files limit less
+  what upstream connections and lmgate's own files need (:func:`connection_cap`);
+* at the cap, closes the connection that has been idle longest (no request in flight: a
+  keep-alive connection, or one that has not finished sending its headers) to admit the new one,
+  as NGINX does with its keep-alive connections. A health check on a fresh connection is answered
+  however many idle connections a client holds open. When no connection is idle, the new one is
+  closed at once, so the client can go elsewhere instead of waiting in the listen queue;
+* if ``accept()`` still fails for lack of descriptors (they went to something else), closes idle
+  connections and lets asyncio pause accepting for a second, without its tracebacks;
+* logs one JSON line when connections run out (``connections_exhausted``) and one when they
+  have been quiet for a few seconds (``connections_recovered``), never one per connection.
+
+:class:`GuardedListener` is the listening socket hypercorn serves on; :func:`track_connections`
+teaches hypercorn's connection class to report itself to a :class:`ConnectionLimiter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from gateway.config import Config, ConfigError
+
+try:
+    import resource
+except ImportError:  # Windows: no RLIMIT_NOFILE, and its event loop accepts differently
+    resource = None  # type: ignore[assignment]
+
+logger = logging.getLogger("lmgate.connections")
+
+#: Descriptors kept for lmgate itself beyond upstream connections: the listening socket, the event
+#: loop's own, standard streams, an OTLP exporter, files read at run time, and idle connections
+#: closed to make room (up to ``EVICTION_BURST`` a turn, their descriptors free the turn after).
+RESERVED_DESCRIPTORS = 64
+#: Fewer client connections than this is a limit lmgate cannot serve under.
+MIN_CONNECTIONS = 16
+#: Idle connections closed per event-loop turn to admit new ones; further new connections wait in
+#: the listen queue for the next turn, when the closed ones' descriptors are free.
+EVICTION_BURST = 16
+#: How long nothing must have been evicted, refused or failed before connections count as recovered.
+QUIET_S = 5.0
+# accept() errors that mean "no descriptor or memory for a new socket" (asyncio's list).
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# What asyncio's default exception handler logs for those; lmgate logs the episode once instead.
+_ASYNCIO_ACCEPT_MESSAGE = "socket.accept() out of system resource"
+
+
+def raise_open_files_limit() -> int | None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit where allowed; the soft limit in effect.
+
+    None where the platform has no such limit. An unprivileged process may always raise its soft
+    limit up to the hard one; only the hard limit (systemd's ``LimitNOFILE``, docker's ``--ulimit
+    nofile``) needs the operator.
+    """
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # macOS reports an infinite hard limit but refuses soft limits above its per-process maximum.
+    targets = (hard,) if hard != resource.RLIM_INFINITY else (1 << 20, 10240)
+    for target in targets:
+        if soft != resource.RLIM_INFINITY and target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError):
+                continue
+            return target
+    return soft if soft != resource.RLIM_INFINITY else None
+
+
+def connection_cap(config: Config, *, simulate: bool = False) -> int | None:
+    """Raise the open-files limit, then return ``listen.max_connections`` or its default.
+
+    The default is the open-files limit less the upstream pool (``Config.upstream_pool_connections``;
+    twice that with the built-in simulator, whose side of each upstream connection is in the same
+    process) and ``RESERVED_DESCRIPTORS``; with an unbounded pool, each client connection is counted
+    with the upstream connection it may hold. Raises ``ConfigError`` when the limit cannot hold the configured
+    cap, or leaves room for fewer than ``MIN_CONNECTIONS``. None: no limit on this platform.
+    """
+    limit = raise_open_files_limit()
+    configured = config.listen.max_connections
+    if limit is None:
+        return configured
+    # The built-in simulator holds the other end of each upstream connection in this process.
+    per_upstream = 2 if simulate else 1
+    pool = config.upstream_pool_connections()
+    if pool is None:
+        # An unbounded pool (no total concurrency limit): each client connection may hold one
+        # upstream connection, so the descriptors left are shared between the two.
+        reserved = RESERVED_DESCRIPTORS
+        room = (limit - reserved) // (1 + per_upstream)
+    else:
+        reserved = pool * per_upstream + RESERVED_DESCRIPTORS
+        room = limit - reserved
+    how = (
+        "raise the open-files limit (LimitNOFILE= in the systemd unit, docker run --ulimit nofile=N:N, "
+        "ulimit -n N in a shell; see docs/production.md)"
+    )
+    if configured is not None and configured > room:
+        raise ConfigError(
+            f"listen.max_connections: expected at most {max(room, 0)} with an open-files limit of {limit} "
+            f"({reserved} of them kept for upstream connections and lmgate itself), got {configured}; "
+            f"{how} or lower listen.max_connections"
+        )
+    if configured is None and room < MIN_CONNECTIONS:
+        raise ConfigError(
+            f"listen.max_connections: the open-files limit of {limit} leaves room for {max(room, 0)} client "
+            f"connections once {reserved} are kept for upstream connections (upstream.pool.max_connections) "
+            f"and lmgate itself; expected room for at least {MIN_CONNECTIONS}: {how} or lower "
+            f"upstream.pool.max_connections"
+        )
+    cap = configured if configured is not None else room
+    logger.info(
+        "accepting up to %d client connections (open-files limit %d)",
+        cap,
+        limit,
+        extra={"event": "connection_limits", "max_connections": cap, "open_files_limit": limit},
+    )
+    return cap
+
+
+class ConnectionLimiter:
+    """The client connections of one listener: how many are open, which are idle, and the cap.
+
+    ``admit()`` is asked at ``accept()``; a connection then reports ``opened``, ``busy``/``idle``
+    as requests start and end, and ``closed``. Keys are the connection objects; ``close`` is what
+    ends one that is evicted. ``max_connections`` None: no cap (only running out of descriptors
+    is handled).
+    """
+
+    def __init__(
+        self,
+        max_connections: int | None = None,
+        *,
+        quiet_s: float = QUIET_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_connections = max_connections
+        self.quiet_s = quiet_s
+        self.clock = clock
+        self.open = 0
+        self._close: dict[Hashable, Callable[[], None]] = {}
+        self._idle: dict[Hashable, None] = {}  # insertion order: longest idle first
+        self._evicting: set[Hashable] = set()
+        self._evicted_this_turn = 0
+        self._exhausted_at: float | None = None
+        self._last_trouble = 0.0
+        self._evicted = 0
+        self._refused = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted_at is not None
+
+    def ready(self) -> bool:
+        """Whether to accept a connection now; False: leave it queued until the next turn.
+
+        Only at the cap, with idle connections left but this turn's evictions used up: the next
+        turn has their descriptors back. A new connection is never refused while one is idle.
+        """
+        at_cap = self.max_connections is not None and self.open >= self.max_connections
+        return not (at_cap and self._idle and self._evicted_this_turn >= EVICTION_BURST)
+
+    def admit(self) -> bool:
+        """Whether a connection just accepted may stay (else the caller closes it)."""
+        if self.max_connections is None or self.open < self.max_connections:
+            self.open += 1
+            return True
+        self._trouble("max_connections")
+        if self._evict_longest_idle():
+            self.open += 1
+            return True
+        self._refused += 1
+        return False
+
+    def out_of_descriptors(self, code: int) -> None:
+        """``accept()`` failed with ``code`` (EMFILE...): free descriptors held by idle connections."""
+        self._trouble("open_files", errno=errno.errorcode.get(code, str(code)))
+        for _ in range(EVICTION_BURST):
+            if not self._evict_longest_idle():
+                break
+
+    def opened(self, key: Hashable, close: Callable[[], None]) -> None:
+        self._close[key] = close
+        self._idle[key] = None  # idle until its first request has arrived whole
+
+    def busy(self, key: Hashable) -> None:
+        self._idle.pop(key, None)
+
+    def idle(self, key: Hashable) -> None:
+        if key in self._close and key not in self._evicting:
+            self._idle.pop(key, None)
+            self._idle[key] = None
+
+    def closed(self, key: Hashable) -> None:
+        self._close.pop(key, None)
+        self._idle.pop(key, None)
+        self._evicting.discard(key)
+        self.open -= 1
+
+    def _evict_longest_idle(self) -> bool:
+        if not self._idle or self._evicted_this_turn >= EVICTION_BURST:
+            return False
+        if self._evicted_this_turn == 0:
+            asyncio.get_running_loop().call_soon(self._new_turn)
+        self._evicted_this_turn += 1
+        key = next(iter(self._idle))
+        del self._idle[key]
+        self._evicting.add(key)
+        self._evicted += 1
+        self._close[key]()  # the transport closes its socket early in the next turn
+        return True
+
+    def _new_turn(self) -> None:
+        self._evicted_this_turn = 0
+
+    def _trouble(self, reason: str, **fields: Any) -> None:
+        now = self.clock()
+        self._last_trouble = now
+        if self._exhausted_at is not None:
+            return
+        self._exhausted_at = now
+        if reason == "max_connections":
+            message = (
+                "client connections reached listen.max_connections: the longest idle ones are closed to "
+                "admit new ones, and new ones are refused while none is idle"
+            )
+        else:
+            message = "out of file descriptors: idle connections are closed and accepting pauses for a second"
+        logger.warning(
+            message,
+            extra={
+                "event": "connections_exhausted",
+                "reason": reason,
+                "open_connections": self.open,
+                "max_connections": self.max_connections,
+                "open_files_limit": _soft_limit(),
+                **fields,
+            },
+        )
+        self._check_later(self.quiet_s)
+
+    def _check_later(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._check_recovery)
+
+    def _check_recovery(self) -> None:
+        self._timer = None
+        if self._exhausted_at is None:
+            return
+        now = self.clock()
+        quiet_for = now - self._last_trouble
+        below_cap = self.max_connections is None or self.open < self.max_connections
+        if quiet_for < self.quiet_s or not below_cap:
+            self._check_later(max(self.quiet_s - quiet_for, self.quiet_s / 10))
+            return
+        logger.info(
+            "client connections recovered",
+            extra={
+                "event": "connections_recovered",
+                "open_connections": self.open,
+                "max_connections": self.max_connections,
+                "exhausted_s": round(now - self._exhausted_at, 3),
+                "evicted": self._evicted,
+                "refused": self._refused,
+            },
+        )
+        self._exhausted_at = None
+        self._evicted = self._refused = 0
+
+
+def _soft_limit() -> int | None:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource is not None else None
+
+
+class GuardedListener(socket.socket):
+    """A listening socket whose ``accept()`` applies a :class:`ConnectionLimiter`.
+
+    asyncio's event loop calls ``accept()`` on the socket object it serves, so the policy lives
+    here, before hypercorn sees a connection. Connections over the cap are closed at once. When
+    ``accept()`` fails for lack of descriptors, the error goes to asyncio once, which stops
+    watching the socket for a second (its ``ACCEPT_RETRY_DELAY``); the calls asyncio makes after
+    it in the same turn are told there is nothing to accept, so no retry is scheduled twice.
+    """
+
+    connections: ConnectionLimiter
+    _backing_off: bool
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, connections: ConnectionLimiter) -> GuardedListener:
+        """Take over ``sock`` (a bound, listening socket; it is detached)."""
+        listener = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        listener.connections = connections
+        listener._backing_off = False
+        quiet_asyncio_accept_errors()
+        return listener
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        for _ in range(EVICTION_BURST):
+            if not self.connections.ready():
+                raise BlockingIOError(errno.EAGAIN, "at the cap: more idle connections are closed next turn")
+            conn, address = self._accept_unless_backing_off()
+            if self.connections.admit():
+                return conn, address
+            conn.close()  # over the cap with nothing idle to close: refused, the client may go elsewhere
+        raise BlockingIOError(errno.EAGAIN, "connections refused over the cap; more on the next turn")
+
+    def _accept_unless_backing_off(self) -> tuple[socket.socket, Any]:
+        if self._backing_off:
+            raise BlockingIOError(errno.EAGAIN, "accepting is paused: out of descriptors")
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            self.connections.out_of_descriptors(exc.errno)
+            self._backing_off = True
+            asyncio.get_running_loop().call_soon(self._end_back_off)
+            raise
+
+    def _end_back_off(self) -> None:
+        self._backing_off = False
+
+
+class _DropAsyncioAcceptErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_ASYNCIO_ACCEPT_MESSAGE)
+
+
+def quiet_asyncio_accept_errors() -> None:
+    """Drop asyncio's traceback for an ``accept()`` out of descriptors (idempotent).
+
+    :class:`GuardedListener` hands asyncio one such error per pause, so that asyncio pauses;
+    :class:`ConnectionLimiter` logs the episode as one JSON line instead.
+    """
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAsyncioAcceptErrors) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropAsyncioAcceptErrors())
+
+
+def track_connections() -> None:
+    """Make hypercorn's asyncio connections report to their server's ``ConnectionLimiter`` (idempotent).
+
+    A connection registers when it starts and leaves when it ends; hypercorn's own ``Updated``
+    events (``idle=False`` once a request's headers are in, ``idle=True`` once its response is
+    done and the connection is kept alive) say whether it may be evicted. Servers whose hypercorn
+    config has no ``lmgate_connections`` are untouched.
+    """
+    from hypercorn.asyncio.tcp_server import TCPServer
+    from hypercorn.events import Updated
+
+    if getattr(TCPServer.run, "_lmgate_tracked", False):
+        return
+    run, protocol_send = TCPServer.run, TCPServer.protocol_send
+
+    async def tracked_run(self: TCPServer) -> None:
+        limiter: ConnectionLimiter | None = getattr(self.config, "lmgate_connections", None)
+        if limiter is None:
+            await run(self)
+            return
+        # Closing the transport ends the read loop with an EOF, and hypercorn closes as usual.
+        limiter.opened(self, self.writer.close)
+        try:
+            await run(self)
+        finally:
+            limiter.closed(self)
+
+    async def tracked_protocol_send(self: TCPServer, event: Any) -> None:
+        limiter: ConnectionLimiter | None = getattr(self.config, "lmgate_connections", None)
+        if limiter is not None and isinstance(event, Updated):
+            (limiter.idle if event.idle else limiter.busy)(self)
+        await protocol_send(self, event)
+
+    tracked_run._lmgate_tracked = True  # type: ignore[attr-defined]
+    TCPServer.run = tracked_run  # type: ignore[method-assign]
+    TCPServer.protocol_send = tracked_protocol_send  # type: ignore[method-assign]
