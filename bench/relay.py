@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         app: Any = Relay(args.upstream, args.client)
     else:
         from gateway.app import build_app
-        from gateway.config import load_config
+        from gateway.config.settings import load_config
 
         config = load_config(args.config, overrides={("upstream", "url"): args.upstream})
         app = build_app(config)

@@ -8,7 +8,7 @@ The request path, outermost first (read it like Envoy's filter list)::
     BodyDeadlines                        408 for a request body that stalls (limits.body_idle_s, body_total_s)
       ├── lmgate's own routes            /healthz, /readyz, /metrics, /lmgate/...
       └── TelemetryMiddleware            logs, metrics and the span of each request, once
-          RequestValidation              4xx for what the upstream cannot serve (gateway/validation.py)
+          RequestValidation              4xx for what the upstream cannot serve (gateway/request/validation.py)
           ConcurrencyMiddleware          per client key (auth.per_key_limit): 429 rate_limited
           DrainMiddleware                503 draining once shutdown began
           CacheMiddleware                repeated deterministic requests answered from memory (cache.enabled)
@@ -34,15 +34,15 @@ from collections.abc import Mapping
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
-from gateway.admin import AdminRoutes, is_admin_path, requires_admin_key
-from gateway.config import Config
+from gateway.admin.routes import AdminRoutes, is_admin_path, requires_admin_key
+from gateway.config.settings import Config
 from gateway.models import ModelService
-from gateway.proxy import Proxy
-from gateway.status import StatusPage
-from gateway.routes import RequestNormalisation, RouteTable, route_path
+from gateway.proxy.relay import Proxy
+from gateway.admin.status import StatusPage
+from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.telemetry import Telemetry
-from gateway.transport import FramingGuard
-from gateway.validation import RequestValidation
+from gateway.proxy.transport import FramingGuard
+from gateway.request.validation import RequestValidation
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.body import BodyDeadlines
 from middleware.cache import CacheMiddleware, MemoryStore
@@ -226,7 +226,7 @@ class Gateway:
         self.status = StatusPage(self)  # GET /lmgate/ and /lmgate/status.json
         # Outside telemetry: a client without a key cannot make lmgate read, log or time its body.
         # Outside auth: the request target is rewritten to its canonical form once, before any
-        # decision reads it (gateway/paths.py); the proxy forwards that same form.
+        # decision reads it (gateway/request/paths.py); the proxy forwards that same form.
         self._app = ErrorMiddleware(
             RequestNormalisation(
                 AuthMiddleware(

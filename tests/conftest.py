@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import anyio
 import pytest
 
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 from middleware.types import Receive, Scope, Send
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,7 +70,9 @@ def python_strings(name: str, text: str) -> Iterator[Mention]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             where = f"{name}:{node.lineno}"
             yield from spans(where, node.value)
-            for line in node.value.splitlines():
+            # cleandoc: a function's docstring is indented as a whole; only lines indented within it
+            # are usage lines (its prose may well start a line with "lmgate is ...").
+            for line in inspect.cleandoc(node.value).splitlines():
                 found = INDENTED.match(line)
                 if found:
                     yield where, found.group(1), found.group(2)
@@ -111,11 +114,11 @@ def test_every_command_the_docs_name_exists() -> None:
 
 def test_the_reader_finds_the_commands_where_they_are_named() -> None:
     found = {(command, subcommand) for _, command, subcommand in mentions()}
-    # A code span in the example config, a usage line in gateway/cli.py, an ExecStart= line, a
+    # A code span in the example config, a usage line in gateway/cli/__init__.py, an ExecStart= line, a
     # README shell block: if the reader stopped finding these, the test above would pass on nothing.
     assert {("keys", "hash"), ("config", "check"), ("config", "schema"), ("simulate", None)} <= found
     where = {w.split(":")[0] for w, command, _ in mentions() if command == "serve"}
-    assert {"README.md", "deploy/systemd/lmgate.service", "gateway/cli.py"} <= where
+    assert {"README.md", "deploy/systemd/lmgate.service", "gateway/cli/__init__.py"} <= where
 
 
 def test_output_blocks_are_not_read_as_commands() -> None:

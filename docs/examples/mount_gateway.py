@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from gateway.app import build_app
-from gateway.config import Config, load_config
+from gateway.config.settings import Config, load_config
 
 
 def create_app(config: Config) -> Starlette:

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
-from gateway.admin import send_json
+from gateway.admin.routes import send_json
 from gateway.errors import LmgateError, NotFound, UpstreamUnavailable
 from gateway.models.upstream import NotSupported, UpstreamError
-from gateway.routes import route_path
+from gateway.request.routes import route_path
 from middleware.types import Scope, Send
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class NotSupportedByUpstream(LmgateError):
 
 async def serve_models(service: ModelService, scope: Scope, send: Send) -> None:
     """Answer one request under ``/lmgate/models``."""
-    # The canonical path keeps an encoded slash as "%2F" (gateway/paths.py): here it is part of an id.
+    # The canonical path keeps an encoded slash as "%2F" (gateway/request/paths.py): here it is part of an id.
     rest = route_path(scope)[len(MODELS_PATH) :].strip("/").replace("%2F", "/")
     method = scope["method"]
     await service.registry.refresh()  # on demand, when older than refresh_s

@@ -48,7 +48,7 @@ import anyio
 from gateway.errors import ClientDisconnected, ModelLoadFailed, ModelLoading
 from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRecord, ModelRegistry
-from gateway.routes import DONE_TERMINATED, route_path
+from gateway.request.routes import DONE_TERMINATED, route_path
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive, request_json
 from middleware.heartbeat import Describe, comment_frame, event_frame
 from middleware.types import ASGIApp, Message, Receive, Scope, Send

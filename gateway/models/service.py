@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import anyio
 import httpx
 
-from gateway.config import Config, ModelsConfig
+from gateway.config.settings import Config, ModelsConfig
 from gateway.errors import ModelLoadFailed
 from gateway.models.admin import serve_models
 from gateway.models.clock import Clock, MonotonicClock

@@ -28,7 +28,7 @@ import anyio
 import httpx
 
 from gateway.errors import describe
-from gateway.sse import FrameParser
+from gateway.proxy.sse import FrameParser
 
 Api = Literal["api/v1", "api/v0", "v1"]
 _LISTINGS: dict[Api, str] = {"api/v1": "/api/v1/models", "api/v0": "/api/v0/models", "v1": "/v1/models"}

@@ -15,7 +15,7 @@ import sys
 
 import anyio
 
-from gateway.serving import ListenError
+from gateway.server.serving import ListenError
 from gateway.simulator.clock import RealClock
 from gateway.simulator.config import SimConfigError, SimulatorFile, load_file, models_of
 from gateway.simulator.simulator import Simulator

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.config import ConfigError
+from gateway.config.settings import ConfigError
 from gateway.simulator.spec import SimModel, SimSettings, default_models
 
 

@@ -6,7 +6,7 @@
         sim.clock.advance(5.0)   # the JIT load completes
         await sim.wait_for(lambda c: c.loads_completed == 1)
 
-The simulator runs on hypercorn in the caller's event loop (``gateway.serving``), so tests drive it
+The simulator runs on hypercorn in the caller's event loop (``gateway.server.serving``), so tests drive it
 over real sockets. ``serve=False`` skips the server for in-process use of ``sim.app``.
 """
 
@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
 
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 from gateway.simulator.app import SimulatorApp
 from gateway.simulator.clock import Clock, RealClock
 from gateway.simulator.context import SimContext

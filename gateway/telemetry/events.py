@@ -5,7 +5,7 @@ failure gets one ``error_category`` from :data:`CATEGORIES` (the seed's "auth vs
 other", refined), derived from the stable error code when there is one, else from the status.
 The code itself is logged too (``error_code``) for the precise story.
 
-Log events, one JSON line each (see ``gateway.logs`` for the stamps every line carries):
+Log events, one JSON line each (see ``gateway.telemetry.logs`` for the stamps every line carries):
 
 * ``gen_request``: request_id, model, stream, prompt_chars, attempt, timeout_ms, route
 * ``gen_success``: latency_ms, ttft_ms, tokens_in, tokens_out (with tokens_in_source, tokens_out_source:

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from gateway import __version__
 from gateway.models.coldstart import model_state as coldstart_model_state
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.telemetry import events
 from gateway.telemetry.health import LatencyWindows, LlmHealth
 from gateway.telemetry.metrics import GatewayMetrics, StateCollector

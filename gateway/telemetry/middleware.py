@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from gateway.routes import DONE_TERMINATED, route_path
-from gateway.sse import ERROR_EVENT_MARKER
+from gateway.request.routes import DONE_TERMINATED, route_path
+from gateway.proxy.sse import ERROR_EVENT_MARKER
 from gateway.telemetry import events
 from gateway.telemetry.record import (
     NOT_INFERENCE,

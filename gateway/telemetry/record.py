@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.routes import LMSTUDIO_PATHS, LMSTUDIO_PREFIXES
+from gateway.request.routes import LMSTUDIO_PATHS, LMSTUDIO_PREFIXES
 from middleware.types import Scope
 
 RECORD_KEY = "lmgate.telemetry"

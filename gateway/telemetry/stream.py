@@ -31,10 +31,10 @@ import re
 from typing import Any
 
 from gateway.errors import classify_upstream_message
-from gateway.routes import DONE_TERMINATED
-from gateway.sse import ERROR_EVENT_MARKER
+from gateway.request.routes import DONE_TERMINATED
+from gateway.proxy.sse import ERROR_EVENT_MARKER
 from gateway.telemetry.record import RequestRecord, record_of
-from gateway.usage import estimate_tokens
+from gateway.proxy.usage import estimate_tokens
 from middleware.types import Scope
 
 _USAGE_KEY = b'"usage"'

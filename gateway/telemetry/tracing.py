@@ -37,8 +37,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway import __version__
-from gateway.config import TracingConfig
-from gateway.logs import record_fields
+from gateway.config.settings import TracingConfig
+from gateway.telemetry.logs import record_fields
 from gateway.telemetry.record import NOT_INFERENCE, RequestOutcome, RequestRecord
 from middleware.types import Scope
 

@@ -362,8 +362,8 @@ def lmgate_settings(upstream_url: str, overrides: Mapping[str, Any] | None = Non
 def lmgate() -> Callable[..., AbstractAsyncContextManager[Any]]:
     """``async with lmgate(upstream_url, {"timeouts": {...}}) as server``: in-process, free port."""
     from gateway.app import build_app
-    from gateway.config import Config
-    from gateway.serving import serve_in_background
+    from gateway.config.settings import Config
+    from gateway.server.serving import serve_in_background
 
     @asynccontextmanager
     async def start(upstream_url: str, overrides: Mapping[str, Any] | None = None) -> AsyncIterator[Any]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import _parser
-from gateway.config import Config
-from gateway.connections import RESERVED_DESCRIPTORS
+from gateway.config.settings import Config
+from gateway.server.connections import RESERVED_DESCRIPTORS
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNITS = sorted(path.name for path in UNITS_DIR.glob("*.service"))

@@ -1,4 +1,4 @@
-"""Non-streaming answers lmgate assembles from a stream (gateway/assemble.py), through a real
+"""Non-streaming answers lmgate assembles from a stream (gateway/proxy/assemble.py), through a real
 lmgate: the usage lmgate counts when the upstream streams none, and what ``/api/v0`` adds to a
 whole answer (``stats``, ``model_info``), checked field by field against LM Studio's own answer."""
 
@@ -18,9 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import build_app
-from gateway.assemble import CompletionAssembler
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.proxy.assemble import CompletionAssembler
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, SimSettings, Simulator
 
 pytestmark = pytest.mark.anyio

@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from gateway.app import build_app
-from gateway.config import Config, load_config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config, load_config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.simulator.testing import BackgroundStream, parse_sse
 

@@ -23,8 +23,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from gateway.app import Gateway, build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import FakeClock, RealClock, SimModel, SimSettings, Simulator
 from gateway.simulator.testing import parse_sse
 from middleware.types import Receive, Scope, Send

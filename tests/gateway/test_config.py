@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import Config, ConfigError, load_config
-from gateway.config_reference import example_yaml, reference_markdown
+from gateway.config.settings import Config, ConfigError, load_config
+from gateway.config.reference import example_yaml, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def test_the_example_file_lists_every_key_with_its_default_and_is_in_sync():
 def test_the_configuration_reference_is_in_sync():
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == reference_markdown(), (
-        "regenerate with: python -m gateway.config_reference > docs/configuration.md"
+        "regenerate with: python -m gateway.config.reference > docs/configuration.md"
     )
 
 

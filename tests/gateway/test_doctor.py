@@ -25,12 +25,12 @@ import yaml
 
 from gateway.app import build_app
 from gateway.cli import _parser, main
-from gateway.config import Config
-from gateway.doctor import DoctorOptions, diagnose
-from gateway.doctor.advice import judge_heartbeat
-from gateway.doctor.report import Attempt, percentiles_ms
-from gateway.doctor.target import LM_STUDIO_DEFAULT, LMGATE_DEFAULT, default_target
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.cli.doctor import DoctorOptions, diagnose
+from gateway.cli.doctor.advice import judge_heartbeat
+from gateway.cli.doctor.report import Attempt, percentiles_ms
+from gateway.cli.doctor.target import LM_STUDIO_DEFAULT, LMGATE_DEFAULT, default_target
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, SimSettings, Simulator
 from middleware.types import Receive, Scope, Send
 

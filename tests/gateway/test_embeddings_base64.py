@@ -27,8 +27,8 @@ import openai
 import pytest
 
 from gateway.app import build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 
 pytestmark = pytest.mark.anyio

@@ -11,8 +11,8 @@ import anyio
 import httpx
 import pytest
 
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 
 pytestmark = pytest.mark.anyio

@@ -20,8 +20,8 @@ import openai
 import pytest
 
 from gateway.app import build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import FakeClock, SimModel, SimSettings, Simulator
 from gateway.simulator.testing import unstamped
 

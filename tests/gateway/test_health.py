@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from gateway.app import Gateway, build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.telemetry.health import readiness
 

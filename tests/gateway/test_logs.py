@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from gateway.app import build_app
-from gateway.config import Config
-from gateway.logs import configure_logging
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.telemetry.logs import configure_logging
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.telemetry.events import CATEGORIES, categorise
 

@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from gateway.app import Gateway, build_app
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.models.clock import MonotonicClock
 from gateway.models.registry import UNLISTED_KEPT, ModelRecord, ModelRegistry
 from gateway.models.upstream import Listed, ModelFacts, UpstreamModels, _parse_listing
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 from gateway.simulator import FakeClock, SimModel, SimSettings, Simulator
 
 pytestmark = pytest.mark.anyio

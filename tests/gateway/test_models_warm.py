@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.config import ModelsConfig
+from gateway.config.settings import ModelsConfig
 from gateway.models import ModelService
 from gateway.simulator import FakeClock, SimModel, Simulator
 

@@ -14,8 +14,8 @@ import anyio
 import httpx
 import pytest
 
-from gateway.proxy import Proxy
-from gateway.serving import serve_in_background
+from gateway.proxy.relay import Proxy
+from gateway.server.serving import serve_in_background
 from middleware.errors import ErrorMiddleware
 
 pytestmark = pytest.mark.anyio
@@ -378,7 +378,7 @@ async def test_forwarded_proto_and_host_from_a_proxy_in_front_are_kept(upstream,
 
 
 def test_forwarded_proto_and_host_from_an_untrusted_peer_are_replaced():
-    from gateway.headers import upstream_request_headers
+    from gateway.proxy.headers import upstream_request_headers
 
     scope = {"client": ("198.51.100.7", 5000), "scheme": "http",
              "headers": [(b"host", b"gw:8080"), (b"x-forwarded-proto", b"https"), (b"x-forwarded-host", b"evil")]}

@@ -1,4 +1,4 @@
-"""``gateway.serving``: the hypercorn set-up every lmgate server (and the simulator) runs on."""
+"""``gateway.server.serving``: the hypercorn set-up every lmgate server (and the simulator) runs on."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import anyio.abc
 import pytest
 from anyio.abc import SocketAttribute
 
-from gateway.connections import ConnectionLimiter
-from gateway.serving import serve_in_background
+from gateway.server.connections import ConnectionLimiter
+from gateway.server.serving import serve_in_background
 from middleware.types import Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
@@ -87,7 +87,7 @@ async def test_nothing_is_written_to_a_departed_client_even_by_an_app_that_never
     assert writes == []
 
 
-# --- the connection cap (gateway/connections.py) ------------------------------------------------
+# --- the connection cap (gateway/server/connections.py) ------------------------------------------------
 
 
 async def get(stream: anyio.abc.SocketStream, path: str = "/", *, timeout_s: float = 10) -> bytes:
@@ -214,7 +214,7 @@ async def test_reaching_the_cap_and_recovering_are_logged_once_each(connection_e
 EXHAUSTED_CHILD = """
 import resource, sys, anyio
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 
 async def hello(scope, receive, send):
     if scope["type"] == "http":

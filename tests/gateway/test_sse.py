@@ -1,4 +1,4 @@
-"""gateway/sse.py: whole frames only on the relay (FrameHold), a frame bound, and linear work on a
+"""gateway/proxy/sse.py: whole frames only on the relay (FrameHold), a frame bound, and linear work on a
 hostile stream however it is chunked.
 
 Linear work is checked by an operation count, not a clock: the bytes each scanner allocates while
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.sse import FrameHold, FrameParser, FrameTooLarge
+from gateway.proxy.sse import FrameHold, FrameParser, FrameTooLarge
 
 MiB = 1024 * 1024
 

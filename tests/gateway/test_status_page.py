@@ -28,8 +28,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message as WSMessage, Ping, Request, TextMessage
 
 from gateway.app import Gateway, build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from middleware.auth import hash_key
 

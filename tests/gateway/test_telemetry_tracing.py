@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.app import Gateway, build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.telemetry import RequestOutcome
 from gateway.telemetry.tracing import build_tracer_provider

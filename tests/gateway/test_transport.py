@@ -1,4 +1,4 @@
-"""The upstream client's transport (gateway/transport.py): a connection whose response did not end
+"""The upstream client's transport (gateway/proxy/transport.py): a connection whose response did not end
 where its framing says is closed, never reused for another request. Over real sockets, with a raw
 upstream that over-sends (tests/conftest.py)."""
 
@@ -9,8 +9,8 @@ import asyncio
 import pytest
 
 from gateway.app import make_upstream_client
-from gateway.config import Config
-from gateway.transport import FramingGuard, unread_bytes
+from gateway.config.settings import Config
+from gateway.proxy.transport import FramingGuard, unread_bytes
 
 pytestmark = pytest.mark.anyio
 

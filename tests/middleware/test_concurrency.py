@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 from middleware._adaptive import AimdLimit
 from middleware.concurrency import ConcurrencyMiddleware, _Limiter
 from middleware.types import Message, Receive, Scope, Send

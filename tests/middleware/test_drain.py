@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainMiddleware, DrainState
 from middleware.errors import Draining, ErrorMiddleware

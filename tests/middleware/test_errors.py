@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 from gateway.simulator.testing import ASGICall
 from middleware.errors import ErrorMiddleware
 from middleware.types import Message, Receive, Scope, Send

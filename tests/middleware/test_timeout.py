@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.serving import serve_in_background
+from gateway.server.serving import serve_in_background
 from middleware.timeout import TimeoutMiddleware
 from middleware.types import ASGIApp, Receive, Scope, Send
 

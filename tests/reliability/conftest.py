@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from gateway.app import Gateway, build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 
 WARM = "qwen2.5-7b-instruct"

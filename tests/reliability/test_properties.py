@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.sse import FrameParser, StreamMarkers
-from gateway.validation import InvalidRequest, check_body
+from gateway.proxy.sse import FrameParser, StreamMarkers
+from gateway.request.validation import InvalidRequest, check_body
 
 # Frame payloads as LM Studio writes them: one line of JSON-ish text, no blank lines inside.
 payloads = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40)

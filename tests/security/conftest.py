@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from gateway.app import Gateway, build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, SimSettings, Simulator
 
 MODEL = "qwen2.5-7b-instruct"

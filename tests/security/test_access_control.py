@@ -217,7 +217,7 @@ async def test_an_absolute_form_request_target_cannot_reach_another_host(upstrea
 
 
 def test_credentials_in_the_upstream_url_are_refused():
-    from gateway.config import Config, ConfigError, load_config  # noqa: F401
+    from gateway.config.settings import Config, ConfigError, load_config  # noqa: F401
 
     with pytest.raises(Exception, match="api_key_env"):
         Config.model_validate({"upstream": {"url": f"http://user:{TOKEN}@127.0.0.1:1234"}})

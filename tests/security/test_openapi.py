@@ -1,4 +1,4 @@
-"""lmgate's own OpenAPI description (``GET /lmgate/openapi.json``, gateway/openapi.py): valid, true
+"""lmgate's own OpenAPI description (``GET /lmgate/openapi.json``, gateway/admin/openapi.py): valid, true
 to the routes lmgate serves, and checked by a bounded schemathesis run against a real lmgate.
 
 The run talks to lmgate over a real socket on 127.0.0.1, in front of the LM Studio simulator, with
@@ -23,15 +23,15 @@ from schemathesis.checks import CheckContext
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from gateway.admin import _EXACT, LLM_HEALTH
+from gateway.admin.routes import _EXACT, LLM_HEALTH
 from gateway.app import build_app
-from gateway.config import Config
+from gateway.config.settings import Config
 from gateway.models.admin import MODELS_PATH
-from gateway.openapi import OPENAPI_PATH, openapi_document
-from gateway.serving import serve_in_background
+from gateway.admin.openapi import OPENAPI_PATH, openapi_document
+from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
-from gateway.status import PAGE_PATHS, STATUS_JSON
-from gateway.validation import _METHODS
+from gateway.admin.status import PAGE_PATHS, STATUS_JSON
+from gateway.request.validation import _METHODS
 from middleware.auth import hash_key
 
 MODEL = "qwen2.5-7b-instruct"  # the description's example model

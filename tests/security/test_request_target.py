@@ -22,8 +22,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from gateway.app import build_app
-from gateway.config import Config
-from gateway.serving import serve_in_background
+from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from middleware.auth import hash_key
 
 pytestmark = pytest.mark.anyio

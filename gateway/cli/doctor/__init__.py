@@ -12,7 +12,7 @@ thresholds. The exit code is 1 when one is crossed. See docs/doctor.md.
 * ``target``: which server to check when none is named; ``cli``: the arguments and exit codes.
 """
 
-from gateway.doctor.core import DoctorOptions, diagnose
-from gateway.doctor.report import Report
+from gateway.cli.doctor.core import DoctorOptions, diagnose
+from gateway.cli.doctor.report import Report
 
 __all__ = ["DoctorOptions", "Report", "diagnose"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import IO, Any
 
-from gateway.doctor.report import Report
+from gateway.cli.doctor.report import Report
 
 _KINDS = {
     "lmgate": "lmgate",

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from gateway.routes import RouteTable, route_path, route_raw_path
+from gateway.request.routes import RouteTable, route_path, route_raw_path
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, replaying_receive
 from middleware.errors import LmgateError
 from middleware.types import ASGIApp, Receive, Scope, Send

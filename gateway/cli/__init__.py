@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import anyio
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, load_config
-from gateway.serving import ListenError
+from gateway.config.settings import Config, ConfigError, load_config
+from gateway.server.serving import ListenError
 
 EXIT_USAGE = 2  # invalid configuration or usage
 # What a shell reports for a process killed by SIGPIPE, as `head` leaves most Unix tools.
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor", help="check LM Studio (or lmgate): streams, disconnects, cold loads; advise when to escalate"
     )
-    from gateway.doctor.cli import add_arguments as add_doctor_arguments
+    from gateway.cli.doctor.cli import add_arguments as add_doctor_arguments
 
     add_doctor_arguments(doctor)
 
@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "doctor":
-            from gateway.doctor.cli import run as run_doctor
+            from gateway.cli.doctor.cli import run as run_doctor
 
             return run_doctor(args)
         if args.command == "simulate":
@@ -111,8 +111,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.logs import configure_logging
-    from gateway.server import serve
+    from gateway.telemetry.logs import configure_logging
+    from gateway.server.run import serve
 
     config = load_config(
         args.config,
@@ -147,7 +147,7 @@ def _config(args: argparse.Namespace) -> int:
     elif args.config_command == "schema":
         print(json.dumps(Config.model_json_schema(), indent=2))
     else:
-        from gateway.config_reference import example_yaml
+        from gateway.config.reference import example_yaml
 
         sys.stdout.write(example_yaml())
     return 0

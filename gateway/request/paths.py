@@ -4,7 +4,7 @@ Why: LM Studio's server is Express. Its router matches paths in any case and ign
 slash, and Node's URL parser reads ``\\`` as ``/``. A gateway that compared the client's path
 exactly and forwarded the client's bytes would decide "not an admin route" on
 ``/api/v1/Models/load`` while LM Studio loads a model. So the request target is rewritten once, at
-the outermost layer (``gateway.routes.RequestNormalisation``), and everything after it (auth, the
+the outermost layer (``gateway.request.routes.RequestNormalisation``), and everything after it (auth, the
 admin rule, validation, routing, the proxy's URL) reads and forwards that one form.
 
 The path (:func:`resolve_path`, then the route table's spelling in ``RouteTable.normalise``):

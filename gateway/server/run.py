@@ -17,9 +17,9 @@ import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 
 from gateway.app import Gateway
-from gateway.config import Config
-from gateway.connections import ConnectionLimiter, connection_cap
-from gateway.serving import bind_socket, format_url, hypercorn_config
+from gateway.config.settings import Config
+from gateway.server.connections import ConnectionLimiter, connection_cap
+from gateway.server.serving import bind_socket, format_url, hypercorn_config
 
 logger = logging.getLogger("lmgate")
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from gateway.config import SEED_ENV, Config, Section
+from gateway.config.settings import SEED_ENV, Config, Section
 
 _HEADER = """\
 # lmgate configuration: every key with its default.
@@ -75,7 +75,7 @@ def reference_markdown() -> str:
     schema = json.dumps(Config.model_json_schema(), sort_keys=True)
     return f"""# Configuration reference
 
-Generated from `gateway/config.py` (`python -m gateway.config_reference > docs/configuration.md`);
+Generated from `gateway/config/settings.py` (`python -m gateway.config.reference > docs/configuration.md`);
 a test fails when this page and the code disagree. Schema digest: `{_digest(schema)}`.
 
 lmgate reads, lowest precedence first: the defaults below, the YAML file given with `--config`,

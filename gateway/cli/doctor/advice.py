@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.doctor.report import Advice, Attempt, Generations, HeartbeatCheck, Report
+from gateway.cli.doctor.report import Advice, Attempt, Generations, HeartbeatCheck, Report
 
 THRESHOLD = 0.05
 SLOW_COLD_LOAD_S = 30.0

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from gateway.paths import BadPath, resolve_path, wire_path
+from gateway.request.paths import BadPath, resolve_path, wire_path
 
 MiB = 1024 * 1024
 

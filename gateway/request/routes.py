@@ -1,7 +1,7 @@
 """The routes lmgate forwards. Everything else is a 404: lmgate is never an open proxy.
 
 No request can choose the upstream: the URL is always the configured upstream joined with the
-request's canonical path (``gateway.paths``), and only LM Studio's routes, listed here exactly,
+request's canonical path (``gateway.request.paths``), and only LM Studio's routes, listed here exactly,
 and the configured extra prefixes are accepted.
 
 LM Studio's router (Express) ignores case and a trailing slash, so a path that reaches one of its
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import quote
 
-from gateway.paths import BadPath, ascii_lower, resolve_path, strip_credentials, wire_path
+from gateway.request.paths import BadPath, ascii_lower, resolve_path, strip_credentials, wire_path
 from middleware.types import ASGIApp, Receive, Scope, Send
 
 LMSTUDIO_PATHS = frozenset(

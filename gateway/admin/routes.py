@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from gateway.openapi import OPENAPI_PATH, openapi_document
-from gateway.paths import ascii_lower
-from gateway.routes import route_path
-from gateway.validation import InvalidRequest
+from gateway.admin.openapi import OPENAPI_PATH, openapi_document
+from gateway.request.paths import ascii_lower
+from gateway.request.routes import route_path
+from gateway.request.validation import InvalidRequest
 from middleware.errors import NotFound
 from middleware.response import header_value
 from middleware.types import Receive, Scope, Send
@@ -32,7 +32,7 @@ def is_admin_path(path: str) -> bool:
 def requires_admin_key(method: str, path: str) -> bool:
     """Whether a request needs an admin key (with auth on), decided for every method.
 
-    ``path`` is canonical (``gateway.paths``). lmgate's own routes: any method but GET and HEAD
+    ``path`` is canonical (``gateway.request.paths``). lmgate's own routes: any method but GET and HEAD
     (its actions). LM Studio's model management (``/api/v1/models`` and below: load, unload,
     download): everything but reading the list and a download's status, OPTIONS included. The
     comparison ignores ASCII case as LM Studio's router does, so a path that the route table did

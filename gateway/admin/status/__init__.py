@@ -29,10 +29,10 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.admin import send_json
+from gateway.admin.routes import send_json
 from gateway.models.admin import MethodNotAllowed
-from gateway.routes import route_path
-from gateway.status.board import RequestBoard
+from gateway.request.routes import route_path
+from gateway.admin.status.board import RequestBoard
 from middleware.types import Receive, Scope, Send
 
 if TYPE_CHECKING:

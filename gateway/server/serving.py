@@ -20,7 +20,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 
-from gateway.connections import ConnectionLimiter, GuardedListener, track_connections
+from gateway.server.connections import ConnectionLimiter, GuardedListener, track_connections
 from middleware.types import ASGIApp
 
 # Connections the kernel queues before hypercorn accepts them: a burst of clients (or NGINX
@@ -139,7 +139,7 @@ class _GuardedConfig(HypercornConfig):
     def __init__(self, listener: GuardedListener) -> None:
         super().__init__()
         self.listener = listener
-        # Read by the connection tracking in gateway.connections (track_connections).
+        # Read by the connection tracking in gateway.server.connections (track_connections).
         self.lmgate_connections = listener.connections
 
     def create_sockets(self) -> Sockets:
@@ -153,7 +153,7 @@ def hypercorn_config(
     """hypercorn set up to serve ``sock`` (which it adopts), capped by ``connections`` if given.
 
     Without ``connections`` there is no cap, but running out of descriptors is still handled
-    (gateway/connections.py).
+    (gateway/server/connections.py).
     """
     close_idle_connections_at_eof()
     drop_sends_to_closed_streams()

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from gateway.config import Config, ConfigError
+from gateway.config.settings import Config, ConfigError
 
 try:
     import resource

@@ -2,7 +2,7 @@
 
 It describes what lmgate itself answers: its own routes (health, readiness, metrics, models, the
 status page) and the four OpenAI routes it forwards, with what lmgate checks in their bodies
-(``gateway.validation``) and the errors it adds (``middleware.errors``). The rest of a forwarded
+(``gateway.request.validation``) and the errors it adds (``middleware.errors``). The rest of a forwarded
 body is LM Studio's to judge: its errors keep their status and, when they are JSON, are normalised
 into the same ``{"error": {"message", "type", "code"}}`` shape with ``X-Lmgate-Error``. LM Studio's
 other routes (``/v1/responses``, ``/v1/messages``, ``/api/v0/...``, ``/api/v1/...``) are forwarded
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.config import Config
+from gateway.config.settings import Config
 
 __all__ = ["OPENAPI_PATH", "openapi_document"]
 
@@ -53,7 +53,7 @@ def _nullable(schema: Schema) -> Schema:
 _STRING, _INT, _NUMBER, _BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
 _ANY_OBJECT: Schema = {"type": "object"}
 
-# --- what lmgate checks in a forwarded body (gateway.validation.check_body) ---------------------
+# --- what lmgate checks in a forwarded body (gateway.request.validation.check_body) ---------------------
 
 _MODEL: Schema = {
     "type": "string",
@@ -359,7 +359,7 @@ def _require_keys(paths: dict[str, Schema], open_paths: tuple[str, ...], *, loop
                 if loopback_only:
                     operation["responses"].update(_errors(401))
                 continue
-            admin_only = method == "post" and path.startswith("/lmgate/")  # gateway.admin.requires_admin_key
+            admin_only = method == "post" and path.startswith("/lmgate/")  # gateway.admin.routes.requires_admin_key
             operation["responses"].update(_errors(401, *((403,) if admin_only else ())))
 
 

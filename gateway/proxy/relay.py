@@ -17,7 +17,7 @@ Shape of one request:
 4. The end: a response must end where its framing says. Bytes the upstream sent past its
    ``Content-Length`` (or after its last chunk) mean the body was cut by its own header, or the
    connection carries something else: the client gets an error, never a clean end, and the
-   connection is closed (``gateway.transport``). A JSON answer lmgate reads whole (an error, or
+   connection is closed (``gateway.proxy.transport``). A JSON answer lmgate reads whole (an error, or
    JSON where an event stream was asked for) must parse.
 
 Failures before the response starts are raised as ``LmgateError`` (rendered by the outer
@@ -35,7 +35,7 @@ from typing import Any
 import anyio
 import httpx
 
-from gateway.assemble import CompletionAssembler, streaming_request_body
+from gateway.proxy.assemble import CompletionAssembler, streaming_request_body
 from gateway.errors import (
     ClientDisconnected,
     NotFound,
@@ -44,14 +44,14 @@ from gateway.errors import (
     normalise_error_body,
     translate_transport_error,
 )
-from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.proxy.headers import downstream_response_headers, upstream_request_headers
 from gateway.models.upstream import UpstreamModels
-from gateway.paths import strip_credentials, wire_path
-from gateway.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path
-from gateway.sse import DEFAULT_FRAME_BYTES, FrameHold, StreamMarkers
+from gateway.request.paths import strip_credentials, wire_path
+from gateway.request.routes import ASSEMBLABLE, DONE_TERMINATED, RouteTable, route_path
+from gateway.proxy.sse import DEFAULT_FRAME_BYTES, FrameHold, StreamMarkers
 from gateway.telemetry.stream import UsageTap, usage_tap
-from gateway.transport import unread_bytes
-from gateway.usage import PromptTokens
+from gateway.proxy.transport import unread_bytes
+from gateway.proxy.usage import PromptTokens
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, request_json
 from middleware.request_id import request_id
 from middleware.response import is_event_stream
@@ -179,7 +179,7 @@ class Proxy:
 
     def _upstream_url(self, scope: Scope) -> str:
         # Built from the very path the route check and every other decision read (canonical:
-        # gateway.paths), never from the client's raw_path; credentials never leave in the query.
+        # gateway.request.paths), never from the client's raw_path; credentials never leave in the query.
         url = self.upstream_url + wire_path(route_path(scope)).decode("ascii")
         query = strip_credentials(scope.get("query_string", b""))
         return f"{url}?{query.decode('latin-1')}" if query else url

@@ -19,9 +19,9 @@ from typing import Any
 import anyio
 import httpx
 
-from gateway.doctor.report import Attempt
+from gateway.cli.doctor.report import Attempt
 from gateway.errors import classify_upstream_message, describe
-from gateway.sse import FrameParser
+from gateway.proxy.sse import FrameParser
 from gateway.telemetry.events import categorise
 
 CHAT_PATH = "/v1/chat/completions"

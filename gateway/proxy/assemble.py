@@ -15,7 +15,7 @@ Two things a stream may lack that a whole answer has:
   and llama.cpp send one token per delta frame, so a frame of a choice that carries text (content,
   reasoning, a tool call's name or arguments) counts as one token. An approximation: an engine
   that packs several tokens into a frame is under-counted. The prompt's count comes from the
-  proxy (:mod:`gateway.usage`).
+  proxy (:mod:`gateway.proxy.usage`).
 * LM Studio's ``/api/v0`` additions: its streams carry no ``stats``, ``model_info`` or
   ``runtime`` (lmstudio-bug-tracker#676). The assembler times the stream itself (time to first
   token, generation time, tokens per second; ``stop_reason`` from ``finish_reason``) and takes
@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from gateway.errors import StreamCut, UpstreamProtocolError, UpstreamReported
-from gateway.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
+from gateway.proxy.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
 
 
 def streaming_request_body(document: dict[str, Any]) -> bytes:

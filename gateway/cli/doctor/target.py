@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from gateway.config import Config, ListenConfig
-from gateway.serving import format_url
+from gateway.config.settings import Config, ListenConfig
+from gateway.server.serving import format_url
 
 LMGATE_DEFAULT = format_url(ListenConfig().host, ListenConfig().port)
 LM_STUDIO_DEFAULT = "http://127.0.0.1:1234"
