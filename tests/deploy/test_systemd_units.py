@@ -74,5 +74,6 @@ def test_the_open_files_limit_leaves_room_for_many_client_connections(unit):
     # Without it lmgate got systemd's 1,024, and 1,100 idle connections locked it out.
     limit = service(unit)["LimitNOFILE"]
     assert limit.isdigit() and int(limit) >= 65536
-    pool = Config().upstream.pool.max_connections
+    pool = Config().upstream_pool_connections()
+    assert pool is not None
     assert int(limit) - pool - RESERVED_DESCRIPTORS >= 65000  # the default listen.max_connections

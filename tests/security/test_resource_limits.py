@@ -17,6 +17,9 @@ import anyio
 import anyio.abc
 import pytest
 
+from gateway.config import Config
+from gateway.server.connections import RESERVED_DESCRIPTORS
+
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX"),
@@ -102,6 +105,13 @@ async def healthz(port: int) -> bytes:
     return received
 
 
+def cap(open_files: int) -> int:
+    """The default listen.max_connections for an open-files limit, with the default config."""
+    pool = Config().upstream_pool_connections()
+    assert pool is not None
+    return open_files - pool - RESERVED_DESCRIPTORS
+
+
 @pytest.mark.slow
 async def test_idle_connections_beyond_the_open_files_limit_neither_flood_the_log_nor_lock_out_healthz(
     sim, tmp_path
@@ -112,19 +122,19 @@ async def test_idle_connections_beyond_the_open_files_limit_neither_flood_the_lo
     enough_descriptors_here(IDLE_CONNECTIONS)
     async with lmgate_process(tmp_path, 256, 256, "--upstream", sim.url) as gw:
         limits = await gw.wait_for_event("connection_limits")
-        # 256 less the upstream pool (100) and 64 for lmgate itself.
-        assert limits["max_connections"] == 92 and limits["open_files_limit"] == 256
+        # 256 less the upstream pool (derived from the concurrency limit) and 64 for lmgate itself.
+        assert limits["max_connections"] == cap(256) and limits["open_files_limit"] == 256
         idle = [await anyio.connect_tcp("127.0.0.1", gw.port) for _ in range(IDLE_CONNECTIONS)]
         try:
             with anyio.fail_after(30):  # generous; lmgate answers as soon as it accepts
                 assert (await healthz(gw.port)).startswith(b"HTTP/1.1 200")
             exhausted = await gw.wait_for_event("connections_exhausted")
-            assert exhausted["reason"] == "max_connections" and exhausted["max_connections"] == 92
+            assert exhausted["reason"] == "max_connections" and exhausted["max_connections"] == cap(256)
         finally:
             for stream in idle:
                 await stream.aclose()
         recovered = await gw.wait_for_event("connections_recovered")
-        assert recovered["evicted"] + recovered["refused"] >= IDLE_CONNECTIONS - 92
+        assert recovered["evicted"] + recovered["refused"] >= IDLE_CONNECTIONS - cap(256)
         with anyio.fail_after(30):
             assert (await healthz(gw.port)).startswith(b"HTTP/1.1 200")
         stderr = gw.stderr.read_text(errors="replace").splitlines()
@@ -138,7 +148,7 @@ async def test_the_soft_open_files_limit_is_raised_to_the_hard_one(sim, tmp_path
     async with lmgate_process(tmp_path, 256, 4096, "--upstream", sim.url) as gw:
         limits = await gw.wait_for_event("connection_limits")
     assert limits["open_files_limit"] == 4096
-    assert limits["max_connections"] == 4096 - 100 - 64
+    assert limits["max_connections"] == cap(4096)
 
 
 async def test_a_connection_cap_the_open_files_limit_cannot_hold_fails_at_start_up(sim, tmp_path):
@@ -148,5 +158,5 @@ async def test_a_connection_cap_the_open_files_limit_cannot_hold_fails_at_start_
     )
     assert result.returncode == 2  # a configuration error: systemd does not restart it
     message = result.stderr.decode()
-    assert "listen.max_connections: expected at most 92 with an open-files limit of 256" in message
+    assert f"listen.max_connections: expected at most {cap(256)} with an open-files limit of 256" in message
     assert "LimitNOFILE" in message
