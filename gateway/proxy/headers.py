@@ -59,7 +59,8 @@ def upstream_request_headers(
     client_headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
     dropped = HOP_BY_HOP | _REPLACED_UPSTREAM | _connection_named(client_headers)
     if api_key is not None or not forward_client_auth:
-        dropped = dropped | {b"authorization", b"x-api-key"}
+        # `api-key` is how Azure-style OpenAI clients send theirs.
+        dropped = dropped | {b"authorization", b"x-api-key", b"api-key"}
     headers: list[tuple[bytes, bytes]] = []
     forwarded_for = b""
     host = b""

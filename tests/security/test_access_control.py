@@ -127,6 +127,20 @@ async def test_the_lm_studio_token_goes_upstream_and_the_clients_key_does_not(up
         assert CLIENT.encode() not in b"".join(v for _, v in scope["headers"])
 
 
+async def test_an_azure_style_api_key_header_never_reaches_the_upstream(upstream, start_gateway, client):
+    # Azure-style OpenAI clients send their key as `api-key`; lmgate strips every credential header.
+    async def answer(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"object":"list","data":[]}'})
+
+    upstream.handler = answer
+    async with start_gateway(upstream.url, env={"LMSTUDIO_API_KEY": TOKEN}, auth=AUTH) as gw:
+        headers = {**bearer(CLIENT), "api-key": "sk-azure-secret"}
+        assert (await client.get(gw.url + "/v1/models", headers=headers)).status_code == 200
+    (scope, _), = upstream.requests
+    assert b"api-key" not in dict(scope["headers"]) and b"sk-azure-secret" not in b"".join(v for _, v in scope["headers"])
+
+
 async def test_the_token_never_appears_in_logs_errors_or_the_client_answer(start_gateway, client, caplog):
     caplog.set_level(logging.DEBUG)
     async with Simulator(models=[slow_model()], settings=sim_settings("a-different-token")) as sim:
