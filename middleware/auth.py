@@ -217,7 +217,8 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
     def _match(self, key: str) -> tuple[str | None, bool]:
-        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        # presented_key read the header as latin-1: hash the very bytes that came (UTF-8 keys included).
+        digest = hashlib.sha256(key.encode("latin-1")).digest()
         identity, admin = None, False
         for stored, name, is_admin_key in self._digests:
             # No early exit: every digest is compared, whichever matches.

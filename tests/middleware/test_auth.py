@@ -199,3 +199,13 @@ def test_a_keys_file_names_keys_and_points_at_a_bad_line():
     assert parse_keys_file(text) == {normalise_digest(a): "alice", normalise_digest(b): f"key-{normalise_digest(b)[:8]}"}
     with pytest.raises(ValueError, match="keys.txt, line 2"):
         parse_keys_file(f"{a}\nsecret-key bob\n", source="keys.txt")
+
+
+async def test_a_key_that_is_not_ascii_matches_its_digest():
+    # Header values arrive as bytes and are read as latin-1; the digest is of the key's UTF-8 bytes,
+    # so the presented key is hashed from the bytes that came, not from a re-encoded string.
+    key = "sk-clé-0123456789"
+    gateway = app(key_digests={normalise_digest(hash_key(key)): "accented"})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(gateway), base_url="http://lmgate") as c:
+        response = await c.get("/v1/models", headers=[(b"authorization", b"Bearer " + key.encode("utf-8"))])
+    assert response.status_code == 200 and response.text == "accented|False"
