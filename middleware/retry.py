@@ -16,7 +16,7 @@ buffered up to 64 KiB). When the decision is "no more retries" (attempts spent, 
 spent, the deadline too close, or a ``Retry-After`` longer than ``max_retry_after_s``) the held
 response is forwarded as it came; so is the last attempt's response, untouched. The request body
 (up to ``body_limit_bytes``) is read once and replayed to each attempt; a larger body gets one
-attempt.
+attempt, also when an outer layer read it first with a larger limit of its own.
 
 Backoff comes from tenacity: full jitter (``wait_random_exponential``) or AWS's decorrelated
 jitter, base ``backoff_base_s``, capped at ``backoff_max_s``. An upstream ``Retry-After`` replaces
