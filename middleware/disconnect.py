@@ -35,7 +35,7 @@ from anyio.abc import TaskGroup
 
 from middleware.types import Receive
 
-__all__ = ["DisconnectWatch", "cancel_on_disconnect", "run_beside"]
+__all__ = ["cancel_on_disconnect", "run_beside"]
 
 
 class run_beside:
@@ -86,32 +86,27 @@ class run_beside:
         return bool(suppressed)
 
 
-class DisconnectWatch:
-    """What :func:`cancel_on_disconnect` saw: ``disconnected`` once ``http.disconnect`` arrived."""
-
-    __slots__ = ("disconnected",)
-
-    def __init__(self) -> None:
-        self.disconnected = False
-
-
 class cancel_on_disconnect:
-    """Cancel the ``async with`` block when ``receive()`` delivers ``http.disconnect``; see the module doc."""
+    """Cancel the ``async with`` block when ``receive()`` delivers ``http.disconnect``; see the module doc.
+
+    ``disconnected`` says whether it did (``async with`` gives the object itself, so a caller that
+    needs the answer in an ``except`` can create it before the ``try``).
+    """
 
     def __init__(self, receive: Receive) -> None:
+        self.disconnected = False
         self._receive = receive
-        self._watch = DisconnectWatch()
         self._beside = run_beside(self._wait_for_disconnect)
 
     async def _wait_for_disconnect(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
-        self._watch.disconnected = True
+        self.disconnected = True
         self._beside.cancel_block()
 
-    async def __aenter__(self) -> DisconnectWatch:
+    async def __aenter__(self) -> Self:
         await self._beside.__aenter__()
-        return self._watch
+        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
