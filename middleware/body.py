@@ -1,12 +1,17 @@
-"""Read a request body once, cap it, and let every layer replay it.
+"""Read a request body once, cap it, and hand it on to every layer as one typed object.
 
 Several layers need the body before the terminal app: the concurrency limiter and the timeout read
 the ``model`` to apply per-model settings, and retry replays the body to each attempt. The first
-layer that calls :func:`read_body` receives it from the server (up to a limit) and caches it, with
-the server's original ``receive``, in ``scope["state"]``. Any layer can then hand its inner app
-:func:`replaying_receive`: the cached body first, then the server's own channel (where only
-``http.disconnect`` is left to arrive). Replaying always delegates to the *server's* receive, never
-to another replay, so nested layers cannot deliver the body twice.
+layer that calls :func:`read_body` receives it from the server (up to a limit) and stores a
+:class:`RequestBody` (the bytes, the server's original ``receive``, the JSON parsed once on first
+use) in ``scope["state"]`` under :data:`REQUEST_BODY_KEY`, the only key this module uses. Any layer
+can then hand its inner app :func:`replaying_receive`: the stored body first, then the server's own
+channel (where only ``http.disconnect`` is left to arrive). Replaying always delegates to the
+*server's* receive, never to another replay, so nested layers cannot deliver the body twice.
+
+Every limit is checked against the body, whoever read it: a layer that passes ``limit_bytes``
+smaller than a body an outer layer already accepted gets ``PayloadTooLarge`` just as if it had read
+the body itself (retry turns that into "too large to replay: one attempt").
 
 :class:`BodyDeadlines`, outside every layer that reads a body, bounds how long a body may take to
 arrive, whichever layer reads it; and :func:`read_body` refuses a body whose length is ambiguous before
@@ -16,17 +21,35 @@ reading any of it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import anyio
 
-from middleware.errors import BadRequest, ClientDisconnected, PayloadTooLarge, RequestTimeout
+from middleware.errors import (
+    BadRequest,
+    ClientDisconnected,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
-_BODY = "lmgate.body"
-_TRANSPORT_RECEIVE = "lmgate.transport_receive"
-_MODEL = "lmgate.model"
-_JSON = "lmgate.json"
-_MISSING = object()
+__all__ = [
+    "DEFAULT_LIMIT_BYTES",
+    "REQUEST_BODY_KEY",
+    "BodyDeadlines",
+    "RequestBody",
+    "model_of",
+    "read_body",
+    "replaying_receive",
+    "request_body",
+    "request_json",
+    "request_model",
+]
+
+#: The ``scope["state"]`` key of the :class:`RequestBody`, set by the first layer that reads it.
+REQUEST_BODY_KEY = "lmgate.request_body"
 
 DEFAULT_LIMIT_BYTES = 10 * 1024 * 1024
 # A body refused as too large is still read (and dropped) up to this much before the 413 goes out:
@@ -35,18 +58,60 @@ DEFAULT_LIMIT_BYTES = 10 * 1024 * 1024
 _DISCARD_LIMIT_BYTES = 64 * 1024 * 1024
 
 
-async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> bytes:
+@dataclass(frozen=True, eq=False)
+class RequestBody:
+    """A request body read whole: its bytes, and the server's ``receive`` it was read from.
+
+    ``json`` and ``model`` are worked out on first use and kept (a frozen dataclass still lets
+    ``cached_property`` store into the instance dict).
+    """
+
+    raw: bytes
+    transport_receive: Receive = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    @cached_property
+    def json(self) -> dict[str, Any] | None:
+        """The body parsed as a JSON object, or None (empty, not JSON, not an object)."""
+        try:
+            value = json.loads(self.raw) if self.raw else None
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting is bad input, not a bug
+            return None
+        return value if isinstance(value, dict) else None
+
+    @cached_property
+    def model(self) -> str | None:
+        """The non-empty ``model`` string of the JSON body, or None."""
+        value = self.json.get("model") if self.json is not None else None
+        return value if isinstance(value, str) and value else None
+
+
+def request_body(scope: Scope) -> RequestBody | None:
+    """The body some layer has read already, or None."""
+    body = (scope.get("state") or {}).get(REQUEST_BODY_KEY)
+    return body if isinstance(body, RequestBody) else None
+
+
+async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int | None = None) -> bytes:
     """Return the whole request body, reading it from the server on the first call only.
 
     Raises ``PayloadTooLarge`` past ``limit_bytes`` (checked against ``Content-Length`` before
-    reading anything), ``BadRequest`` for a body framed by both ``Content-Length`` and
-    ``Transfer-Encoding`` (before reading anything), and ``ClientDisconnected`` when the client
-    leaves mid-upload.
+    reading anything, and against a body an outer layer read already), ``BadRequest`` for a body
+    framed by both ``Content-Length`` and ``Transfer-Encoding`` (before reading anything), and
+    ``ClientDisconnected`` when the client leaves mid-upload. Without ``limit_bytes``, the first
+    reader applies ``DEFAULT_LIMIT_BYTES`` and a later one accepts what the first accepted.
     """
     state = scope.setdefault("state", {})
-    cached = state.get(_BODY)
+    cached = request_body(scope)
     if cached is not None:
-        return cached
+        if limit_bytes is not None and cached.size > limit_bytes:
+            raise PayloadTooLarge(f"The request body is larger than {limit_bytes} bytes.")
+        return cached.raw
+    if limit_bytes is None:
+        limit_bytes = DEFAULT_LIMIT_BYTES
     headers = scope.get("headers", ())
     if any(key == b"transfer-encoding" for key, _ in headers) and any(key == b"content-length" for key, _ in headers):
         # RFC 9112 §6.1: a request smuggling vector. Refused before the body is read, or a client
@@ -78,10 +143,9 @@ async def read_body(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAUL
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = b"".join(chunks)
-    state[_BODY] = body
-    state[_TRANSPORT_RECEIVE] = receive
-    return body
+    body = RequestBody(b"".join(chunks), receive)
+    state[REQUEST_BODY_KEY] = body
+    return body.raw
 
 
 async def _discard(receive: Receive, limit_bytes: int) -> None:
@@ -153,15 +217,14 @@ class BodyDeadlines:
 
 
 def replaying_receive(scope: Scope, receive: Receive) -> Receive:
-    """A ``receive`` for an inner app: the cached body once, then the server's channel.
+    """A ``receive`` for an inner app: the stored body once, then the server's channel.
 
     Before :func:`read_body` has run this is ``receive`` itself.
     """
-    state = scope.get("state") or {}
-    body = state.get(_BODY)
+    body = request_body(scope)
     if body is None:
         return receive
-    transport: Receive = state[_TRANSPORT_RECEIVE]
+    transport = body.transport_receive
     delivered = False
 
     async def replay() -> Message:
@@ -169,42 +232,24 @@ def replaying_receive(scope: Scope, receive: Receive) -> Receive:
         if delivered:
             return await transport()
         delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.request", "body": body.raw, "more_body": False}
 
     return replay
 
 
-def request_json(scope: Scope) -> dict | None:
+def request_json(scope: Scope) -> dict[str, Any] | None:
     """The body parsed as a JSON object, or None (no body read yet, not JSON, not an object)."""
-    state = scope.get("state") or {}
-    parsed = state.get(_JSON, _MISSING)
-    if parsed is not _MISSING:
-        return parsed  # type: ignore[return-value]
-    body = state.get(_BODY)
-    if body is None:
-        return None
-    try:
-        value = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting is bad input, not a bug
-        value = None
-    parsed = value if isinstance(value, dict) else None
-    state[_JSON] = parsed
-    return parsed
+    body = request_body(scope)
+    return body.json if body is not None else None
 
 
 def request_model(scope: Scope) -> str | None:
     """The ``model`` named in the JSON body, once some layer has read the body."""
-    state = scope.get("state") or {}
-    model = state.get(_MODEL, _MISSING)
-    if model is _MISSING:
-        body = request_json(scope)
-        value = body.get("model") if body is not None else None
-        model = value if isinstance(value, str) and value else None
-        state[_MODEL] = model
-    return model  # type: ignore[return-value]
+    body = request_body(scope)
+    return body.model if body is not None else None
 
 
-async def model_of(scope: Scope, receive: Receive, *, limit_bytes: int = DEFAULT_LIMIT_BYTES) -> str | None:
+async def model_of(scope: Scope, receive: Receive, *, limit_bytes: int | None = None) -> str | None:
     """Read the body if needed and return its ``model`` (None for GET and bodies without one)."""
     if scope.get("method", "GET") in ("GET", "HEAD", "OPTIONS"):
         return None

@@ -26,6 +26,7 @@ import anyio
 
 from middleware._adaptive import AimdLimit, Ewma
 from middleware.body import model_of, read_body, replaying_receive
+from middleware.disconnect import cancel_on_disconnect
 from middleware.errors import ClientDisconnected, LmgateError, Overloaded, RateLimited, send_error
 from middleware.response import ResponseState
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
@@ -239,28 +240,17 @@ class ConcurrencyMiddleware:
         if not self._queue_has_room(limiter):
             raise self._refusal(limiter, "the queue is full")
         waiter = limiter.enqueue()
-        client_left = False
-
-        async def watch_disconnect(cancel: anyio.CancelScope) -> None:
-            nonlocal client_left
-            watch = replaying_receive(scope, receive)  # the cached body first, then the server
-            while (await watch())["type"] != "http.disconnect":
-                pass
-            client_left = True
-            cancel.cancel()
-
+        watch = cancel_on_disconnect(replaying_receive(scope, receive))  # the cached body first, then the server
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_disconnect, tg.cancel_scope)
+            async with watch:
                 with anyio.move_on_after(self.max_wait_s):
                     await waiter.event.wait()
-                tg.cancel_scope.cancel()
         except BaseException:
             limiter.abandon(waiter)
             raise
-        if client_left or not waiter.granted:
+        if watch.disconnected or not waiter.granted:
             limiter.abandon(waiter)
-            if client_left:
+            if watch.disconnected:
                 raise ClientDisconnected()
             raise self._refusal(limiter, f"no slot came free within {self.max_wait_s:g} s")
 

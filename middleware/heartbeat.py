@@ -49,6 +49,7 @@ from collections.abc import Callable, Collection, Iterable
 import anyio
 
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, replaying_receive, request_json
+from middleware.disconnect import run_beside
 from middleware.errors import StreamCut, UpstreamProtocolError
 from middleware.request_id import request_id
 from middleware.response import ResponseState, header_value, is_event_stream
@@ -144,20 +145,13 @@ class HeartbeatMiddleware:
         relay = _Relay(
             send, scope, carry_headers=self.carry_headers, start_headers=self.start_headers, wants_stream=wants_stream
         )
-        failure: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._beat, scope, relay)
+        async with run_beside(lambda: self._beat(scope, relay)):
             try:
                 await self.app(scope, replaying_receive(scope, receive), relay.inner_send)
-            except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
-                failure = exc
             finally:
                 # A heartbeat being sent finishes before the ticker stops, so an error frame rendered
                 # further out never interleaves with it.
                 await relay.close()
-                tg.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
         if relay.prestarted and not relay.client.finished:
             raise StreamCut("The response ended before it was complete.")
 

@@ -16,10 +16,12 @@ buffered up to 64 KiB). When the decision is "no more retries" (attempts spent, 
 spent, the deadline too close, or a ``Retry-After`` longer than ``max_retry_after_s``) the held
 response is forwarded as it came; so is the last attempt's response, untouched. The request body
 (up to ``body_limit_bytes``) is read once and replayed to each attempt; a larger body gets one
-attempt.
+attempt, also when an outer layer read it first with a larger limit of its own.
 
-Backoff comes from tenacity: full jitter (``wait_random_exponential``) or AWS's decorrelated
-jitter, base ``backoff_base_s``, capped at ``backoff_max_s``. An upstream ``Retry-After`` replaces
+The attempt loop is plain code, one step after another: attempt, judge (:func:`_retryable`), compute
+the wait, check the deadline, take a budget token, sleep. Only the backoff comes from a library:
+tenacity's full jitter (``wait_random_exponential``) or AWS's decorrelated jitter as a tenacity wait
+strategy, base ``backoff_base_s``, capped at ``backoff_max_s``. An upstream ``Retry-After`` replaces
 the computed wait. Every wait and attempt must fit before the enclosing deadline
 (``anyio.current_effective_deadline()``, which the timeout layer sets), and a client that
 disconnects during a wait ends it at once.
@@ -37,15 +39,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import UTC
 from typing import Literal
 
 import anyio
 import tenacity
-from tenacity import AsyncRetrying, RetryCallState
 
 from middleware._budget import RetryBudget
 from middleware.body import read_body, replaying_receive
+from middleware.disconnect import cancel_on_disconnect
 from middleware.errors import (
     CircuitOpen,
     ClientDisconnected,
@@ -61,7 +63,15 @@ from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("lmgate.retry")
 
-__all__ = ["ATTEMPTS_HEADER", "RetryBudget", "RetryMiddleware", "RetryStats", "attempt_number", "parse_retry_after"]
+__all__ = [
+    "ATTEMPTS_HEADER",
+    "DecorrelatedJitter",
+    "RetryBudget",
+    "RetryMiddleware",
+    "RetryStats",
+    "attempt_number",
+    "parse_retry_after",
+]
 
 ATTEMPTS_HEADER = b"x-lmgate-attempts"
 _ATTEMPT_KEY = "lmgate.attempt"
@@ -100,9 +110,25 @@ class DecorrelatedJitter(tenacity.wait.wait_base):
         self.cap = cap
         self.previous = base
 
-    def __call__(self, retry_state: RetryCallState) -> float:
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         self.previous = min(self.cap, random.uniform(self.base, self.previous * 3))
         return self.previous
+
+
+class _Backoff:
+    """One request's waits from a tenacity wait strategy, asked by the number of the failed attempt.
+
+    tenacity's strategies read the attempt number from a ``RetryCallState``; one is kept here for
+    that alone (nothing else of tenacity's machinery runs).
+    """
+
+    def __init__(self, strategy: tenacity.wait.wait_base) -> None:
+        self._strategy = strategy
+        self._state = tenacity.RetryCallState(tenacity.AsyncRetrying(), None, (), {})
+
+    def after(self, attempt: int) -> float:
+        self._state.attempt_number = attempt
+        return self._strategy(self._state)
 
 
 class RetryMiddleware:
@@ -176,18 +202,26 @@ class RetryMiddleware:
         finally:
             self.budget.active_requests -= 1
 
-    def backoff(self) -> Callable[[RetryCallState], float]:
-        """A fresh tenacity wait strategy for one request."""
+    def backoff(self) -> _Backoff:
+        """The waits for one request."""
         if self.jitter == "decorrelated":
-            return DecorrelatedJitter(base=self.backoff_base_s, cap=self.backoff_max_s)
-        return tenacity.wait_random_exponential(multiplier=self.backoff_base_s, max=self.backoff_max_s)
+            return _Backoff(DecorrelatedJitter(base=self.backoff_base_s, cap=self.backoff_max_s))
+        return _Backoff(tenacity.wait_random_exponential(multiplier=self.backoff_base_s, max=self.backoff_max_s))
 
-    def judge(self, start: Message) -> tuple[bool, float | None]:
-        """(retry?, Retry-After seconds) for a response start from the inner app."""
-        headers = start.get("headers", ())
+    def _retryable(self, outcome: Message | LmgateError) -> tuple[bool, float | None]:
+        """Whether an attempt's outcome is worth another attempt, and the upstream's Retry-After.
+
+        ``outcome`` is the response start the inner app sent, or the error it raised before
+        sending one. The one place that classifies outcomes.
+        """
+        if isinstance(outcome, LmgateError):
+            retry_after = outcome.retry_after_s
+            retry = outcome.retryable and (retry_after or 0) <= self.max_retry_after_s
+            return retry, retry_after
+        headers = outcome.get("headers", ())
         if header_value(headers, b"x-lmgate-error") in _REFUSAL_CODES:
             return False, None
-        status = start["status"]
+        status = outcome["status"]
         retry_after = parse_retry_after(header_value(headers, b"retry-after"))
         if status not in self.retry_statuses and not (status == 429 and retry_after is not None):
             return False, None
@@ -199,7 +233,7 @@ class RetryMiddleware:
 class _Attempt:
     """What one attempt produced: forwarded to the client, or held back as retryable."""
 
-    __slots__ = ("number", "forwarded", "held", "held_bytes", "error", "retry_after_s")
+    __slots__ = ("error", "forwarded", "held", "held_bytes", "number", "retry_after_s")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -231,7 +265,7 @@ class _Attempt:
 
 
 class _Exchange:
-    """One request's attempts. Created per request; tenacity's callbacks are its methods."""
+    """One request's attempts, in a plain loop."""
 
     def __init__(self, middleware: RetryMiddleware, scope: Scope, receive: Receive, send: Send, *, max_attempts: int) -> None:
         self.mw = middleware
@@ -241,23 +275,27 @@ class _Exchange:
         self.max_attempts = max_attempts
         self.number = 0
         self.holds_retry = False
-        self.jitter = middleware.backoff()
+        self.waits = middleware.backoff()
 
     async def run(self) -> _Attempt:
-        retrying = AsyncRetrying(
-            stop=tenacity.stop_any(
-                tenacity.stop_after_attempt(self.max_attempts),
-                self._out_of_time,  # type: ignore[arg-type]
-                self._over_budget,  # type: ignore[arg-type]
-            ),
-            wait=self._wait,
-            retry=tenacity.retry_if_result(lambda attempt: attempt.retryable),
-            sleep=self._backoff,
-            before_sleep=self._log_retry,
-            retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
-        )
+        """Attempt until an answer is final; return the attempt whose answer goes to the client."""
         try:
-            return await retrying(self._attempt)
+            while True:
+                attempt = await self._attempt()
+                if not attempt.retryable or attempt.number >= self.max_attempts:
+                    return attempt
+                wait_s = attempt.retry_after_s if attempt.retry_after_s is not None else self.waits.after(attempt.number)
+                if anyio.current_time() + wait_s >= anyio.current_effective_deadline():
+                    # A retry that cannot start before the deadline would only turn a 503 into a 504.
+                    self._log_stop(attempt, "the deadline is too close")
+                    return attempt
+                if not self.mw.budget.try_acquire():
+                    self.mw.stats.budget_exhausted += 1
+                    self._log_stop(attempt, "the retry budget is spent")
+                    return attempt
+                self.holds_retry = True  # until the retry's attempt ends
+                self._log_retry(attempt, wait_s)
+                await self._backoff(wait_s)
         finally:
             self._release()
 
@@ -274,7 +312,7 @@ class _Exchange:
             if message["type"] == "http.response.start":
                 message = _with_attempts(message, attempt.number)
                 if not final:
-                    retry, attempt.retry_after_s = self.mw.judge(message)
+                    retry, attempt.retry_after_s = self.mw._retryable(message)
                     if retry:
                         attempt.held = [message]
                         return
@@ -291,34 +329,15 @@ class _Exchange:
         try:
             await self.mw.app(self.scope, replaying_receive(self.scope, self.receive), attempt_send)
         except LmgateError as error:
-            retry_after = error.retry_after_s
-            if final or attempt.forwarded or not error.retryable or (retry_after or 0) > self.mw.max_retry_after_s:
+            if final or attempt.forwarded:
+                raise
+            retry, retry_after = self.mw._retryable(error)
+            if not retry:
                 raise
             attempt.held, attempt.error, attempt.retry_after_s = None, error, retry_after
         finally:
             self._release()
         return attempt
-
-    def _wait(self, state: RetryCallState) -> float:
-        attempt: _Attempt = state.outcome.result()  # type: ignore[union-attr]
-        if attempt.retry_after_s is not None:
-            return attempt.retry_after_s
-        return self.jitter(state)
-
-    def _out_of_time(self, state: RetryCallState) -> bool:
-        """A retry that cannot start before the deadline would only turn a 503 into a 504."""
-        if anyio.current_time() + state.upcoming_sleep < anyio.current_effective_deadline():
-            return False
-        self._log_stop(state, "the deadline is too close")
-        return True
-
-    def _over_budget(self, state: RetryCallState) -> bool:
-        if self.mw.budget.try_acquire():
-            self.holds_retry = True
-            return False
-        self.mw.stats.budget_exhausted += 1
-        self._log_stop(state, "the retry budget is spent")
-        return True
 
     def _release(self) -> None:
         if self.holds_retry:
@@ -327,42 +346,28 @@ class _Exchange:
 
     async def _backoff(self, seconds: float) -> None:
         """Sleep before the next attempt, unless the client leaves first."""
-        left = False
-        async with anyio.create_task_group() as watchers:
-
-            async def watch_disconnect() -> None:
-                nonlocal left
-                receive = replaying_receive(self.scope, self.receive)
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                left = True
-                watchers.cancel_scope.cancel()
-
-            watchers.start_soon(watch_disconnect)
+        async with cancel_on_disconnect(replaying_receive(self.scope, self.receive)) as watch:
             await self.mw.sleep(seconds)
-            watchers.cancel_scope.cancel()
-        if left:
+        if watch.disconnected:
             raise ClientDisconnected("The client left while lmgate waited to retry.")
 
-    def _log_retry(self, state: RetryCallState) -> None:
-        attempt: _Attempt = state.outcome.result()  # type: ignore[union-attr]
+    def _log_retry(self, attempt: _Attempt, wait_s: float) -> None:
         logger.warning(
             "attempt %d of %d failed (%s); retrying in %.2f s",
             attempt.number,
             self.max_attempts,
             attempt.describe(),
-            state.upcoming_sleep,
+            wait_s,
             extra={
                 "event": "retry",
                 "request_id": request_id(self.scope),
                 "attempt": attempt.number,
                 "outcome": attempt.describe(),
-                "backoff_s": round(state.upcoming_sleep, 3),
+                "backoff_s": round(wait_s, 3),
             },
         )
 
-    def _log_stop(self, state: RetryCallState, reason: str) -> None:
-        attempt: _Attempt = state.outcome.result()  # type: ignore[union-attr]
+    def _log_stop(self, attempt: _Attempt, reason: str) -> None:
         logger.warning(
             "attempt %d failed (%s); not retrying: %s",
             attempt.number,
@@ -385,7 +390,7 @@ def parse_retry_after(value: bytes | None) -> float | None:
         except (TypeError, ValueError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - time.time()
     if math.isnan(seconds) or math.isinf(seconds):
         return None

@@ -50,6 +50,7 @@ from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRecord, ModelRegistry
 from gateway.request.routes import DONE_TERMINATED, route_path
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive, request_json
+from middleware.disconnect import cancel_on_disconnect
 from middleware.heartbeat import Describe, comment_frame, event_frame
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -205,21 +206,10 @@ class ColdStartMiddleware:
 
     async def _wait(self, job: LoadJob, created: bool, scope: Scope, receive: Receive) -> None:
         """Wait for ``job``, watching for the client leaving (which ends this request only)."""
-        left = False
-        async with anyio.create_task_group() as tg:
-
-            async def watch_disconnect() -> None:
-                nonlocal left
-                messages = replaying_receive(scope, receive)  # the body first, then the server's channel
-                while (await messages())["type"] != "http.disconnect":
-                    pass
-                left = True
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch_disconnect)
+        # The body is read (model_of): the watch gets it replayed first, then the server's channel.
+        async with cancel_on_disconnect(replaying_receive(scope, receive)) as watch:
             await self.loader.wait(job, runner=created)
-            tg.cancel_scope.cancel()
-        if left:
+        if watch.disconnected:
             raise ClientDisconnected()
 
     def _loading(self, job: LoadJob) -> ModelLoading:

@@ -53,6 +53,7 @@ from gateway.telemetry.stream import UsageTap, usage_tap
 from gateway.proxy.transport import unread_bytes
 from gateway.proxy.usage import PromptTokens
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, request_json
+from middleware.disconnect import cancel_on_disconnect
 from middleware.request_id import request_id
 from middleware.response import is_event_stream
 from middleware.types import Receive, Scope, Send
@@ -136,37 +137,23 @@ class Proxy:
             extensions={"timeout": self.timeout},
         )
 
-        disconnected = False
+        watch = cancel_on_disconnect(receive)
         completed = False
-        failure: Exception | None = None
-        async with anyio.create_task_group() as watchers:
-
-            async def watch_disconnect() -> None:
-                nonlocal disconnected
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        disconnected = True
-                        watchers.cancel_scope.cancel()
-                        return
-
-            watchers.start_soon(watch_disconnect)
-            try:
+        try:
+            async with watch:
                 await self._exchange(
                     request, send, path=path, request_id=rid, assemble_kind=assemble_kind, tap=tap,
                     expects_events=expects_events,
                 )
                 completed = True
-            except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
-                failure = exc
-            finally:
-                watchers.cancel_scope.cancel()
+        except Exception as exc:
+            if watch.disconnected:
+                raise ClientDisconnected() from exc  # it failed because the client left
+            raise
         # Servers report http.disconnect as soon as a response is complete: only a disconnect
         # before that is a client leaving.
-        if disconnected and not completed:
+        if watch.disconnected and not completed:
             raise ClientDisconnected()
-        if failure is not None:
-            raise failure
 
     def _assembly_kind(self, scope: Scope, path: str) -> str | None:
         kind = self.assemble.get(path)

@@ -235,6 +235,16 @@ async def test_a_retry_succeeds_after_two_503s(sim, gateway, client):
     assert sim.counters.faults_applied == 2 and sim.counters.generations_completed == 1
 
 
+async def test_a_body_over_the_retry_body_limit_gets_one_attempt_through_the_full_stack(sim, client):
+    """Outer layers read the body first (with limits.body_bytes); retry still applies its own limit."""
+    sim.inject_fault("http_error", count=3, status=503, message="busy")
+    async with running_gateway(sim.url, retry={"body_limit_bytes": 16}) as gateway:
+        response = await client.post(gateway + "/v1/chat/completions", json=chat())
+    assert response.status_code == 503
+    assert response.headers["x-lmgate-attempts"] == "1"
+    assert sim.counters.faults_applied == 1
+
+
 async def test_twenty_requests_through_limit_4_and_queue_8(client):
     clock = FakeClock()
     model = SimModel(id=WARM, loaded=True, parallel=8, tokens_per_second=float("inf"), ttft_base_s=1.0,

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from middleware.body import read_body, replaying_receive
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.errors import (
     CircuitOpen,
@@ -244,6 +245,21 @@ async def test_a_body_over_the_replay_limit_gets_one_attempt() -> None:
     response = await post(retrying(upstream, Sleeps(), body_limit_bytes=10), body)
     assert response.status_code == 503
     assert upstream.bodies == [body]  # the inner app still got the whole body, once
+
+
+async def test_a_body_an_outer_layer_read_is_still_held_to_the_replay_limit() -> None:
+    """Inside the gateway an outer layer (validation, telemetry) reads the body first, with its own limit."""
+    upstream = Upstream(503, 200)
+    body = b"x" * 100
+    retry = retrying(upstream, Sleeps(), body_limit_bytes=10)
+
+    async def reads_first(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(scope, receive, limit_bytes=1024)
+        await retry(scope, replaying_receive(scope, receive), send)
+
+    response = await post(reads_first, body)
+    assert response.status_code == 503
+    assert upstream.bodies == [body]
 
 
 async def test_a_chunked_body_over_the_limit_is_handed_on_whole() -> None:
