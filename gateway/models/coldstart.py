@@ -48,14 +48,13 @@ import anyio
 from gateway.errors import ClientDisconnected, ModelLoadFailed, ModelLoading
 from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRecord, ModelRegistry
-from gateway.request.routes import DONE_TERMINATED, route_path
+from gateway.request.routes import DONE_TERMINATED, INFERENCE_PATHS, route_path
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive, request_json
 from middleware.disconnect import cancel_on_disconnect
 from middleware.heartbeat import Describe, comment_frame, event_frame
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
-    "INFERENCE_PATHS",
     "ColdStartMiddleware",
     "RequestPhase",
     "early_headers",
@@ -63,20 +62,6 @@ __all__ = [
     "model_state",
 ]
 
-#: Routes whose requests make the upstream load the model they name.
-INFERENCE_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/messages",
-        "/api/v0/chat/completions",
-        "/api/v0/completions",
-        "/api/v0/embeddings",
-        "/api/v1/chat",
-    }
-)
 #: Routes where an ``event: lmgate.status`` frame is safe: OpenAI-style chunk streams, whose clients
 #: already skip chunks without ``choices`` (the usage chunk). The Responses and Messages SDKs
 #: dispatch on event types and get comments only.

@@ -50,6 +50,21 @@ LMSTUDIO_API_PATHS = frozenset(
 PARAMETER_PREFIXES = ("/api/v0/models/", "/api/v1/models/download/status/")
 FORWARDED_PATHS = LMSTUDIO_PATHS | LMSTUDIO_API_PATHS
 
+#: POST routes whose JSON body names the ``model`` they run on: validation requires the field, and
+#: the cold-start layer loads the model first.
+INFERENCE_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/api/v0/chat/completions",
+        "/api/v0/completions",
+        "/api/v0/embeddings",
+        "/api/v1/chat",
+    }
+)
 # Routes whose event streams end with `data: [DONE]`; one that ends without it was cut.
 DONE_TERMINATED = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/api/v0/chat/completions", "/api/v0/completions"}

@@ -34,30 +34,16 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from gateway.request.routes import RouteTable, route_path, route_raw_path
+from gateway.request.routes import INFERENCE_PATHS, RouteTable, route_path, route_raw_path
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, replaying_receive
 from middleware.errors import LmgateError
 from middleware.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["MODEL_ROUTES", "InvalidRequest", "RequestValidation", "check_body"]
+__all__ = ["InvalidRequest", "RequestValidation", "check_body"]
 
-#: POST routes whose JSON body must name a ``model``.
-MODEL_ROUTES = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/messages",
-        "/api/v0/chat/completions",
-        "/api/v0/completions",
-        "/api/v0/embeddings",
-        "/api/v1/chat",
-    }
-)
 #: The methods of LM Studio's fixed routes (OPTIONS, the CORS preflight, is always passed on).
 _METHODS = {
-    **{path: frozenset({"POST"}) for path in MODEL_ROUTES},
+    **{path: frozenset({"POST"}) for path in INFERENCE_PATHS},
     "/v1/models": frozenset({"GET", "HEAD"}),
     "/lmstudio-greeting": frozenset({"GET", "HEAD"}),
 }
@@ -112,7 +98,7 @@ class RequestValidation:
             return
         path = route_path(scope)
         self._check_head(scope, path)
-        if scope["method"] == "POST" and path in MODEL_ROUTES:
+        if scope["method"] == "POST" and path in INFERENCE_PATHS:
             _check_content_type(scope)
             body = await read_body(scope, receive, limit_bytes=self.body_limit_bytes)
             check_body(body)
