@@ -46,29 +46,21 @@ from tenacity import AsyncRetrying, RetryCallState
 
 from middleware._budget import RetryBudget
 from middleware.body import read_body, replaying_receive
-from middleware.errors import (
-    CircuitOpen,
-    ClientDisconnected,
-    Draining,
-    LmgateError,
-    Overloaded,
-    PayloadTooLarge,
-    RateLimited,
-)
+from middleware.errors import ClientDisconnected, LmgateError, PayloadTooLarge, error_layer_outside, with_error_layer
 from middleware.request_id import request_id
 from middleware.response import header_value
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("lmgate.retry")
 
-__all__ = ["ATTEMPTS_HEADER", "RetryBudget", "RetryMiddleware", "RetryStats", "attempt_number", "parse_retry_after"]
+__all__ = [
+    "ATTEMPTS_HEADER", "RetryBudget", "RetryMiddleware", "RetryStats", "attempt_number", "parse_retry_after", "retryable",
+]
 
 ATTEMPTS_HEADER = b"x-lmgate-attempts"
 _ATTEMPT_KEY = "lmgate.attempt"
 # A held (retryable) response is an error document; past this size it is forwarded instead.
 _HELD_LIMIT_BYTES = 64 * 1024
-# lmgate's own refusals, recognised by the code its layers put in X-Lmgate-Error.
-_REFUSAL_CODES = frozenset(cls.code.encode("ascii") for cls in (CircuitOpen, Draining, Overloaded, RateLimited))
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -156,6 +148,9 @@ class RetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not error_layer_outside(scope):  # used alone: layers inside raise to it, it renders
+            await with_error_layer(self, scope, receive, send)
+            return
         self.stats.requests += 1
         max_attempts = 1
         if self.max_retries:
@@ -185,8 +180,6 @@ class RetryMiddleware:
     def judge(self, start: Message) -> tuple[bool, float | None]:
         """(retry?, Retry-After seconds) for a response start from the inner app."""
         headers = start.get("headers", ())
-        if header_value(headers, b"x-lmgate-error") in _REFUSAL_CODES:
-            return False, None
         status = start["status"]
         retry_after = parse_retry_after(header_value(headers, b"retry-after"))
         if status not in self.retry_statuses and not (status == 429 and retry_after is not None):
@@ -292,7 +285,7 @@ class _Exchange:
             await self.mw.app(self.scope, replaying_receive(self.scope, self.receive), attempt_send)
         except LmgateError as error:
             retry_after = error.retry_after_s
-            if final or attempt.forwarded or not error.retryable or (retry_after or 0) > self.mw.max_retry_after_s:
+            if final or attempt.forwarded or not retryable(error) or (retry_after or 0) > self.mw.max_retry_after_s:
                 raise
             attempt.held, attempt.error, attempt.retry_after_s = None, error, retry_after
         finally:
@@ -370,6 +363,13 @@ class _Exchange:
             reason,
             extra={"event": "retry_stopped", "request_id": request_id(self.scope), "attempt": attempt.number, "reason": reason},
         )
+
+
+def retryable(error: LmgateError) -> bool:
+    """Whether another attempt may succeed, from the error's type alone (``retryable``: the
+    upstream could not be reached or timed out). lmgate's own refusals (``Overload``), client
+    faults and a client that left never are, whatever a response's headers say."""
+    return error.retryable
 
 
 def parse_retry_after(value: bytes | None) -> float | None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from gateway.admin.routes import send_json
-from gateway.errors import LmgateError, NotFound, UpstreamUnavailable
+from middleware.errors import LmgateError, NotFound, UpstreamUnavailable
 from gateway.models.upstream import NotSupported, UpstreamError
 from gateway.request.routes import route_path
 from middleware.types import Scope, Send
