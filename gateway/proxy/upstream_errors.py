@@ -50,7 +50,7 @@ class UpstreamReported(UpstreamError):
         self.upstream_fault = status >= 500
 
     @classmethod
-    def from_message(cls, message: str) -> "UpstreamReported":
+    def from_message(cls, message: str) -> UpstreamReported:
         code, kind = classify_upstream_message(message, 500)
         status = 400 if kind == "invalid_request_error" else 502
         return cls(message, status=status, code=code, type=kind)
