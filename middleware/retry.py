@@ -46,7 +46,13 @@ from tenacity import AsyncRetrying, RetryCallState
 
 from middleware._budget import RetryBudget
 from middleware.body import read_body, replaying_receive
-from middleware.errors import ClientDisconnected, LmgateError, PayloadTooLarge, error_layer_outside, with_error_layer
+from middleware.errors import (
+    ClientDisconnected,
+    LmgateError,
+    PayloadTooLarge,
+    error_layer_outside,
+    with_error_layer,
+)
 from middleware.request_id import request_id
 from middleware.response import header_value
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
