@@ -33,7 +33,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 
-from middleware.errors import LmgateError, Unauthorized
+from middleware.errors import ClientError, Unauthorized
 from middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
@@ -53,7 +53,7 @@ _DIGEST = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})")
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 
-class Forbidden(LmgateError):
+class Forbidden(ClientError):
     status, code, type = 403, "permission_denied", "permission_error"
     default_message = "This route needs an admin key."
 

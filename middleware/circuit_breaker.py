@@ -44,8 +44,8 @@ import anyio
 
 from middleware._deadline import deadline_expired
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive
-from middleware.errors import CircuitOpen, Draining, LmgateError, Overloaded, RateLimited, send_error
-from middleware.response import ResponseState, header_value
+from middleware.errors import CircuitOpen, LmgateError, error_layer_outside, with_error_layer
+from middleware.response import ResponseState
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
 
 logger = logging.getLogger("lmgate.circuit_breaker")
@@ -55,11 +55,6 @@ __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breaker", "BreakerPolicy", "CircuitBr
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 StateChange = Callable[[str, str, str], None]
 
-# Error codes (X-Lmgate-Error) on a 5xx that say nothing about the upstream's health: lmgate's own
-# refusals (when such a layer sits inside this one) and a prompt too long for the model.
-_NOT_UPSTREAM_FAULTS = frozenset(
-    [b"context_length_exceeded"] + [cls.code.encode("ascii") for cls in (CircuitOpen, Draining, Overloaded, RateLimited)]
-)
 # Seconds a client shed while a probe is in flight is told to wait: the probe ends any moment.
 _HALF_OPEN_RETRY_AFTER_S = 1.0
 
@@ -293,6 +288,9 @@ class CircuitBreakerMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not error_layer_outside(scope):  # used alone: layers inside raise to it, it renders
+            await with_error_layer(self, scope, receive, send)
+            return
         key = self.name
         if self.per_model:
             model = await model_of(scope, receive, limit_bytes=self.body_limit_bytes)
@@ -303,29 +301,23 @@ class CircuitBreakerMiddleware:
         ticket = breaker.admit()
         if ticket is None:
             self.rejected += 1
-            error = CircuitOpen(
+            raise CircuitOpen(
                 f"Circuit {breaker.key!r} is open after repeated upstream failures; lmgate is not sending it requests for now.",
                 retry_after_s=breaker.retry_after_s(),
             )
-            await send_error(send, error, ResponseState())
-            return
 
         response = ResponseState()
-        error_code: bytes | None = None
 
         async def observed_send(message: Message) -> None:
-            nonlocal error_code
             response.observe(message)
-            if message["type"] == "http.response.start":
-                error_code = header_value(message.get("headers", ()), b"x-lmgate-error")
             await send(message)
 
         outcome = Outcome.NEUTRAL
         try:
             await self.app(scope, receive, observed_send)
-            outcome = _judge_response(response, error_code)
+            outcome = judge_response(response)
         except LmgateError as error:
-            outcome = Outcome.FAILURE if error.upstream_fault else Outcome.NEUTRAL
+            outcome = judge_error(error)
             raise
         except anyio.get_cancelled_exc_class():
             outcome = Outcome.FAILURE if deadline_expired(scope) else Outcome.NEUTRAL
@@ -337,9 +329,17 @@ class CircuitBreakerMiddleware:
             breaker.record(ticket, outcome)
 
 
-def _judge_response(response: ResponseState, error_code: bytes | None) -> Outcome:
+def judge_error(error: LmgateError) -> Outcome:
+    """An ``LmgateError`` counts by its type: an upstream fault is a failure; a client's fault,
+    a client that left and lmgate's own refusals (``Overload``) say nothing about the upstream."""
+    return Outcome.FAILURE if error.upstream_fault else Outcome.NEUTRAL
+
+
+def judge_response(response: ResponseState) -> Outcome:
+    """A response counts by the upstream's own status: 5xx is a failure, any other answer a success.
+
+    lmgate's own errors never arrive here as responses: inside this layer they are raised.
+    """
     if not response.started:
         return Outcome.NEUTRAL
-    if response.status < 500:
-        return Outcome.SUCCESS
-    return Outcome.NEUTRAL if error_code in _NOT_UPSTREAM_FAULTS else Outcome.FAILURE
+    return Outcome.FAILURE if response.status >= 500 else Outcome.SUCCESS

@@ -27,7 +27,7 @@ import anyio
 from middleware._adaptive import AimdLimit, Ewma
 from middleware.body import model_of, read_body, replaying_receive
 from middleware.disconnect import cancel_on_disconnect
-from middleware.errors import ClientDisconnected, LmgateError, Overloaded, RateLimited, send_error
+from middleware.errors import ClientDisconnected, LmgateError, Overloaded, RateLimited, error_layer_outside, raise_or_render
 from middleware.response import ResponseState
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
 
@@ -194,14 +194,15 @@ class ConcurrencyMiddleware:
         if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
             await self.app(scope, receive, send)
             return
+        outside = error_layer_outside(scope)
         try:
             limiter = self._limiter(await self._key(scope, receive))
             await self._admit(limiter, scope, receive)
         except ClientDisconnected:
             return
         except LmgateError as error:
-            # Rendered here, not raised: nothing has been sent, and the layer must work on its own.
-            await send_error(send, error, ResponseState())
+            # Nothing has been sent: raised to the error layer, or rendered here when used alone.
+            await raise_or_render(error, send, ResponseState(), outside=outside)
             return
         await self._serve(limiter, scope, replaying_receive(scope, receive), send)
 

@@ -23,7 +23,7 @@ from collections.abc import Collection
 
 import anyio
 
-from middleware.errors import Draining, send_error
+from middleware.errors import Draining, error_layer_outside, raise_or_render
 from middleware.response import ResponseState, header_value
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
 
@@ -117,8 +117,9 @@ class DrainMiddleware:
         if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
             await self.app(scope, receive, send)
             return
+        outside = error_layer_outside(scope)
         if self.state.draining:
-            await send_error(send, Draining(retry_after_s=self.retry_after_s), ResponseState())
+            await raise_or_render(Draining(retry_after_s=self.retry_after_s), send, ResponseState(), outside=outside)
             return
         response = ResponseState()
 
@@ -137,6 +138,7 @@ class DrainMiddleware:
                 await self.app(scope, receive, closing_send)
             if cancel_scope.cancel_called:
                 # Aborted at the drain deadline (no other code holds this scope).
-                await send_error(send, Draining(_CUT_SHORT, retry_after_s=self.retry_after_s), response)
+                error = Draining(_CUT_SHORT, retry_after_s=self.retry_after_s)
+                await raise_or_render(error, send, response, outside=outside)
         finally:
             self.state._finish(cancel_scope)

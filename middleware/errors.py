@@ -1,8 +1,38 @@
-"""The lmgate error hierarchy and the one place that renders it.
+"""The lmgate error tree and the one place that renders it (the tree is drawn in docs/errors.md).
 
-Every failure lmgate reports to a client is an ``LmgateError``. Foreign exceptions (httpx, anyio,
-aiobreaker) are translated into one of these at the boundary where they are caught, with
-``raise ... from exc``, so the cause stays in the traceback. Rendering happens in exactly two shapes:
+Every failure lmgate reports to a client is an ``LmgateError``. As in httpx's ``HTTPError`` tree,
+a base, a few families and leaves with a stable ``code``::
+
+    LmgateError                   500 internal_error (base)
+    ├── ClientError               4xx: the request is at fault
+    │   ├── BadRequest            400 bad_request
+    │   ├── Unauthorized          401 invalid_api_key
+    │   ├── NotFound              404 not_found
+    │   ├── RequestTimeout        408 request_timeout (the body stalled)
+    │   └── PayloadTooLarge       413 payload_too_large
+    ├── Overload                  lmgate sheds load to protect the upstream: never retried, no fault
+    │   ├── RateLimited           429 rate_limited
+    │   ├── Overloaded            503 overloaded
+    │   ├── Draining              503 draining
+    │   └── CircuitOpen           503 circuit_open
+    ├── Timeout                   504: a deadline passed (an upstream fault)
+    │   ├── GatewayTimeout        504 timeout (lmgate's own deadline)
+    │   └── UpstreamTimeout       504 upstream_timeout (also an UpstreamError; retryable)
+    ├── UpstreamError             502: the upstream failed (an upstream fault)
+    │   ├── UpstreamUnavailable   502 upstream_unavailable (retryable)
+    │   ├── UpstreamProtocolError 502 upstream_protocol_error
+    │   └── StreamCut             502 stream_cut
+    ├── Cancelled                 499: nothing can be sent
+    │   └── ClientDisconnected    499 client_cancelled
+    └── InternalError             500 internal_error
+
+Packages add leaves to these families, never new families: ``middleware.auth.Forbidden``
+(ClientError), and in the gateway ``ModelLoading`` (Overload), ``ModelLoadFailed`` and
+``UpstreamReported`` (UpstreamError).
+
+Layers raise these and decide from their types and attributes (``retryable``,
+``upstream_fault``), never from rendered headers. Foreign exceptions (httpx, anyio) are translated
+where they are caught, with ``raise ... from exc``. Only the outermost error layer renders:
 
 * before the response has started: an HTTP response with the OpenAI error body
   ``{"error": {"message", "type", "code"}}``, an ``X-Lmgate-Error: <code>`` header and, where the
@@ -12,8 +42,9 @@ aiobreaker) are translated into one of these at the boundary where they are caug
   has started cannot carry an error: the transfer is aborted instead (the exception propagates and
   the server drops the connection without the final chunk).
 
-This module lives in ``middleware/`` because every middleware raises these errors and
-``middleware/`` must not import ``gateway/``; ``gateway.errors`` re-exports it.
+``ErrorMiddleware`` marks the scope; a layer used without it (no mark) renders its own errors
+(``raise_or_render``), and a layer that decides on the errors raised inside it (retry, the
+breaker) becomes the error layer for what it wraps (``with_error_layer``).
 """
 
 from __future__ import annotations
@@ -31,28 +62,34 @@ logger = logging.getLogger("lmgate")
 
 __all__ = [
     "BadRequest",
+    "Cancelled",
     "CircuitOpen",
     "ClientDisconnected",
+    "ClientError",
     "Draining",
     "ErrorMiddleware",
     "GatewayTimeout",
     "InternalError",
     "LmgateError",
-    "ModelLoadFailed",
-    "ModelLoading",
     "NotFound",
+    "Overload",
     "Overloaded",
     "PayloadTooLarge",
     "RateLimited",
     "RequestTimeout",
     "StreamCut",
+    "Timeout",
     "Unauthorized",
+    "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
+    "error_layer_outside",
+    "raise_or_render",
     "send_error",
     "sse_error_frame",
+    "with_error_layer",
 ]
 
 
@@ -99,30 +136,67 @@ class LmgateError(Exception):
         return headers
 
 
+# --- families -------------------------------------------------------------------------------------
+
+
+class ClientError(LmgateError):
+    """The request is at fault (4xx). Never retried; says nothing about the upstream's health."""
+
+    status, code, type = 400, "bad_request", "invalid_request_error"
+
+
+class Overload(LmgateError):
+    """lmgate refuses, to protect the upstream or itself. Another attempt now would be refused too
+    or add the load the refusal sheds: never retried, and no upstream fault."""
+
+    status, code, type = 503, "overloaded", "server_error"
+
+
+class Timeout(LmgateError):
+    """A deadline passed before the upstream answered (or finished answering)."""
+
+    status, code, type = 504, "timeout", "timeout_error"
+    upstream_fault = True
+
+
+class UpstreamError(LmgateError):
+    """The upstream failed: unreachable, too slow, or answering what lmgate cannot relay."""
+
+    status, code, type = 502, "upstream_error", "server_error"
+    upstream_fault = True
+
+
+class Cancelled(LmgateError):
+    """The request ended from the client's side. Nothing can be sent; raised so layers can account
+    for it. (Not anyio's cancellation, which is never caught.)"""
+
+    status, code, type = 499, "client_cancelled", "invalid_request_error"
+
+
 # --- the client's fault -------------------------------------------------------------------------
 
 
-class BadRequest(LmgateError):
+class BadRequest(ClientError):
     status, code, type = 400, "bad_request", "invalid_request_error"
     default_message = "The request is malformed."
 
 
-class Unauthorized(LmgateError):
+class Unauthorized(ClientError):
     status, code, type = 401, "invalid_api_key", "authentication_error"
     default_message = "A valid API key is required: send 'Authorization: Bearer <key>'."
 
 
-class NotFound(LmgateError):
+class NotFound(ClientError):
     status, code, type = 404, "not_found", "invalid_request_error"
     default_message = "No such route on this gateway."
 
 
-class PayloadTooLarge(LmgateError):
+class PayloadTooLarge(ClientError):
     status, code, type = 413, "payload_too_large", "invalid_request_error"
     default_message = "The request body is larger than this gateway accepts."
 
 
-class RequestTimeout(LmgateError):
+class RequestTimeout(ClientError):
     """The client stopped sending its request body; the connection is closed after the answer."""
 
     status, code, type = 408, "request_timeout", "invalid_request_error"
@@ -132,12 +206,7 @@ class RequestTimeout(LmgateError):
         return [*super().response_headers(), (b"connection", b"close")]
 
 
-class RateLimited(LmgateError):
-    status, code, type = 429, "rate_limited", "rate_limit_error"
-    default_message = "Too many concurrent requests for this key; try again later."
-
-
-class ClientDisconnected(LmgateError):
+class ClientDisconnected(Cancelled):
     """The client went away. Nothing can be sent; raised so layers can account for it."""
 
     status, code, type = 499, "client_cancelled", "invalid_request_error"
@@ -147,12 +216,17 @@ class ClientDisconnected(LmgateError):
 # --- lmgate refuses, to protect the upstream ------------------------------------------------------
 
 
-class Overloaded(LmgateError):
+class RateLimited(Overload):
+    status, code, type = 429, "rate_limited", "rate_limit_error"
+    default_message = "Too many concurrent requests for this key; try again later."
+
+
+class Overloaded(Overload):
     status, code, type = 503, "overloaded", "server_error"
     default_message = "The upstream is at its concurrency limit and the queue is full; try again later."
 
 
-class Draining(LmgateError):
+class Draining(Overload):
     status, code, type = 503, "draining", "server_error"
     default_message = "This gateway is shutting down; retry on another instance."
 
@@ -160,55 +234,42 @@ class Draining(LmgateError):
         return [*super().response_headers(), (b"connection", b"close")]
 
 
-class CircuitOpen(LmgateError):
+class CircuitOpen(Overload):
     status, code, type = 503, "circuit_open", "server_error"
     default_message = "The upstream is failing; lmgate is not sending it requests for now."
 
 
-class GatewayTimeout(LmgateError):
+# --- deadlines and upstream failures --------------------------------------------------------------
+
+
+class GatewayTimeout(Timeout):
+    """One of lmgate's own deadlines (first token, idle, total) passed. Not retried: it covers the
+    retries already."""
+
     status, code, type = 504, "timeout", "timeout_error"
-    upstream_fault = True
     default_message = "The upstream did not answer in time."
 
 
-class ModelLoading(LmgateError):
-    status, code, type = 503, "model_loading", "server_error"
-    default_message = "The model is loading; try again shortly."
+class UpstreamTimeout(Timeout, UpstreamError):
+    status, code, type = 504, "upstream_timeout", "timeout_error"
+    retryable = True
+    default_message = "The upstream did not answer in time."
 
 
-# --- the upstream failed --------------------------------------------------------------------------
-
-
-class UpstreamUnavailable(LmgateError):
+class UpstreamUnavailable(UpstreamError):
     status, code, type = 502, "upstream_unavailable", "server_error"
     retryable = True
-    upstream_fault = True
     default_message = "The upstream could not be reached."
 
 
-class UpstreamTimeout(LmgateError):
-    status, code, type = 504, "upstream_timeout", "timeout_error"
-    retryable = True
-    upstream_fault = True
-    default_message = "The upstream did not answer in time."
-
-
-class UpstreamProtocolError(LmgateError):
+class UpstreamProtocolError(UpstreamError):
     status, code, type = 502, "upstream_protocol_error", "server_error"
-    upstream_fault = True
     default_message = "The upstream sent a response lmgate could not understand."
 
 
-class StreamCut(LmgateError):
+class StreamCut(UpstreamError):
     status, code, type = 502, "stream_cut", "server_error"
-    upstream_fault = True
     default_message = "The upstream closed the stream before it finished."
-
-
-class ModelLoadFailed(LmgateError):
-    status, code, type = 502, "model_load_failed", "server_error"
-    upstream_fault = True
-    default_message = "The upstream failed to load the model."
 
 
 class InternalError(LmgateError):
@@ -250,12 +311,55 @@ async def send_error(send: Send, error: LmgateError, response: ResponseState) ->
         raise error
 
 
+#: Scope key: a layer further out renders (or decides on) the LmgateErrors raised inside it.
+_ERROR_LAYER = "lmgate.error_layer"
+
+
+def error_layer_outside(scope: Scope) -> bool:
+    """Whether a layer further out handles an ``LmgateError`` raised here (read it on entry)."""
+    return bool(scope.get(_ERROR_LAYER))
+
+
+async def raise_or_render(error: LmgateError, send: Send, response: ResponseState, *, outside: bool) -> None:
+    """Raise ``error`` for the error layer further out; with none (``outside`` False), render it.
+
+    For a layer's own errors (a refusal, a deadline), so the layer used alone still answers.
+    """
+    if outside:
+        raise error
+    await send_error(send, error, response)
+
+
+async def with_error_layer(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Call ``app`` as the error layer for what it wraps: for a layer used alone that decides on
+    the errors raised inside it (retry, the breaker), so inner layers raise rather than render.
+
+    An ``LmgateError`` that arrives before the response started is rendered here; after it started,
+    it propagates (a layer further out, or the server, ends the transfer), and so do a client that
+    left and unknown exceptions.
+    """
+    scope[_ERROR_LAYER] = True
+    response = ResponseState()
+
+    async def tracking_send(message: Message) -> None:
+        response.observe(message)
+        await send(message)
+
+    try:
+        await app(scope, receive, tracking_send)
+    except LmgateError as error:
+        if response.started or isinstance(error, Cancelled):
+            raise
+        await send_error(tracking_send, error, response)
+
+
 class ErrorMiddleware:
     """Outermost layer: renders any ``LmgateError`` and turns unknown exceptions into a logged 500.
 
     Cancellation is never caught. A client that left (``ClientDisconnected``) gets nothing. An
-    unknown exception is logged with the request id and answered with 500 ``internal_error``; it
-    never propagates to the server, so one bad request cannot take the process down.
+    unknown exception is logged with the request id, answered with 500 ``internal_error`` where a
+    response can still carry it, and re-raised, as Starlette's ``ServerErrorMiddleware`` does: the
+    server logs it too, and a test client sees it.
 
     Once any layer has received ``http.disconnect``, nothing more is written: sends return at once.
     The inner layers still see the disconnect and stop on their own (the proxy closes the upstream),
@@ -272,6 +376,7 @@ class ErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[_ERROR_LAYER] = True
         response = ResponseState()
         client_left = False
 
@@ -290,7 +395,7 @@ class ErrorMiddleware:
 
         try:
             await self.app(scope, watching_receive, tracking_send)
-        except ClientDisconnected:
+        except Cancelled:
             return
         except LmgateError as error:
             await send_error(tracking_send, error, response)
@@ -301,4 +406,8 @@ class ErrorMiddleware:
                 scope.get("path"),
                 extra={"event": "unhandled_error", "request_id": request_id(scope)},
             )
-            await send_error(tracking_send, InternalError(), response)
+            try:
+                await send_error(tracking_send, InternalError(), response)
+            except InternalError:
+                pass  # a started plain body: the re-raise below aborts it
+            raise

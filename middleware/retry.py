@@ -49,13 +49,11 @@ from middleware._budget import RetryBudget
 from middleware.body import read_body, replaying_receive
 from middleware.disconnect import cancel_on_disconnect
 from middleware.errors import (
-    CircuitOpen,
     ClientDisconnected,
-    Draining,
     LmgateError,
-    Overloaded,
     PayloadTooLarge,
-    RateLimited,
+    error_layer_outside,
+    with_error_layer,
 )
 from middleware.request_id import request_id
 from middleware.response import header_value
@@ -71,14 +69,13 @@ __all__ = [
     "RetryStats",
     "attempt_number",
     "parse_retry_after",
+    "retryable",
 ]
 
 ATTEMPTS_HEADER = b"x-lmgate-attempts"
 _ATTEMPT_KEY = "lmgate.attempt"
 # A held (retryable) response is an error document; past this size it is forwarded instead.
 _HELD_LIMIT_BYTES = 64 * 1024
-# lmgate's own refusals, recognised by the code its layers put in X-Lmgate-Error.
-_REFUSAL_CODES = frozenset(cls.code.encode("ascii") for cls in (CircuitOpen, Draining, Overloaded, RateLimited))
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -182,6 +179,9 @@ class RetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not error_layer_outside(scope):  # used alone: layers inside raise to it, it renders
+            await with_error_layer(self, scope, receive, send)
+            return
         self.stats.requests += 1
         max_attempts = 1
         if self.max_retries:
@@ -212,15 +212,14 @@ class RetryMiddleware:
         """Whether an attempt's outcome is worth another attempt, and the upstream's Retry-After.
 
         ``outcome`` is the response start the inner app sent, or the error it raised before
-        sending one. The one place that classifies outcomes.
+        sending one. The one place that classifies outcomes: errors by their type
+        (:func:`retryable`), responses by their status and Retry-After, never by lmgate's headers.
         """
         if isinstance(outcome, LmgateError):
             retry_after = outcome.retry_after_s
-            retry = outcome.retryable and (retry_after or 0) <= self.max_retry_after_s
+            retry = retryable(outcome) and (retry_after or 0) <= self.max_retry_after_s
             return retry, retry_after
         headers = outcome.get("headers", ())
-        if header_value(headers, b"x-lmgate-error") in _REFUSAL_CODES:
-            return False, None
         status = outcome["status"]
         retry_after = parse_retry_after(header_value(headers, b"retry-after"))
         if status not in self.retry_statuses and not (status == 429 and retry_after is not None):
@@ -375,6 +374,13 @@ class _Exchange:
             reason,
             extra={"event": "retry_stopped", "request_id": request_id(self.scope), "attempt": attempt.number, "reason": reason},
         )
+
+
+def retryable(error: LmgateError) -> bool:
+    """Whether another attempt may succeed, from the error's type alone (``retryable``: the
+    upstream could not be reached or timed out). lmgate's own refusals (``Overload``), client
+    faults and a client that left never are, whatever a response's headers say."""
+    return error.retryable
 
 
 def parse_retry_after(value: bytes | None) -> float | None:

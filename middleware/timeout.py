@@ -32,7 +32,7 @@ import anyio
 
 from middleware._deadline import deadline_published
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive
-from middleware.errors import GatewayTimeout, send_error
+from middleware.errors import GatewayTimeout, error_layer_outside, raise_or_render
 from middleware.request_id import request_id
 from middleware.response import ResponseState
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -101,6 +101,7 @@ class TimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        outside = error_layer_outside(scope)
         started_at = anyio.current_time()
         deadlines = self.defaults
         if self.per_model:
@@ -149,7 +150,7 @@ class TimeoutMiddleware:
                 "response_started": response.started,
             },
         )
-        await send_error(send, error, response)
+        await raise_or_render(error, send, response, outside=outside)
 
 
 def _timeout_error(

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from gateway.admin.routes import send_json
-from gateway.errors import LmgateError, NotFound, UpstreamUnavailable
 from gateway.models.upstream import NotSupported, UpstreamError
 from gateway.request.routes import route_path
+from middleware import errors
+from middleware.errors import ClientError, NotFound, UpstreamUnavailable
 from middleware.types import Scope, Send
 
 if TYPE_CHECKING:
@@ -31,18 +32,19 @@ MODELS_PATH = "/lmgate/models"
 _ACTIONS = ("load", "unload")
 
 
-class MethodNotAllowed(LmgateError):
+class MethodNotAllowed(ClientError):
     status, code, type = 405, "method_not_allowed", "invalid_request_error"
     default_message = "This route does not accept that method."
 
 
-class ModelBusy(LmgateError):
+class ModelBusy(ClientError):
     status, code, type = 409, "model_busy", "invalid_request_error"
     default_message = "The model is serving requests; unloading it would fail them. Add ?force=true to do it anyway."
 
 
-class NotSupportedByUpstream(LmgateError):
+class NotSupportedByUpstream(errors.UpstreamError):  # the tree's family, not the model API's
     status, code, type = 501, "not_supported", "server_error"
+    upstream_fault = False  # the upstream works; it has no such API
     default_message = "The upstream has no API for this."
 
 

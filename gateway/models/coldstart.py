@@ -45,7 +45,8 @@ from typing import Literal
 
 import anyio
 
-from gateway.errors import ClientDisconnected, ModelLoadFailed, ModelLoading
+from gateway.models.errors import ModelLoadFailed, ModelLoading
+from middleware.errors import ClientDisconnected
 from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRecord, ModelRegistry
 from gateway.request.routes import DONE_TERMINATED, INFERENCE_PATHS, route_path

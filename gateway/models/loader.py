@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup
 
-from gateway.errors import describe
+from gateway.proxy.upstream_errors import describe
 from gateway.models.registry import ModelRegistry
 from gateway.models.upstream import Listed, LoadError, UpstreamModels
 

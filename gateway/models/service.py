@@ -17,7 +17,7 @@ import anyio
 import httpx
 
 from gateway.config.settings import Config, ModelsConfig
-from gateway.errors import ModelLoadFailed
+from gateway.models.errors import ModelLoadFailed
 from gateway.models.admin import serve_models
 from gateway.models.clock import Clock, MonotonicClock
 from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer

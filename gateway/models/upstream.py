@@ -27,7 +27,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from gateway.errors import describe
+from gateway.proxy.upstream_errors import describe
 from gateway.proxy.sse import FrameParser
 
 Api = Literal["api/v1", "api/v0", "v1"]

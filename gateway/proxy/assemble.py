@@ -29,7 +29,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.errors import StreamCut, UpstreamProtocolError, UpstreamReported
+from gateway.proxy.upstream_errors import UpstreamReported
+from middleware.errors import StreamCut, UpstreamProtocolError
 from gateway.proxy.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
 
 

@@ -36,14 +36,7 @@ import anyio
 import httpx
 
 from gateway.proxy.assemble import CompletionAssembler, streaming_request_body
-from gateway.errors import (
-    ClientDisconnected,
-    NotFound,
-    StreamCut,
-    UpstreamProtocolError,
-    normalise_error_body,
-    translate_transport_error,
-)
+from gateway.proxy.upstream_errors import normalise_error_body, translate_transport_error
 from gateway.proxy.headers import downstream_response_headers, upstream_request_headers
 from gateway.models.upstream import UpstreamModels
 from gateway.request.paths import strip_credentials, wire_path
@@ -54,6 +47,7 @@ from gateway.proxy.transport import unread_bytes
 from gateway.proxy.usage import PromptTokens
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, request_json
 from middleware.disconnect import cancel_on_disconnect
+from middleware.errors import ClientDisconnected, NotFound, StreamCut, UpstreamProtocolError
 from middleware.request_id import request_id
 from middleware.response import is_event_stream
 from middleware.types import Receive, Scope, Send

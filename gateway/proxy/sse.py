@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gateway.errors import UpstreamProtocolError
+from middleware.errors import UpstreamProtocolError
 
 DONE_MARKER = b"data: [DONE]"
 ERROR_EVENT_MARKER = b"event: error"

@@ -36,7 +36,7 @@ from urllib.parse import unquote_to_bytes
 
 from gateway.request.routes import INFERENCE_PATHS, RouteTable, route_path, route_raw_path
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, replaying_receive
-from middleware.errors import LmgateError
+from middleware.errors import ClientError
 from middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["InvalidRequest", "RequestValidation", "check_body"]
@@ -49,7 +49,7 @@ _METHODS = {
 }
 
 
-class InvalidRequest(LmgateError):
+class InvalidRequest(ClientError):
     """A request refused by validation; ``param`` names the offending field, as OpenAI does."""
 
     type = "invalid_request_error"

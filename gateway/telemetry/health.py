@@ -37,7 +37,7 @@ import anyio
 import httpx
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
-from gateway.errors import describe
+from gateway.proxy.upstream_errors import describe
 from gateway.models.upstream import UpstreamError, UpstreamModels
 from middleware.types import Clock
 

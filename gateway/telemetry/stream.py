@@ -30,7 +30,7 @@ import json
 import re
 from typing import Any
 
-from gateway.errors import classify_upstream_message
+from gateway.proxy.upstream_errors import classify_upstream_message
 from gateway.request.routes import DONE_TERMINATED
 from gateway.proxy.sse import ERROR_EVENT_MARKER
 from gateway.telemetry.record import RequestRecord, record_of

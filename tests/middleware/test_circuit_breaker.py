@@ -6,6 +6,8 @@ block on anyio Events.
 
 from __future__ import annotations
 
+import contextlib
+
 import anyio
 import httpx
 import pytest
@@ -19,7 +21,10 @@ from middleware.errors import (
     ClientDisconnected,
     ErrorMiddleware,
     GatewayTimeout,
+    Overload,
+    Overloaded,
     StreamCut,
+    UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -163,7 +168,7 @@ OUTCOMES: list[tuple[str, ASGIApp, Outcome]] = [
     ("400-bad-request", Behaviour.status(400), Outcome.SUCCESS),
     ("404-unknown-model", Behaviour.status(404), Outcome.SUCCESS),
     ("context-overflow", Behaviour.status(400, [(b"x-lmgate-error", b"context_length_exceeded")]), Outcome.SUCCESS),
-    ("lmgate-refusal", Behaviour.status(503, [(b"x-lmgate-error", b"overloaded")]), Outcome.NEUTRAL),
+    ("lmgate-refusal", Behaviour.raising(Overloaded()), Outcome.NEUTRAL),
     ("client-left", Behaviour.raising(ClientDisconnected()), Outcome.NEUTRAL),
 ]
 
@@ -173,10 +178,50 @@ async def test_what_counts_as_a_failure(app: ASGIApp, expected: Outcome) -> None
     breaker = CircuitBreakerMiddleware(app, failure_threshold=2, clock=Clock())
     circuit = breaker.breaker("upstream")
     circuit.record(circuit.admit(), Outcome.FAILURE)  # type: ignore[arg-type]  # one failure already
-    await ErrorMiddleware(breaker)(http_scope(), body_then_silence(), discard)
+    with contextlib.suppress(RuntimeError):  # ErrorMiddleware renders an unknown error, then re-raises it
+        await ErrorMiddleware(breaker)(http_scope(), body_then_silence(), discard)
     # A failure opens it (2 in a row), a success resets the count, a neutral outcome leaves it.
     state, count = {Outcome.FAILURE: ("open", 2), Outcome.SUCCESS: ("closed", 0), Outcome.NEUTRAL: ("closed", 1)}[expected]
     assert (circuit.state, circuit.consecutive_failures) == (state, count)
+
+
+class GpuFell(UpstreamError):
+    """A package's own leaf of the upstream family, with a code no layer knows."""
+
+    code = "gpu_fell_off_the_bus"
+
+
+class QuotaSpent(Overload):
+    """A package's own refusal, rendered with a header naming an upstream failure."""
+
+    code = "quota_spent"
+
+
+TYPED_OUTCOMES: list[tuple[str, ASGIApp, Outcome]] = [
+    ("custom-upstream-leaf", Behaviour.raising(GpuFell()), Outcome.FAILURE),
+    ("refusal-saying-upstream-in-its-header", Behaviour.raising(QuotaSpent(headers=[("X-Lmgate-Error", "upstream_unavailable")])), Outcome.NEUTRAL),
+    # A response is judged by its status alone: a 503 is the upstream's, whatever its header says.
+    ("503-response-with-a-refusal-header", Behaviour.status(503, [(b"x-lmgate-error", b"overloaded")]), Outcome.FAILURE),
+]
+
+
+@pytest.mark.parametrize(("app", "expected"), [case[1:] for case in TYPED_OUTCOMES], ids=[case[0] for case in TYPED_OUTCOMES])
+async def test_outcomes_come_from_types_not_header_strings(app: ASGIApp, expected: Outcome) -> None:
+    breaker = CircuitBreakerMiddleware(app, failure_threshold=1, clock=Clock())
+    await ErrorMiddleware(breaker)(http_scope(), body_then_silence(), discard)
+    assert breaker.states() == {"upstream": "open" if expected is Outcome.FAILURE else "closed"}
+
+
+async def test_a_refusal_from_a_layer_inside_is_neutral_when_the_breaker_stands_alone() -> None:
+    # No ErrorMiddleware: the breaker is the error layer for what it wraps, so the inner layer
+    # raises its refusal (the breaker judges the type) and the breaker renders it.
+    async def refuses(scope: Scope, receive: Receive, send: Send) -> None:
+        raise Overloaded(retry_after_s=2)
+
+    breaker = CircuitBreakerMiddleware(refuses, failure_threshold=1, clock=Clock())
+    response = await post(breaker)
+    assert (response.status_code, response.headers["x-lmgate-error"], response.headers["retry-after"]) == (503, "overloaded", "2")
+    assert breaker.states() == {"upstream": "closed"}
 
 
 async def test_a_stream_is_judged_when_it_ends_not_when_it_starts() -> None:

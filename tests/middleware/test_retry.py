@@ -24,6 +24,8 @@ from middleware.errors import (
     CircuitOpen,
     ClientDisconnected,
     ErrorMiddleware,
+    Overload,
+    Overloaded,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -124,8 +126,8 @@ NEVER_RETRIED: list[tuple[str, Step, int]] = [
     ("unknown-model", 404, 404),
     ("context-overflow", (400, [(b"x-lmgate-error", b"context_length_exceeded")]), 400),
     ("429-without-retry-after", 429, 429),
-    ("circuit-open-response", (503, [(b"x-lmgate-error", b"circuit_open"), (b"retry-after", b"5")]), 503),
-    ("overloaded-response", (503, [(b"x-lmgate-error", b"overloaded")]), 503),
+    ("circuit-open-from-a-layer-inside", CircuitOpen(retry_after_s=5), 503),
+    ("overloaded-from-a-layer-inside", Overloaded(), 503),
     ("retry-after-over-cap", (503, [(b"retry-after", b"120")]), 503),
     ("circuit-open-raised", CircuitOpen(), 503),
 ]
@@ -139,6 +141,37 @@ async def test_never_retried(step: Step, status: int) -> None:
     assert response.status_code == status
     assert upstream.calls == 1 and sleeps.waits == []
     assert response.headers["x-lmgate-attempts"] == "1"
+
+
+class FlakyGpu(UpstreamUnavailable):
+    """A package's own leaf of a retryable kind, with a code no layer knows."""
+
+    code = "gpu_flaked"
+
+
+class QuotaSpent(Overload):
+    """A package's own refusal whose rendered header names a retryable code."""
+
+    code = "quota_spent"
+
+
+async def test_retry_decisions_come_from_types_not_header_strings() -> None:
+    retried = Upstream(FlakyGpu(), 200)
+    response = await post(ErrorMiddleware(retrying(retried, Sleeps())))
+    assert response.status_code == 200 and retried.attempts == [1, 2]
+
+    refusal = QuotaSpent(headers=[("X-Lmgate-Error", "upstream_unavailable")])
+    refused = Upstream(refusal, 200)
+    response = await post(ErrorMiddleware(retrying(refused, Sleeps())))
+    assert response.status_code == 503 and refused.calls == 1
+    assert "upstream_unavailable" in response.headers.get_list("x-lmgate-error")  # the header said retryable
+
+
+async def test_a_503_response_is_judged_by_its_status_whatever_its_lmgate_header_says() -> None:
+    # An upstream's answer (another lmgate in front of LM Studio, say) is the upstream's status.
+    upstream = Upstream((503, [(b"x-lmgate-error", b"overloaded")]), 200)
+    response = await post(retrying(upstream, Sleeps()))
+    assert response.status_code == 200 and upstream.calls == 2
 
 
 async def test_a_client_that_left_is_not_retried() -> None:

@@ -3,7 +3,7 @@ tokens per second, the longest silence, and how it failed if it did.
 
 Failures get the telemetry layer's categories (``gateway.telemetry.events``), from lmgate's
 ``X-Lmgate-Error`` code where there is one, else from LM Studio's message wording
-(``gateway.errors.classify_upstream_message``), else from the status. A connection that drops
+(``gateway.proxy.upstream_errors.classify_upstream_message``), else from the status. A connection that drops
 before the answer is complete is a *disconnect* (the guide's word): a reset before the headers, or
 a stream that ends without ``data: [DONE]``.
 """
@@ -20,7 +20,7 @@ import anyio
 import httpx
 
 from gateway.cli.doctor.report import Attempt
-from gateway.errors import classify_upstream_message, describe
+from gateway.proxy.upstream_errors import classify_upstream_message, describe
 from gateway.proxy.sse import FrameParser
 from gateway.telemetry.events import categorise
 

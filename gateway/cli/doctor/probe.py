@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from gateway.cli.doctor.report import ModelInfo, ServerInfo
-from gateway.errors import describe
+from gateway.proxy.upstream_errors import describe
 
 LISTINGS = {"api/v1": "/api/v1/models", "api/v0": "/api/v0/models", "v1": "/v1/models"}
 

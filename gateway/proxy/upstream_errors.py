@@ -1,33 +1,12 @@
-"""lmgate's documented error hierarchy, and the translations into it at the upstream boundary.
-
-The classes live in ``middleware.errors`` (middlewares raise them and must not import ``gateway``);
-this module re-exports them and adds what only the proxy needs:
+"""Translations into lmgate's error tree (``middleware.errors``) at the upstream boundary.
 
 * :func:`translate_transport_error` maps an httpx failure to an ``LmgateError`` depending on
   whether the client's response has started;
 * :func:`normalise_error_body` rewrites LM Studio's ``{"error": "text"}`` bodies into the OpenAI
-  shape and gives each known LM Studio message a stable code.
+  shape and gives each known LM Studio message a stable code (:func:`classify_upstream_message`);
+* :class:`UpstreamReported` is an error the upstream reported inside a stream lmgate consumed.
 
-| code                      | status | when                                                        |
-|---------------------------|--------|-------------------------------------------------------------|
-| `bad_request`             | 400    | malformed request, rejected before the upstream             |
-| `invalid_api_key`         | 401    | missing or wrong client key                                  |
-| `not_found`               | 404    | a route lmgate does not serve (never an open proxy)          |
-| `request_timeout`         | 408    | the body stalled (`limits.body_idle_s`, `limits.body_total_s`) |
-| `payload_too_large`       | 413    | body over `limits.body_bytes`                                |
-| `rate_limited`            | 429    | per-key concurrency limit                                    |
-| `client_cancelled`        | (499)  | the client left; nothing is sent, it is logged               |
-| `overloaded`              | 503    | concurrency limit and queue full, or upstream pool full      |
-| `draining`                | 503    | shutting down                                                |
-| `circuit_open`            | 503    | the upstream keeps failing                                   |
-| `model_loading`           | 503    | model still loading and `models.on_loading: reject`          |
-| `timeout`                 | 504    | a lmgate deadline (first token, idle, total) passed          |
-| `upstream_unavailable`    | 502    | connection refused or reset before a response                |
-| `upstream_timeout`        | 504    | connecting or reading from the upstream timed out            |
-| `upstream_protocol_error` | 502    | the upstream's answer could not be understood: broken HTTP, cut short, a frame over `limits.frame_bytes` |
-| `stream_cut`              | 502    | the upstream's stream ended before it finished               |
-| `model_load_failed`       | 502    | the upstream could not load the model                        |
-| `internal_error`          | 500    | a bug in lmgate; logged with the request id                  |
+The tree, every code and how each renders: docs/errors.md.
 """
 
 from __future__ import annotations
@@ -37,63 +16,26 @@ import json
 import httpx
 
 from middleware.errors import (
-    BadRequest,
-    CircuitOpen,
-    ClientDisconnected,
-    Draining,
-    ErrorMiddleware,
-    GatewayTimeout,
-    InternalError,
     LmgateError,
-    ModelLoadFailed,
-    ModelLoading,
-    NotFound,
     Overloaded,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
     StreamCut,
-    Unauthorized,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
-    error_body,
-    send_error,
-    sse_error_frame,
 )
 
 __all__ = [
-    "BadRequest",
-    "CircuitOpen",
-    "ClientDisconnected",
-    "Draining",
-    "ErrorMiddleware",
-    "GatewayTimeout",
-    "InternalError",
-    "LmgateError",
-    "ModelLoadFailed",
-    "ModelLoading",
-    "NotFound",
-    "Overloaded",
-    "PayloadTooLarge",
-    "RateLimited",
-    "RequestTimeout",
-    "StreamCut",
-    "Unauthorized",
-    "UpstreamProtocolError",
+    "POOL_RETRY_AFTER_S",
     "UpstreamReported",
-    "UpstreamTimeout",
-    "UpstreamUnavailable",
     "classify_upstream_message",
-    "error_body",
+    "describe",
     "normalise_error_body",
-    "send_error",
-    "sse_error_frame",
     "translate_transport_error",
 ]
 
 
-class UpstreamReported(LmgateError):
+class UpstreamReported(UpstreamError):
     """An error the upstream reported inside a stream that lmgate consumed itself (assembly).
 
     Status, code and type come from the upstream's message, mirroring what the upstream answers
@@ -108,7 +50,7 @@ class UpstreamReported(LmgateError):
         self.upstream_fault = status >= 500
 
     @classmethod
-    def from_message(cls, message: str) -> "UpstreamReported":
+    def from_message(cls, message: str) -> UpstreamReported:
         code, kind = classify_upstream_message(message, 500)
         status = 400 if kind == "invalid_request_error" else 502
         return cls(message, status=status, code=code, type=kind)
