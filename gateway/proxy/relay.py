@@ -40,21 +40,19 @@ from gateway.proxy.error_bodies import read_error_answer, send_error_answer
 from gateway.proxy.headers import downstream_response_headers, upstream_request_headers
 from gateway.proxy.sse import DEFAULT_FRAME_BYTES, FrameHold, StreamMarkers
 from gateway.proxy.usage import PromptTokens, upstream_body
-from gateway.request.paths import strip_credentials, wire_path
 from gateway.request.routes import (
     RequestKind,
     RouteTable,
     assembled_routes,
     request_kind,
     route_path,
+    upstream_target,
 )
 from gateway.telemetry.stream import UsageTap, usage_tap
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body
 from middleware.request_id import request_id
 from middleware.response import is_event_stream
 from middleware.types import Receive, Scope, Send
-
-__all__ = ["DEFAULT_ASSEMBLED_LIMIT_BYTES", "Proxy"]
 
 
 class Proxy:
@@ -141,15 +139,8 @@ class Proxy:
             scope, request_id=rid, api_key=self.api_key, forward_client_auth=self.forward_client_auth
         )
         return httpx.Request(
-            scope["method"], self._upstream_url(scope), headers=headers, content=body, extensions={"timeout": self.timeout}
+            scope["method"], upstream_target(self.upstream_url, scope), headers=headers, content=body, extensions={"timeout": self.timeout}
         )
-
-    def _upstream_url(self, scope: Scope) -> str:
-        # Built from the very path the route check and every other decision read (canonical:
-        # gateway.request.paths), never from the client's raw_path; credentials never leave in the query.
-        url = self.upstream_url + wire_path(route_path(scope)).decode("ascii")
-        query = strip_credentials(scope.get("query_string", b""))
-        return f"{url}?{query.decode('latin-1')}" if query else url
 
     async def _exchange(
         self, request: httpx.Request, send: Send, *, request_id: str, kind: RequestKind, tap: UsageTap | None

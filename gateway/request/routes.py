@@ -208,6 +208,18 @@ def route_path(scope: Scope) -> str:
     return (path[len(mount) :] or "/") if mount else path
 
 
+def upstream_target(upstream_url: str, scope: Scope) -> str:
+    """The URL a request is forwarded to: ``upstream_url`` (no trailing slash) joined with the
+    canonical path and the query without credentials.
+
+    Built from the very path the route check and every other decision read
+    (:mod:`gateway.request.paths`), never from the client's ``raw_path``.
+    """
+    url = upstream_url + wire_path(route_path(scope)).decode("ascii")
+    query = strip_credentials(scope.get("query_string", b""))
+    return f"{url}?{query.decode('latin-1')}" if query else url
+
+
 def route_raw_path(scope: Scope) -> bytes:
     """``raw_path`` below the mount point: the client's bytes before ``RequestNormalisation``, the
     canonical path's after it. Without a usable ``raw_path``, ``path`` encoded again."""
