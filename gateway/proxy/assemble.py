@@ -45,10 +45,10 @@ from gateway.errors import (
 from gateway.models.upstream import UpstreamModels
 from gateway.proxy.headers import downstream_response_headers
 from gateway.proxy.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
+from gateway.proxy.usage import PromptSource, PromptTokens
 from middleware.types import Send
 
 if TYPE_CHECKING:
-    from gateway.proxy.usage import PromptSource, PromptTokens
     from gateway.telemetry.stream import UsageTap
 
 #: On an assembled answer whose usage lmgate counted (the upstream streamed none):
@@ -87,32 +87,38 @@ class AssembledAnswer:
         return headers
 
 
-async def relay_assembled(
-    response: httpx.Response,
-    send: Send,
-    *,
-    kind: str,
-    request_id: str,
-    tap: UsageTap | None,
-    limit_bytes: int,
-    frame_limit_bytes: int,
-    counter: PromptTokens,
-    model_info: ModelInfo,
-) -> None:
-    """Assemble the upstream's event stream into the whole answer of ``kind``, and send it.
+class Assembly:
+    """Assembles the non-streaming answers of one proxy: its limits, the prompt counter for
+    streams without usage, and ``model_info`` for ``/api/v0`` answers (None: asked of the
+    upstream; the gateway points it at its model registry)."""
 
-    ``counter`` counts the prompt when the stream has no usage; ``model_info`` completes
-    ``/api/v0`` answers; ``tap`` (telemetry) is given the usage.
-    """
-    assembler = CompletionAssembler(kind, max_frame_bytes=frame_limit_bytes)  # now: it times the stream
-    await _feed(assembler, response, limit_bytes=limit_bytes)
-    answer = await _complete(assembler, response.request, counter=counter, model_info=model_info)
-    if tap is not None:
-        tap.record.note_usage(answer.document.get("usage"), answer.document, counted=answer.counted)
-    body = answer.body()
-    headers = answer.headers(response, request_id=request_id, length=len(body))
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        upstream_url: str,
+        *,
+        api_key: str | None = None,
+        model_info: ModelInfo | None = None,
+        limit_bytes: int = DEFAULT_ASSEMBLED_LIMIT_BYTES,
+        frame_limit_bytes: int = DEFAULT_FRAME_BYTES,
+    ) -> None:
+        self.counter = PromptTokens(client, upstream_url)
+        self.model_info = model_info or model_info_from(UpstreamModels(client, upstream_url, api_key=api_key))
+        self.limit_bytes = limit_bytes
+        self.frame_limit_bytes = frame_limit_bytes
+
+    async def relay(self, response: httpx.Response, send: Send, *, kind: str, request_id: str, tap: UsageTap | None) -> None:
+        """Assemble the upstream's event stream into the whole answer of ``kind``, and send it;
+        ``tap`` (telemetry) is given the usage."""
+        assembler = CompletionAssembler(kind, max_frame_bytes=self.frame_limit_bytes)  # now: it times the stream
+        await _feed(assembler, response, limit_bytes=self.limit_bytes)
+        answer = await _complete(assembler, response.request, counter=self.counter, model_info=self.model_info)
+        if tap is not None:
+            tap.record.note_usage(answer.document.get("usage"), answer.document, counted=answer.counted)
+        body = answer.body()
+        headers = answer.headers(response, request_id=request_id, length=len(body))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def model_info_from(upstream: UpstreamModels) -> ModelInfo:

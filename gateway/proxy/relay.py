@@ -28,18 +28,12 @@ import anyio
 import httpx
 
 from gateway.errors import ClientDisconnected, NotFound, translate_transport_error
-from gateway.models.upstream import UpstreamModels
-from gateway.proxy.assemble import (
-    DEFAULT_ASSEMBLED_LIMIT_BYTES,
-    ModelInfo,
-    model_info_from,
-    relay_assembled,
-)
+from gateway.proxy.assemble import DEFAULT_ASSEMBLED_LIMIT_BYTES, Assembly, ModelInfo
 from gateway.proxy.body import UpstreamBody, check_end, check_stream_end
 from gateway.proxy.error_bodies import read_error_answer, send_error_answer
 from gateway.proxy.headers import downstream_response_headers, upstream_request_headers
 from gateway.proxy.sse import DEFAULT_FRAME_BYTES, FrameHold, StreamMarkers
-from gateway.proxy.usage import PromptTokens, upstream_body
+from gateway.proxy.usage import upstream_body
 from gateway.request.routes import (
     RequestKind,
     RouteTable,
@@ -82,12 +76,20 @@ class Proxy:
         self.assemble = assembled_routes(assemble_non_streaming)
         self.normalise_errors = normalise_errors
         self.body_limit_bytes = body_limit_bytes
-        self.assembled_limit_bytes = assembled_limit_bytes
-        # For assembled answers: the prompt's tokens when the upstream streams no usage, and the
-        # model_info of /api/v0 answers (the gateway points this at its model registry).
-        self.prompt_tokens = PromptTokens(client, self.upstream_url)
-        self.model_info: ModelInfo = model_info or model_info_from(UpstreamModels(client, upstream_url, api_key=api_key))
         self.frame_limit_bytes = frame_limit_bytes
+        self.assembly = Assembly(
+            client, self.upstream_url, api_key=api_key, model_info=model_info,
+            limit_bytes=assembled_limit_bytes, frame_limit_bytes=frame_limit_bytes,
+        )
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """``model_info`` for the ``/api/v0`` answers lmgate assembles."""
+        return self.assembly.model_info
+
+    @model_info.setter
+    def model_info(self, value: ModelInfo) -> None:  # the gateway points it at its model registry
+        self.assembly.model_info = value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -163,16 +165,13 @@ class Proxy:
         status = response.status_code
         error = await read_error_answer(
             body, normalise=self.normalise_errors, expects_events=kind.expects_events,
-            whole_limit=self.assembled_limit_bytes,
+            whole_limit=self.assembly.limit_bytes,
         )
         event_stream = is_event_stream(response.headers.raw)
         if error is not None:
             await send_error_answer(response, error, send, request_id=rid, api_key=self.api_key)
         elif kind.assemble is not None and event_stream and status == 200:
-            await relay_assembled(
-                response, send, kind=kind.assemble, request_id=rid, tap=tap, limit_bytes=self.assembled_limit_bytes,
-                frame_limit_bytes=self.frame_limit_bytes, counter=self.prompt_tokens, model_info=self.model_info,
-            )
+            await self.assembly.relay(response, send, kind=kind.assemble, request_id=rid, tap=tap)
         elif event_stream:
             markers = StreamMarkers() if kind.ends_with_done else None
             await self._relay_events(body, send, request_id=rid, markers=markers, tap=tap if status == 200 else None)
