@@ -107,7 +107,9 @@ class Assembly:
         self.limit_bytes = limit_bytes
         self.frame_limit_bytes = frame_limit_bytes
 
-    async def relay(self, response: httpx.Response, send: Send, *, kind: str, request_id: str, tap: UsageTap | None) -> None:
+    async def relay(
+        self, response: httpx.Response, send: Send, *, kind: str, request_id: str, tap: UsageTap | None
+    ) -> None:
         """Assemble the upstream's event stream into the whole answer of ``kind``, and send it;
         ``tap`` (telemetry) is given the usage."""
         assembler = CompletionAssembler(kind, max_frame_bytes=self.frame_limit_bytes)  # now: it times the stream

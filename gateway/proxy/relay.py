@@ -103,7 +103,8 @@ class Proxy:
         kind = request_kind(scope, path, self.assemble)
         tap = usage_tap(scope, path)
         rid = request_id(scope)
-        request = self._upstream_request(scope, upstream_body(scope, body, assembled=kind.assemble is not None, tap=tap), rid=rid)
+        body = upstream_body(scope, body, assembled=kind.assemble is not None, tap=tap)
+        request = self._upstream_request(scope, body, rid=rid)
 
         disconnected = False
         completed = False
@@ -140,9 +141,8 @@ class Proxy:
         headers = upstream_request_headers(
             scope, request_id=rid, api_key=self.api_key, forward_client_auth=self.forward_client_auth
         )
-        return httpx.Request(
-            scope["method"], upstream_target(self.upstream_url, scope), headers=headers, content=body, extensions={"timeout": self.timeout}
-        )
+        url = upstream_target(self.upstream_url, scope)
+        return httpx.Request(scope["method"], url, headers=headers, content=body, extensions={"timeout": self.timeout})
 
     async def _exchange(
         self, request: httpx.Request, send: Send, *, request_id: str, kind: RequestKind, tap: UsageTap | None
