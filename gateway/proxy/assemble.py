@@ -20,31 +20,158 @@ Two things a stream may lack that a whole answer has:
   ``runtime`` (lmstudio-bug-tracker#676). The assembler times the stream itself (time to first
   token, generation time, tokens per second; ``stop_reason`` from ``finish_reason``) and takes
   ``model_info`` from what the proxy knows of the model. Whatever the stream does carry wins.
+
+:func:`relay_assembled` is what the proxy calls: it reads the upstream's stream whole (bounded by
+``limits.assembled_bytes``), fills in what the stream lacked, notes the usage for telemetry and
+sends the answer as one JSON body, with ``x-lmgate-usage`` when lmgate counted the usage.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from gateway.proxy.upstream_errors import UpstreamReported
-from middleware.errors import StreamCut, UpstreamProtocolError
+import httpx
+
+from gateway.models.upstream import UpstreamModels
+from gateway.proxy.headers import downstream_response_headers
 from gateway.proxy.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
+from gateway.proxy.upstream_errors import UpstreamReported, translate_transport_error
+from gateway.proxy.usage import PromptSource, PromptTokens
+from middleware.errors import StreamCut, UpstreamProtocolError
+from middleware.types import Send
+
+if TYPE_CHECKING:
+    from gateway.telemetry.stream import UsageTap
+
+#: On an assembled answer whose usage lmgate counted (the upstream streamed none):
+#: ``counted``, or ``counted; prompt=estimated`` when the prompt's tokens are an estimate.
+USAGE_HEADER = b"x-lmgate-usage"
+#: The ``model_info`` of a model, for ``/api/v0`` answers lmgate assembles (None: unknown).
+ModelInfo = Callable[[str], Awaitable[Mapping[str, Any] | None]]
+DEFAULT_ASSEMBLED_LIMIT_BYTES = 64 * 1024 * 1024
+# Headers of the upstream's stream that do not describe the assembled JSON body.
+_STREAM_HEADERS = (b"content-type", b"content-length", b"content-encoding", b"cache-control")
 
 
-def streaming_request_body(document: dict[str, Any]) -> bytes:
-    """The client's non-streaming request, asking the upstream for a stream with usage."""
-    upstream = dict(document)
-    upstream["stream"] = True
-    options = dict(upstream.get("stream_options") or {})
-    options["include_usage"] = True
-    upstream["stream_options"] = options
+@dataclass(frozen=True, slots=True)
+class AssembledAnswer:
+    """A whole answer assembled from a stream."""
+
+    document: dict[str, Any]
+    #: How lmgate got the prompt's tokens when it counted the usage itself; None: the upstream's.
+    prompt_source: PromptSource | None = None
+
+    @property
+    def counted(self) -> dict[str, str] | None:
+        """What telemetry records as counted by lmgate (``RequestRecord.usage_counted``)."""
+        return {"input": self.prompt_source, "output": "counted"} if self.prompt_source is not None else None
+
+    def body(self) -> bytes:
+        return json.dumps(self.document, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def headers(self, response: httpx.Response, *, request_id: str, length: int) -> list[tuple[bytes, bytes]]:
+        upstream = downstream_response_headers(response.headers.raw, request_id=request_id, event_stream=False)
+        headers = [(k, v) for k, v in upstream if k not in _STREAM_HEADERS]
+        headers += [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(length).encode())]
+        if self.prompt_source is not None:
+            usage = b"counted" if self.prompt_source == "counted" else b"counted; prompt=estimated"
+            headers.append((USAGE_HEADER, usage))
+        return headers
+
+
+class Assembly:
+    """Assembles the non-streaming answers of one proxy: its limits, the prompt counter for
+    streams without usage, and ``model_info`` for ``/api/v0`` answers (None: asked of the
+    upstream; the gateway points it at its model registry)."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        upstream_url: str,
+        *,
+        api_key: str | None = None,
+        model_info: ModelInfo | None = None,
+        limit_bytes: int = DEFAULT_ASSEMBLED_LIMIT_BYTES,
+        frame_limit_bytes: int = DEFAULT_FRAME_BYTES,
+    ) -> None:
+        self.counter = PromptTokens(client, upstream_url)
+        self.model_info = model_info or model_info_from(UpstreamModels(client, upstream_url, api_key=api_key))
+        self.limit_bytes = limit_bytes
+        self.frame_limit_bytes = frame_limit_bytes
+
+    async def relay(
+        self, response: httpx.Response, send: Send, *, kind: str, request_id: str, tap: UsageTap | None
+    ) -> None:
+        """Assemble the upstream's event stream into the whole answer of ``kind``, and send it;
+        ``tap`` (telemetry) is given the usage."""
+        assembler = CompletionAssembler(kind, max_frame_bytes=self.frame_limit_bytes)  # now: it times the stream
+        await _feed(assembler, response, limit_bytes=self.limit_bytes)
+        answer = await _complete(assembler, response.request, counter=self.counter, model_info=self.model_info)
+        if tap is not None:
+            tap.record.note_usage(answer.document.get("usage"), answer.document, counted=answer.counted)
+        body = answer.body()
+        headers = answer.headers(response, request_id=request_id, length=len(body))
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def model_info_from(upstream: UpstreamModels) -> ModelInfo:
+    """``model_info`` straight from ``GET /api/v0/models/{model}`` (a proxy without a registry)."""
+
+    async def model_info(model: str) -> Mapping[str, Any] | None:
+        facts = await upstream.model_facts(model)
+        return (facts.model_info() or None) if facts is not None else None
+
+    return model_info
+
+
+async def _feed(assembler: CompletionAssembler, response: httpx.Response, *, limit_bytes: int) -> None:
     try:
-        return json.dumps(upstream, separators=(",", ":"), ensure_ascii=False).encode()
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800" is valid JSON): pass it on escaped, as it came
-        return json.dumps(upstream, separators=(",", ":")).encode()
+        async for text in response.aiter_text():
+            if response.num_bytes_downloaded > limit_bytes:
+                # The answer is held in memory whole: an upstream gone wild must not exhaust it.
+                raise UpstreamProtocolError(
+                    f"The upstream's answer is larger than limits.assembled_bytes ({limit_bytes} bytes); "
+                    "ask for a stream to receive it."
+                )
+            assembler.feed(text)
+    except httpx.HTTPError as exc:
+        raise translate_transport_error(exc, response_started=False) from exc
+    assembler.close()
+
+
+async def _complete(
+    assembler: CompletionAssembler, sent: httpx.Request, *, counter: PromptTokens, model_info: ModelInfo
+) -> AssembledAnswer:
+    """The answer, with the prompt's tokens when the stream had no usage and ``/api/v0``'s model_info."""
+    # The request as sent is parsed again only when needed (a prompt may be megabytes long).
+    request = _sent_document(sent) if assembler.usage_missing or not assembler.model else {}
+    model = assembler.model or _string(request.get("model"))
+    prompt_tokens, prompt_source = None, None
+    if assembler.usage_missing:  # an engine that ignores stream_options.include_usage
+        auth = sent.headers.get("authorization")
+        prompt_tokens, prompt_source = await counter.count(
+            request, model=model, headers={"authorization": auth} if auth else None
+        )
+    info = await model_info(model) if assembler.lmstudio_v0 and model else None
+    return AssembledAnswer(assembler.result(prompt_tokens=prompt_tokens, model_info=info), prompt_source)
+
+
+def _sent_document(request: httpx.Request) -> dict[str, Any]:
+    """The JSON body lmgate sent upstream (the client's request, asking for a stream)."""
+    try:
+        document = json.loads(request.content)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _string(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 #: ``finish_reason`` -> LM Studio's ``stats.stop_reason``. A stop string also ends with "stop";

@@ -1,4 +1,9 @@
-"""A prompt's token count when the upstream reported no usage: its own tokenizer, else an estimate.
+"""Usage on every answer: asking the upstream for it, and counting a prompt when it gave none.
+
+When lmgate assembles a non-streaming answer (it needs a stream), or telemetry needs the usage
+the client did not ask for, the request goes upstream as a stream with
+``stream_options.include_usage`` (:func:`upstream_body`); telemetry's ``UsageTap``
+(:mod:`gateway.telemetry.stream`) removes that usage frame again before the client sees it.
 
 An engine that ignores ``stream_options.include_usage`` leaves lmgate's assembled answer without
 ``usage`` (the assembler counts the completion from the stream itself). For the prompt, lmgate
@@ -27,16 +32,41 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import httpx
 
-from gateway.telemetry.record import prompt_text
+from middleware.body import request_json
+from middleware.types import Scope
+
+if TYPE_CHECKING:  # gateway.telemetry.stream imports this module
+    from gateway.telemetry.stream import UsageTap
 
 PromptSource = Literal["counted", "estimated"]
 #: Characters per token of the estimate (English prose averages about four).
 CHARS_PER_TOKEN = 4
+
+
+def upstream_body(scope: Scope, body: bytes, *, assembled: bool, tap: UsageTap | None) -> bytes:
+    """The request body to send upstream: the client's ``body``, or its request asking for a
+    stream with usage when lmgate ``assembled`` the answer or ``tap`` strips the usage again."""
+    if assembled or (tap is not None and tap.strip):
+        return streaming_request_body(request_json(scope) or {})
+    return body
+
+
+def streaming_request_body(document: dict[str, Any]) -> bytes:
+    """The client's request ``document``, asking the upstream for a stream with usage."""
+    upstream = dict(document)
+    upstream["stream"] = True
+    options = dict(upstream.get("stream_options") or {})
+    options["include_usage"] = True
+    upstream["stream_options"] = options
+    try:
+        return json.dumps(upstream, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" is valid JSON): pass it on escaped, as it came
+        return json.dumps(upstream, separators=(",", ":")).encode()
 
 
 def estimate_tokens(chars: int) -> int:
@@ -99,6 +129,10 @@ class PromptTokens:
         ``headers`` go with the question (the upstream's ``authorization``). Never raises for the
         upstream's sake: any failure falls back to the estimate.
         """
+        # Imported here: gateway.telemetry imports this module (estimate_tokens), so a module-level
+        # import would make the two packages' import order matter.
+        from gateway.telemetry.record import prompt_text
+
         text = prompt_text(dict(request))
         if not text:
             return 0, "counted"

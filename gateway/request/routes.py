@@ -13,10 +13,18 @@ same string. Parameters (a model key, a download job id) keep their case. lmgate
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from urllib.parse import quote
 
-from gateway.request.paths import BadPath, ascii_lower, resolve_path, strip_credentials, wire_path
+from gateway.request.paths import (
+    BadPath,
+    ascii_lower,
+    resolve_path,
+    strip_credentials,
+    wire_path,
+)
+from middleware.body import request_json
 from middleware.types import ASGIApp, Receive, Scope, Send
 
 LMSTUDIO_PATHS = frozenset(
@@ -77,6 +85,40 @@ ASSEMBLABLE = {
     "/v1/completions": "text",
     "/api/v0/completions": "v0-text",
 }
+
+
+def assembled_routes(setting: Mapping[str, bool] | bool) -> dict[str, str]:
+    """The assemblable routes (path -> kind) that ``routes.assemble_non_streaming`` leaves on:
+    all or none, or per path (a path not named stays on)."""
+    if isinstance(setting, bool):
+        return dict(ASSEMBLABLE) if setting else {}
+    return {path: kind for path, kind in ASSEMBLABLE.items() if setting.get(path, True)}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKind:
+    """What the proxy asks the upstream for, decided from the request alone."""
+
+    #: The kind of whole answer lmgate assembles from a stream (``ASSEMBLABLE``); None: relayed.
+    assemble: str | None
+    #: The upstream is asked for an event stream (by the client, or by lmgate to assemble one).
+    expects_events: bool
+    #: The route's event streams end with ``data: [DONE]`` (``DONE_TERMINATED``): one without was cut.
+    ends_with_done: bool
+
+
+def request_kind(scope: Scope, path: str, assembled: Mapping[str, str]) -> RequestKind:
+    """``scope``'s kind on ``path`` (canonical), with ``assembled`` from :func:`assembled_routes`.
+
+    A non-streaming POST on an assembled route is assembled; the body must have been read
+    (``middleware.body``).
+    """
+    document = request_json(scope)
+    kind = assembled.get(path)
+    if kind is None or scope["method"] != "POST" or document is None or document.get("stream"):
+        kind = None
+    streams = kind is not None or (document or {}).get("stream") is True
+    return RequestKind(assemble=kind, expects_events=streams, ends_with_done=path in DONE_TERMINATED)
 
 
 class RouteTable:
@@ -169,7 +211,7 @@ def _mount_point(scope: Scope) -> str:
     return ""
 
 
-def route_path(scope: dict) -> str:
+def route_path(scope: Scope) -> str:
     """The request path below the mount point.
 
     Mounted in Starlette (``Mount("/llm", app)``), ``path`` keeps the prefix and ``root_path``
@@ -181,7 +223,19 @@ def route_path(scope: dict) -> str:
     return (path[len(mount) :] or "/") if mount else path
 
 
-def route_raw_path(scope: dict) -> bytes:
+def upstream_target(upstream_url: str, scope: Scope) -> str:
+    """The URL a request is forwarded to: ``upstream_url`` (no trailing slash) joined with the
+    canonical path and the query without credentials.
+
+    Built from the very path the route check and every other decision read
+    (:mod:`gateway.request.paths`), never from the client's ``raw_path``.
+    """
+    url = upstream_url + wire_path(route_path(scope)).decode("ascii")
+    query = strip_credentials(scope.get("query_string", b""))
+    return f"{url}?{query.decode('latin-1')}" if query else url
+
+
+def route_raw_path(scope: Scope) -> bytes:
     """``raw_path`` below the mount point: the client's bytes before ``RequestNormalisation``, the
     canonical path's after it. Without a usable ``raw_path``, ``path`` encoded again."""
     raw: bytes | None = scope.get("raw_path")
