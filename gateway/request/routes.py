@@ -154,7 +154,7 @@ def _mount_point(scope: Scope) -> str:
     return ""
 
 
-def route_path(scope: dict) -> str:
+def route_path(scope: Scope) -> str:
     """The request path below the mount point.
 
     Mounted in Starlette (``Mount("/llm", app)``), ``path`` keeps the prefix and ``root_path``
