@@ -13,13 +13,7 @@ from collections.abc import Mapping
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.config.settings import Config
-from gateway.stack import (
-    Collaborators,
-    Stack,
-    build_collaborators,
-    build_stack,
-    make_upstream_client,
-)
+from gateway.stack import Collaborators, Stack, build_collaborators, build_stack, make_upstream_client
 from middleware.cache import CacheMiddleware
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware

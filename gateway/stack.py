@@ -31,11 +31,7 @@ from gateway.admin.view import DrainFacts, GatewayView, ReadinessFacts
 from gateway.config.settings import Config
 from gateway.models import ModelService
 from gateway.models.admin import serve_models
-from gateway.models.coldstart import (
-    ColdStartMiddleware,
-    early_headers,
-    heartbeat_describer,
-)
+from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer
 from gateway.proxy.relay import Proxy
 from gateway.proxy.transport import FramingGuard
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path

@@ -27,18 +27,8 @@ from gateway.telemetry import events
 from gateway.telemetry.health import LatencyWindows, LlmHealth
 from gateway.telemetry.metrics import GatewayMetrics, StateCollector
 from gateway.telemetry.middleware import outcome_of
-from gateway.telemetry.record import (
-    NOT_INFERENCE,
-    RequestOutcome,
-    RequestRecord,
-    record_of,
-)
-from gateway.telemetry.tracing import (
-    Tracing,
-    add_event,
-    build_tracer_provider,
-    install_span_events,
-)
+from gateway.telemetry.record import NOT_INFERENCE, RequestOutcome, RequestRecord, record_of
+from gateway.telemetry.tracing import Tracing, add_event, build_tracer_provider, install_span_events
 from middleware.body import DEFAULT_LIMIT_BYTES
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
