@@ -36,14 +36,14 @@ class Gateway:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.config = config
-        self.collaborators: Collaborators = build_collaborators(
-            config, env=env, drain=drain, tracer_provider=tracer_provider
-        )
+        self.collaborators: Collaborators = build_collaborators(config, env=env, drain=drain, tracer_provider=tracer_provider)
         self.stack: Stack = build_stack(config, collaborators=self.collaborators)
-        c = self.collaborators
-        self.client, self.drain, self.telemetry, self.models, self.proxy = (
-            c.client, c.drain, c.telemetry, c.models, c.proxy
-        )
+        # The shared objects, where tests, `lmgate serve` and mounting apps reach them.
+        self.client = self.collaborators.client
+        self.drain = self.collaborators.drain
+        self.telemetry = self.collaborators.telemetry
+        self.models = self.collaborators.models
+        self.proxy = self.collaborators.proxy
 
     @property
     def breaker(self) -> CircuitBreakerMiddleware | None:

@@ -151,7 +151,7 @@ class Layer:
 class Stack:
     """The composed request path: an ASGI app that names the layers it was built from.
 
-    :meth:`build` stacks its layers outermost first around the terminal app; :attr:`layers`
+    :meth:`build` stacks its layers, listed outermost first, around the terminal app; :attr:`layers`
     then holds each built layer by name (the stateful ones are also properties).
     """
 
@@ -159,9 +159,8 @@ class Stack:
         self.layers: dict[str, ASGIApp] = {}
         self._app: ASGIApp | None = None
 
-    def build(self, terminal: ASGIApp, *layers: Layer | None) -> Stack:
-        """Stack ``layers`` (outermost first; None: off in this config) around ``terminal``."""
-        app = terminal
+    def build(self, *layers: Layer | None, app: ASGIApp) -> Stack:
+        """Stack ``layers`` (outermost first; None: off in this config) around the terminal ``app``."""
         for layer in reversed([layer for layer in layers if layer is not None]):
             app = self.layers[layer.name] = layer.wrap(app)
         self._app = app
@@ -201,25 +200,25 @@ def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
     """Every layer of the request path, outermost first (docs/architecture.md says what each does)."""
     c, stack = collaborators, Stack()
     stack.build(
-        c.proxy,  # the terminal app, innermost: httpx stream to the upstream, one chunk in, one chunk out
-        _errors(),  # renders every LmgateError as OpenAI-shaped JSON; unknown errors -> logged 500
-        _request_normalisation(c),  # the canonical path (400 if none), credentials out of the query
-        _auth(config),  # client keys (401), admin keys (403); off without keys
-        _body_deadlines(config),  # 408 for a request body that stalls
-        _own_routes(config, c, GatewaySnapshot(config, c, stack)),  # /healthz, /readyz, /metrics, /lmgate/...
-        _telemetry(c),  # logs, metrics and the span of each forwarded request, once
-        _request_validation(config, c),  # 4xx for what the upstream cannot serve
-        _per_key_concurrency(config),  # per client key (auth.per_key_limit): 429 rate_limited
-        _drain(config, c),  # 503 draining once shutdown began
-        _cache(config, c),  # repeated deterministic requests answered from memory
-        _base64_embeddings(config),  # float embeddings encoded for clients that asked for base64
-        _heartbeat(config, c),  # SSE comments in silences; starts a slow event stream early
-        _cold_start(config, c),  # loads a cold model first (single flight); X-Lmgate-Model-State
-        _concurrency(config),  # limit + bounded FIFO queue
-        _admission_mark(c),  # notes the queue wait for telemetry
-        _timeout(config),  # first token / idle / total (retries included)
-        _retry(config),  # only before the first byte reaches the client
-        _circuit_breaker(config, c),  # per attempt
+        _errors(),  # ErrorMiddleware: every LmgateError as OpenAI-shaped JSON; unknown errors -> logged 500
+        _request_normalisation(c),  # RequestNormalisation: the canonical path (400 if none), no credentials in the query
+        _auth(config),  # AuthMiddleware: client keys (401), admin keys (403); off without keys
+        _body_deadlines(config),  # BodyDeadlines: 408 for a request body that stalls
+        _own_routes(config, c, GatewaySnapshot(config, c, stack)),  # OwnRoutes -> AdminRoutes: /healthz, /lmgate/...
+        _telemetry(c),  # TelemetryMiddleware: logs, metrics and the span of each forwarded request, once
+        _request_validation(config, c),  # RequestValidation: 4xx for what the upstream cannot serve
+        _per_key_concurrency(config),  # ConcurrencyMiddleware per client key (auth.per_key_limit): 429
+        _drain(config, c),  # DrainMiddleware: 503 draining once shutdown began
+        _cache(config, c),  # CacheMiddleware: repeated deterministic requests answered from memory
+        _base64_embeddings(config),  # Base64EmbeddingsMiddleware: float embeddings encoded for base64 clients
+        _heartbeat(config, c),  # HeartbeatMiddleware: SSE comments in silences; starts a slow stream early
+        _cold_start(config, c),  # ColdStartMiddleware: loads a cold model first (single flight)
+        _concurrency(config),  # ConcurrencyMiddleware: the limit and a bounded FIFO queue
+        _admission_mark(c),  # AdmissionMark: notes the queue wait for telemetry
+        _timeout(config),  # TimeoutMiddleware: first token / idle / total (retries included)
+        _retry(config),  # RetryMiddleware: only before the first byte reaches the client
+        _circuit_breaker(config, c),  # CircuitBreakerMiddleware: per attempt
+        app=c.proxy,  # Proxy: httpx stream to the upstream, one chunk in, one chunk out
     )
     _watch(stack, c)
     return stack
