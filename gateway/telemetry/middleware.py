@@ -47,7 +47,7 @@ _ERROR_BODY_LIMIT = 64 * 1024
 MODEL_STATE_HEADER = b"x-lmgate-model-state"
 LOAD_MS_HEADER = b"x-lmgate-load-ms"
 
-class Telemetry(Protocol):
+class TelemetryHub(Protocol):
     """What these layers use of ``gateway.telemetry.hub.Telemetry`` (declared here, so the hub,
     which imports ``outcome_of`` from this module, is not imported back)."""
 
@@ -67,7 +67,7 @@ class Telemetry(Protocol):
 class TelemetryMiddleware:
     """Logs, metrics and the span of every request through ``app``; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, *, telemetry: Telemetry) -> None:
+    def __init__(self, app: ASGIApp, *, telemetry: TelemetryHub) -> None:
         self.app = app
         self.telemetry = telemetry
 
@@ -158,7 +158,7 @@ class AdmissionMark:
     Placed right inside the concurrency layer; it costs one attribute write per request.
     """
 
-    def __init__(self, app: ASGIApp, *, telemetry: Telemetry) -> None:
+    def __init__(self, app: ASGIApp, *, telemetry: TelemetryHub) -> None:
         self.app = app
         self.telemetry = telemetry
 
