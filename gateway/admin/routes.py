@@ -1,23 +1,25 @@
-"""lmgate's own routes: liveness, readiness, and (later issues) models, metrics and status.
+"""lmgate's own routes: liveness, readiness, metrics, models, the LLM health check and the status page.
 
 They sit outside the resilience layers so they answer while the upstream is saturated or failing.
+They read the gateway through a :class:`~gateway.admin.view.GatewayView` (plain data, read-only)
+and are handed the sub-apps they delegate to (``/lmgate/models``, the status page), so nothing
+here imports the gateway that builds them.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from gateway.admin.openapi import OPENAPI_PATH, openapi_document
+from gateway.admin.openapi import OPENAPI_PATH
+from gateway.admin.view import GatewayView
 from gateway.request.paths import ascii_lower
 from gateway.request.routes import route_path
 from gateway.request.validation import InvalidRequest
+from gateway.telemetry.health import readiness
 from middleware.errors import NotFound
 from middleware.response import header_value
-from middleware.types import Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from middleware.types import ASGIApp, Receive, Scope, Send
 
 _EXACT = frozenset({"/healthz", "/readyz", "/metrics"})
 LLM_HEALTH = "/lmgate/health/llm"
@@ -60,10 +62,20 @@ async def send_json(send: Send, status: int, document: Any, headers: list[tuple[
     await send({"type": "http.response.body", "body": body})
 
 
+class Pages(Protocol):
+    """A sub-app that owns some of lmgate's paths (the status page)."""
+
+    def serves(self, path: str) -> bool: ...
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
 class AdminRoutes:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.openapi = openapi_document(gateway.config)
+    def __init__(self, view: GatewayView, *, openapi: dict[str, Any], models: ASGIApp, pages: Pages) -> None:
+        self.view = view
+        self.openapi = openapi
+        self.models = models  # /lmgate/models...
+        self.pages = pages  # GET /lmgate/ and /lmgate/status.json
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
@@ -78,45 +90,42 @@ class AdminRoutes:
             await send_json(send, 200, {"status": "ok"})
         elif path == "/readyz":
             await self._readyz(send)
-        elif path == "/metrics" and self.gateway.telemetry.metrics is not None:
-            await self._metrics(scope, send)
+        elif path == "/metrics" and (exposition := self._exposition(scope)) is not None:
+            await _send_metrics(send, *exposition)
         elif path == LLM_HEALTH:
-            await send_json(send, *await self.gateway.telemetry.llm_health.report())
+            await send_json(send, *await self.view.llm_health())
         elif path == "/lmgate/models" or path.startswith("/lmgate/models/"):
-            await self.gateway.models.serve_admin(scope, receive, send)
+            await self.models(scope, receive, send)
         elif path == OPENAPI_PATH:
             root = scope.get("root_path", "")  # mounted: the paths are below the mount point
             await send_json(send, 200, {**self.openapi, "servers": [{"url": root}]} if root else self.openapi)
-        elif self.gateway.status.serves(path):  # GET /lmgate/ and /lmgate/status.json
-            await self.gateway.status(scope, receive, send)
+        elif self.pages.serves(path):
+            await self.pages(scope, receive, send)
         else:
             raise NotFound(f"lmgate has no route {path!r}.")
 
     async def _readyz(self, send: Send) -> None:
         """From known state only (gateway.telemetry.health.readiness): never an upstream request."""
-        from gateway.telemetry.health import readiness  # here: gateway.telemetry imports this module
-
-        gateway = self.gateway
-        if not gateway.models.ready:  # models.preload still loading
-            await send_json(send, 503, {"status": "preloading", "models": sorted(gateway.models.warmer.pending)})
+        facts = self.view.readiness()
+        if facts.preload_pending:  # models.preload still loading
+            await send_json(send, 503, {"status": "preloading", "models": sorted(facts.preload_pending)})
             return
-        breaker, registry = gateway.breaker, gateway.models.registry
-        current = gateway.config.models.enabled and registry.fresh and registry.refresh_unreachable
         await send_json(
             send,
             *readiness(
-                draining=gateway.drain.draining,
-                preloaded=gateway.telemetry.preloaded,
-                circuit=breaker.states().get(breaker.name) if breaker is not None else None,
-                unreachable=registry.refresh_error if current else None,
+                draining=facts.draining,
+                preloaded=facts.preloaded,
+                circuit=facts.circuit,
+                unreachable=facts.unreachable,
             ),
         )
 
-    async def _metrics(self, scope: Scope, send: Send) -> None:
+    def _exposition(self, scope: Scope) -> tuple[bytes, str] | None:
         accept = header_value(scope.get("headers", ()), b"accept")
-        metrics = self.gateway.telemetry.metrics
-        assert metrics is not None  # the route exists only with metrics on
-        body, content_type = metrics.render(accept.decode("latin-1") if accept else None)
-        headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        return self.view.metrics(accept.decode("latin-1") if accept else None)
+
+
+async def _send_metrics(send: Send, body: bytes, content_type: str) -> None:
+    headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,9 +1,11 @@
-"""``ModelService``: the registry, loader, warmer and layers of one upstream, built from ``models:``.
+"""``ModelService``: the registry, loader and warmer of one upstream, built from ``models:``.
 
-The gateway creates one, puts :meth:`ModelService.wrap` into its request path (heartbeats and cold
-starts, outside concurrency and the timeout), runs :meth:`ModelService.running` for the life of its
-ASGI lifespan (background loads, refresh, preload, keep-warm), and serves
-:meth:`ModelService.snapshot`, :meth:`load` and :meth:`unload` on ``/lmgate/models``.
+The gateway creates one; its request layers (``HeartbeatMiddleware`` with the cold-start
+heartbeat text, and ``ColdStartMiddleware``) are built from its parts in
+``gateway.stack.build_stack``, outside concurrency and the timeout. The gateway runs
+:meth:`ModelService.running` for the life of its ASGI lifespan (background loads, refresh,
+preload, keep-warm); ``gateway.models.admin`` serves :meth:`ModelService.snapshot`, :meth:`load`
+and :meth:`unload` on ``/lmgate/models``.
 """
 
 from __future__ import annotations
@@ -18,17 +20,11 @@ import httpx
 
 from gateway.config.settings import Config, ModelsConfig
 from gateway.models.errors import ModelLoadFailed
-from gateway.models.admin import serve_models
 from gateway.models.clock import Clock, MonotonicClock
-from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer
 from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRegistry
 from gateway.models.upstream import UpstreamModels
 from gateway.models.warm import Warmer
-from middleware.body import DEFAULT_LIMIT_BYTES
-from middleware.heartbeat import HeartbeatMiddleware
-from middleware.types import ASGIApp, Receive, Scope, Send
-
 
 logger = logging.getLogger("lmgate.models")
 
@@ -109,26 +105,6 @@ class ModelService:
 
     # -- the request path -----------------------------------------------------------------------
 
-    def wrap(self, app: ASGIApp, *, body_limit_bytes: int = DEFAULT_LIMIT_BYTES) -> ASGIApp:
-        """``app`` under the cold-start layer and the heartbeat layer, as configured."""
-        if self.options.enabled:
-            app = ColdStartMiddleware(
-                app,
-                registry=self.registry,
-                loader=self.loader,
-                on_loading=self.options.on_loading,
-                body_limit_bytes=body_limit_bytes,
-            )
-        if self.options.heartbeat_s is not None:
-            app = HeartbeatMiddleware(
-                app,
-                interval_s=self.options.heartbeat_s,
-                describe=heartbeat_describer(self.registry, status_events=self.options.status_events),
-                start_headers=early_headers if self.options.enabled else None,
-                body_limit_bytes=body_limit_bytes,
-            )
-        return app
-
     async def model_info(self, model: str) -> dict[str, Any] | None:
         """``model_info`` for an ``/api/v0`` answer lmgate assembled (its stream carries none).
 
@@ -166,10 +142,6 @@ class ModelService:
         await self.warmer.wait_ready()
 
     # -- admin ----------------------------------------------------------------------------------
-
-    async def serve_admin(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer ``/lmgate/models...`` (see ``gateway.models.admin``)."""
-        await serve_models(self, scope, send)
 
     def snapshot(self) -> dict[str, Any]:
         """The ``GET /lmgate/models`` document."""

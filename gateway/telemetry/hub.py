@@ -1,9 +1,10 @@
 """``Telemetry``: one gateway's logs, metrics, traces and health checks, built from its config.
 
 One instance per ``Gateway`` (no module-level state): its own Prometheus registry, its own tracer
-provider (built from config, or injected), its own latency windows and probes. The gateway puts
-:meth:`middleware` right inside ``ErrorMiddleware`` and :meth:`admission` right inside the
-concurrency layer, and its admin routes ask ``metrics.render`` and ``llm_health.report``.
+provider (built from config, or injected), its own latency windows and probes. Its two layers,
+``TelemetryMiddleware`` (outside the forwarded stack) and ``AdmissionMark`` (right inside the
+concurrency layer), are in ``gateway.telemetry.middleware`` and are listed with every other layer
+in ``gateway.stack.build_stack``; the admin routes read ``metrics.render`` and ``llm_health.report``.
 
 Layers that know things the telemetry layer cannot see report them here: a circuit changing
 state (:meth:`circuit_changed`), a model load (:meth:`model_load`, for the cold-start handling;
@@ -20,12 +21,12 @@ import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway import __version__
-from gateway.models.coldstart import model_state as coldstart_model_state
 from gateway.config.settings import Config
+from gateway.models.coldstart import model_state as coldstart_model_state
 from gateway.telemetry import events
 from gateway.telemetry.health import LatencyWindows, LlmHealth
 from gateway.telemetry.metrics import GatewayMetrics, StateCollector
-from gateway.telemetry.middleware import AdmissionMark, TelemetryMiddleware, outcome_of
+from gateway.telemetry.middleware import outcome_of
 from gateway.telemetry.record import NOT_INFERENCE, RequestOutcome, RequestRecord, record_of
 from gateway.telemetry.tracing import Tracing, add_event, build_tracer_provider, install_span_events
 from middleware.body import DEFAULT_LIMIT_BYTES
@@ -34,7 +35,7 @@ from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainState
 from middleware.request_id import request_id
 from middleware.retry import RetryMiddleware
-from middleware.types import ASGIApp, Clock, Scope
+from middleware.types import Clock, Scope
 
 logger = logging.getLogger("lmgate.telemetry")
 
@@ -131,12 +132,6 @@ class Telemetry:
             body_limit_bytes=config.limits.body_bytes,
             clock=clock,
         )
-
-    def middleware(self, app: ASGIApp) -> TelemetryMiddleware:
-        return TelemetryMiddleware(app, telemetry=self)
-
-    def admission(self, app: ASGIApp) -> AdmissionMark:
-        return AdmissionMark(app, telemetry=self)
 
     def watch(
         self,

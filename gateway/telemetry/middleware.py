@@ -14,13 +14,15 @@ Per chunk it does two dict lookups and a comparison: everything else happens onc
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import anyio
 
-from gateway.request.routes import DONE_TERMINATED, route_path
 from gateway.proxy.sse import ERROR_EVENT_MARKER
+from gateway.request.routes import DONE_TERMINATED, route_path
 from gateway.telemetry import events
+from gateway.telemetry.metrics import GatewayMetrics
 from gateway.telemetry.record import (
     NOT_INFERENCE,
     OPERATIONS,
@@ -32,26 +34,40 @@ from gateway.telemetry.record import (
     route_label,
 )
 from gateway.telemetry.stream import client_asked_usage, error_frame_details
-from gateway.telemetry.tracing import add_event, start_ns
+from gateway.telemetry.tracing import Tracing, add_event, start_ns
 from middleware.body import read_body, replaying_receive, request_json, request_model
 from middleware.errors import LmgateError
 from middleware.request_id import request_id
 from middleware.response import header_value, is_event_stream
 from middleware.retry import attempt_number
-from middleware.types import ASGIApp, Message, Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from gateway.telemetry.hub import Telemetry
+from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # Set by the cold-start layer on the response start: whether the model was loaded, and the wait.
 MODEL_STATE_HEADER = b"x-lmgate-model-state"
 LOAD_MS_HEADER = b"x-lmgate-load-ms"
 
+class TelemetryHub(Protocol):
+    """What these layers use of ``gateway.telemetry.hub.Telemetry`` (declared here, so the hub,
+    which imports ``outcome_of`` from this module, is not imported back)."""
+
+    clock: Clock
+    tracing: Tracing | None
+    metrics: GatewayMetrics | None
+    body_limit_bytes: int
+    log_prompts: bool
+    request_stream_usage: bool
+    first_token_s: Callable[[str | None], float]
+
+    def finish(
+        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, object] | None
+    ) -> None: ...
+
+
 class TelemetryMiddleware:
     """Logs, metrics and the span of every request through ``app``; see the module docstring."""
 
-    def __init__(self, app: ASGIApp, *, telemetry: Telemetry) -> None:
+    def __init__(self, app: ASGIApp, *, telemetry: TelemetryHub) -> None:
         self.app = app
         self.telemetry = telemetry
 
@@ -142,7 +158,7 @@ class AdmissionMark:
     Placed right inside the concurrency layer; it costs one attribute write per request.
     """
 
-    def __init__(self, app: ASGIApp, *, telemetry: Telemetry) -> None:
+    def __init__(self, app: ASGIApp, *, telemetry: TelemetryHub) -> None:
         self.app = app
         self.telemetry = telemetry
 

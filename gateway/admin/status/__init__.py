@@ -15,6 +15,9 @@ The JSON gathers what the gateway's parts already know:
 * ``errors``: counts by category over the last five minutes and the latest errors;
 * ``cache``: the response cache's size and lookups, when it is on.
 
+It reads the gateway through a :class:`~gateway.admin.view.GatewayView` (plain data only); the
+gateway registers the page's :class:`RequestBoard` as a telemetry observer.
+
 Both routes sit with lmgate's other routes, outside the resilience layers, and need a key like
 them once keys exist: the page asks for one when the JSON answers 401 and sends it as a bearer
 token (kept in the tab's ``sessionStorage``). A browser cannot send that header when it loads the
@@ -26,17 +29,15 @@ from __future__ import annotations
 
 import time
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway import __version__
 from gateway.admin.routes import send_json
+from gateway.admin.status.board import RequestBoard
+from gateway.admin.view import GatewayView
 from gateway.models.admin import MethodNotAllowed
 from gateway.request.routes import route_path
-from gateway.admin.status.board import RequestBoard
 from middleware.types import Receive, Scope, Send
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 __all__ = ["PAGE_PATHS", "STATUS_JSON", "RequestBoard", "StatusPage"]
 
@@ -46,8 +47,8 @@ _HTML_HEADERS = [
     (b"content-type", b"text/html; charset=utf-8"),
     (b"cache-control", b"no-store"),
     # The page needs nothing from elsewhere; say so, so a script injected into it can fetch nothing either.
-    (b"content-security-policy", b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                 b"img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'"),
+    (b"content-security-policy", (b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                  b"img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'")),
     (b"x-content-type-options", b"nosniff"),
 ]
 
@@ -55,10 +56,9 @@ _HTML_HEADERS = [
 class StatusPage:
     """Serves the page and its JSON for one gateway; see the module docstring."""
 
-    def __init__(self, gateway: Gateway, *, board: RequestBoard | None = None) -> None:
-        self.gateway = gateway
-        self.board = board or RequestBoard()
-        gateway.telemetry.on_request_end.append(self.board.observe)
+    def __init__(self, view: GatewayView, *, board: RequestBoard) -> None:
+        self.view = view
+        self.board = board  # fed by telemetry (Telemetry.on_request_end)
         self.started_at = time.monotonic()
         self._html = resources.files(__package__).joinpath("index.html").read_bytes()
 
@@ -78,34 +78,25 @@ class StatusPage:
 
     async def document(self) -> dict[str, Any]:
         """The ``status.json`` document."""
-        gateway = self.gateway
-        service = gateway.models
-        await service.registry.refresh()  # on demand, when older than models.refresh_s
-        snapshot = service.snapshot()
+        view = self.view
+        snapshot = await view.models()  # refreshed on demand, when older than models.refresh_s
         for model in snapshot["models"]:
             if model["loading"] is not None:
-                expected = service.registry.expected_load_s(model["id"])
+                expected = view.expected_load_s(model["id"])
                 model["loading"]["expected_s"] = round(expected, 1) if expected is not None else None
-        windows = gateway.telemetry.windows
+        drain = view.drain()
         return {
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started_at),
             "upstream": {"url": snapshot["upstream"], "api": snapshot["api"], "refresh_error": snapshot["refresh_error"]},
             "ready": snapshot["ready"],
-            "draining": gateway.drain.draining,
-            "in_flight": gateway.drain.in_flight,
+            "draining": drain.draining,
+            "in_flight": drain.in_flight,
             "models": snapshot["models"],
-            "concurrency": gateway.concurrency.snapshot() if gateway.concurrency is not None else {},
-            "breakers": gateway.breaker.states() if gateway.breaker is not None else {},
-            "latency": {model: windows.summary(model) for model in windows.models()},
+            "concurrency": view.concurrency(),
+            "breakers": view.breakers(),
+            "latency": view.latency(),
             "series": self.board.series(),
             "errors": self.board.errors(),
-            "cache": self._cache(),
+            "cache": view.cache(),
         }
-
-    def _cache(self) -> dict[str, Any] | None:
-        cache = self.gateway.cache
-        if cache is None:
-            return None
-        stats = cache.store.stats()
-        return {"entries": stats.entries, "bytes": stats.bytes, "evictions": stats.evictions, "lookups": dict(cache.results)}
