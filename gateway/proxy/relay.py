@@ -105,7 +105,7 @@ class Proxy:
         kind = request_kind(scope, path, self.assemble)
         tap = usage_tap(scope, path)
         rid = request_id(scope)
-        body = upstream_body(scope, body, assembled=kind.assemble is not None, tap=tap)
+        body = upstream_body(scope, body, assembled=kind.assemble is not None, strips_usage=tap is not None and tap.strip)
         request = self._upstream_request(scope, body, rid=rid)
 
         watch = cancel_on_disconnect(receive)

@@ -32,7 +32,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -40,18 +40,16 @@ import httpx
 from middleware.body import request_json
 from middleware.types import Scope
 
-if TYPE_CHECKING:  # gateway.telemetry.stream imports this module
-    from gateway.telemetry.stream import UsageTap
-
 PromptSource = Literal["counted", "estimated"]
 #: Characters per token of the estimate (English prose averages about four).
 CHARS_PER_TOKEN = 4
 
 
-def upstream_body(scope: Scope, body: bytes, *, assembled: bool, tap: UsageTap | None) -> bytes:
+def upstream_body(scope: Scope, body: bytes, *, assembled: bool, strips_usage: bool) -> bytes:
     """The request body to send upstream: the client's ``body``, or its request asking for a
-    stream with usage when lmgate ``assembled`` the answer or ``tap`` strips the usage again."""
-    if assembled or (tap is not None and tap.strip):
+    stream with usage when lmgate ``assembled`` the answer or telemetry ``strips_usage`` again
+    (it asked for usage the client did not)."""
+    if assembled or strips_usage:
         return streaming_request_body(request_json(scope) or {})
     return body
 

@@ -72,8 +72,8 @@ def test_the_assembly_setting_picks_routes(setting: Any, expected: set[str]) -> 
 async def test_only_an_assembled_request_goes_upstream_as_a_stream_with_usage() -> None:
     body = b'{"model":"m","stream_options":{"x":1},"text":"\\ud800"}'
     scope = await read_scope("POST", CHAT, body)
-    assert upstream_body(scope, body, assembled=False, tap=None) is body
-    sent = json.loads(upstream_body(scope, body, assembled=True, tap=None))
+    assert upstream_body(scope, body, assembled=False, strips_usage=False) is body
+    sent = json.loads(upstream_body(scope, body, assembled=True, strips_usage=False))
     assert sent == {"model": "m", "stream": True, "stream_options": {"x": 1, "include_usage": True}, "text": "\ud800"}
 
 
