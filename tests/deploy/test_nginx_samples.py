@@ -143,6 +143,17 @@ async def test_forwarded_headers_and_the_request_id_reach_lmgate(script, deploye
     assert any(f"rid={sent['x-request-id']}" in line for line in proxy.access_log())
 
 
+async def test_a_key_in_the_query_string_stays_out_of_the_access_log(sample, script, deployed, client):
+    # lmgate strips ?api_key= before forwarding or logging; NGINX's own access log must not keep it.
+    upstream = script({EMBEDDINGS: embeddings_ok})
+    async with deployed(sample, upstream.url) as proxy:
+        response = await client.post(proxy.base + EMBEDDINGS + "?api_key=sk-query-secret", json={"model": "e", "input": "hi"})
+        lines = proxy.access_log()
+    assert response.status_code == 200
+    assert any(EMBEDDINGS in line for line in lines)
+    assert not any("sk-query-secret" in line for line in lines)
+
+
 async def test_long_prompts_pass_and_oversize_bodies_get_a_json_413(sample, script, deployed, client):
     upstream = script({EMBEDDINGS: embeddings_ok})
     long_prompt = json.dumps({"model": "e", "input": "x" * (2 * 1024 * 1024)}).encode()  # NGINX's default: 1 MB
@@ -166,7 +177,7 @@ async def test_nginx_own_failures_are_openai_shaped_json(sample, nginx, client):
 
 
 async def test_health_and_operator_routes_answer_through_nginx(sample, script, deployed, client):
-    upstream = script({})  # readiness probes the upstream: it must answer
+    upstream = script({})
     async with deployed(sample, upstream.url) as proxy:
         ready = await client.get(proxy.base + "/readyz")
         alive = await client.get(proxy.base + "/healthz")
