@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -51,13 +52,41 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
+class StdoutHandler(logging.StreamHandler[TextIO]):
+    """Writes to stdout; once its reader has gone (``lmgate serve | head``), drops the logs.
+
+    The default handler prints a "--- Logging error ---" traceback on stderr for every record it
+    can no longer write: a gateway under load would flood stderr for as long as it serves. One line
+    says what happened, then the logs are dropped and serving goes on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.reader_left = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.reader_left:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            self.reader_left = True
+            # stdout stays broken: point it at devnull so the interpreter's own flush at exit is quiet.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            print("lmgate: stdout was closed by its reader; logs are dropped from now on", file=sys.stderr, flush=True)
+            return
+        super().handleError(record)
+
+
 def configure_logging(*, level: str, fmt: str, pipeline_version: str | None, config_hash: str) -> None:
     """Route the ``lmgate`` and ``hypercorn.error`` loggers to stdout in the chosen format."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     stamp = {"config_hash": config_hash}
     if pipeline_version:
         stamp["pipeline_version"] = pipeline_version
-    handler = logging.StreamHandler(sys.stdout)
+    handler = StdoutHandler()
     handler.setFormatter(JsonFormatter(stamp=stamp) if use_json else ConsoleFormatter())
     for name in ("lmgate", "hypercorn.error"):
         logger = logging.getLogger(name)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 
 import anyio
+import httpx
 import pytest
 
 from middleware.auth import hash_key, normalise_digest
@@ -166,3 +167,37 @@ async def test_serve_simulate_prints_one_line_saying_where_lmgate_listens_and_wh
     assert lines[0].startswith("lmgate listening on http://127.0.0.1:")
     assert ", forwarding to the built-in LM Studio simulator at http://127.0.0.1:" in lines[0]
     assert b"Running on" not in stdout  # hypercorn's own lines, one of them the simulator's port
+
+
+@pytest.mark.anyio
+async def test_serve_keeps_serving_quietly_when_its_log_reader_leaves() -> None:
+    # `lmgate serve | head`: once the reader of stdout has gone, every log line used to print a
+    # "--- Logging error ---" traceback on stderr. The logs are dropped instead, with one line saying so.
+    reader, writer = os.pipe()
+    process = await anyio.open_process(lmgate("serve", "--simulate", "--port", "0"), env=ENV, stdout=writer)
+    os.close(writer)
+    os.close(reader)  # the reader left before the first log line
+    assert process.stderr is not None
+    stderr = b""
+    try:
+        with anyio.fail_after(30):
+            async for chunk in process.stderr:
+                stderr += chunk
+                if b"lmgate listening on " in stderr and stderr.endswith(b"\n"):
+                    break
+            listening = next(line for line in stderr.decode().splitlines() if line.startswith("lmgate listening on "))
+            url = listening.split()[3].rstrip(",")
+            async with httpx.AsyncClient(trust_env=False) as client:
+                for _ in range(3):
+                    assert (await client.get(url + "/v1/models")).status_code == 200
+            process.send_signal(signal.SIGTERM)
+            stderr += b"".join([chunk async for chunk in process.stderr])
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+    text = stderr.decode()
+    assert "Logging error" not in text and "Traceback" not in text, text
+    assert text.count("logs are dropped") == 1, text
