@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import Callable
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve

@@ -37,8 +37,8 @@ import anyio
 import httpx
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
-from gateway.proxy.upstream_errors import describe
 from gateway.models.upstream import UpstreamError, UpstreamModels
+from gateway.proxy.upstream_errors import describe
 from middleware.types import Clock
 
 _PING = [{"role": "user", "content": "Reply with one word: ok"}]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config.settings import Config, ConfigError, load_config
 from gateway.config.reference import example_yaml, reference_markdown
+from gateway.config.settings import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

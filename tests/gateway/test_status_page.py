@@ -13,9 +13,9 @@ import base64
 import json
 import os
 import shutil
-from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +25,8 @@ import httpx
 import pytest
 from anyio.abc import ByteStream, Process
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message as WSMessage, Ping, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+from wsproto.events import Message as WSMessage
 
 from gateway.app import Gateway, build_app
 from gateway.config.settings import Config
@@ -215,11 +216,10 @@ class DevTools:
         errors = []
         for event in self.events:
             method, params = event["method"], event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                errors.append(params)
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                errors.append(params)
-            elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            thrown = method == "Runtime.exceptionThrown"
+            logged = method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert")
+            reported = method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error"
+            if thrown or logged or reported:
                 errors.append(params)
         return errors
 

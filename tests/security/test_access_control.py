@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import anyio
-import httpx
 import pytest
 import yaml
 
