@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import socket
@@ -348,10 +349,8 @@ async def cancel_storm(args: argparse.Namespace, host: str, port: int) -> dict[s
         client.exchange(request).add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
 
     await asyncio.gather(*(one(i) for i in range(args.streams)))
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ready.wait(), args.gather_s)
-    except TimeoutError:
-        pass
     streaming = len(have_enough)
     closed_at: dict[str, float] = {}
     for cid, client in clients.items():

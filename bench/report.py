@@ -38,7 +38,7 @@ def added(run: Run, scenario: str, leg: str, getter: Getter) -> float | None:
     """Median over rounds of (leg - direct) in the same round: what the proxy adds."""
     mine = [getter(r) for r in run.results.get(scenario, {}).get(leg, [])]
     base = [getter(r) for r in run.results.get(scenario, {}).get("direct", [])]
-    pairs = [a - b for a, b in zip(mine, base) if a is not None and b is not None]
+    pairs = [a - b for a, b in zip(mine, base, strict=False) if a is not None and b is not None]
     return statistics.median(pairs) if pairs else None
 
 

@@ -49,6 +49,7 @@ breaker) becomes the error layer for what it wraps (``with_error_layer``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -406,8 +407,6 @@ class ErrorMiddleware:
                 scope.get("path"),
                 extra={"event": "unhandled_error", "request_id": request_id(scope)},
             )
-            try:
+            with contextlib.suppress(InternalError):  # a started plain body: the re-raise below aborts it
                 await send_error(tracking_send, InternalError(), response)
-            except InternalError:
-                pass  # a started plain body: the re-raise below aborts it
             raise

@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -363,7 +364,7 @@ class MetricsConfig(Section):
     @field_validator("duration_buckets_s")
     @classmethod
     def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or any(b <= a for a, b in zip(value, value[1:])) or value[0] <= 0:
+        if not value or any(b <= a for a, b in pairwise(value)) or value[0] <= 0:
             raise ValueError("expected positive, strictly increasing bucket bounds")
         return value
 

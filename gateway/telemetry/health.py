@@ -203,8 +203,10 @@ class LlmHealth:
             by_outcome[checks[model]["status"]].append(f"{model}: {checks[model]['reason']}")
         if by_outcome["failed"] or not models:
             status = "unhealthy"
+        elif by_outcome["ok"]:
+            status = "ok"
         else:
-            status = "ok" if by_outcome["ok"] else "unknown"  # unknown: every model was skipped
+            status = "unknown"  # every model was skipped
         document: dict[str, Any] = {
             "status": status,
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
