@@ -234,6 +234,7 @@ class LlmHealth:
     async def _check(self, model: str, checks: dict[str, dict[str, Any]]) -> None:
         started = self.clock()
         body = {"model": model, "messages": _PING, "max_tokens": 1, "temperature": 0, "stream": False}
+        reason: str | None
         with suppress_http_instrumentation():
             try:
                 response = await self.client.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
@@ -144,7 +145,7 @@ class Telemetry:
         """Expose the layers' own state (retries, circuits, slots, drain) as metrics at scrape time."""
         if self.metrics is not None:
             collector = StateCollector(retry=retry, breaker=breaker, concurrency=concurrency, drain=drain)
-            self.metrics.registry.register(collector)  # type: ignore[arg-type]
+            self.metrics.registry.register(collector)
 
     def circuit_changed(self, circuit: str, old: str, new: str) -> None:
         """The breaker's ``on_state_change``: counts transitions (the breaker logs them itself)."""
@@ -200,7 +201,7 @@ class Telemetry:
         inference = record.operation != NOT_INFERENCE
         if outcome.category is None and not inference:
             return
-        fields = {
+        fields: dict[str, Any] = {
             "request_id": request_id(scope),
             "route": record.route,
             "model": record.model,

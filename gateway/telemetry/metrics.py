@@ -161,7 +161,7 @@ class GatewayMetrics:
 
     def watch_cache(self, store: CacheStore) -> None:
         """Expose the cache store's size at scrape time."""
-        self.registry.register(CacheCollector(store))  # type: ignore[arg-type]
+        self.registry.register(CacheCollector(store))
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (Prometheus text, or OpenMetrics)."""
