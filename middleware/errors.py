@@ -122,7 +122,7 @@ class LmgateError(Exception):
         self.extra_headers = tuple(headers)
         super().__init__(self.message)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, dict[str, object]]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:

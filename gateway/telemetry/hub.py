@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextvars import Token
 from typing import Any
 
 import httpx
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway import __version__
@@ -167,7 +169,7 @@ class Telemetry:
         events.log_model_load(model, load_s, ok=ok, request_id=rid, error=error)
 
     def finish(
-        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, object] | None
+        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, Token[Context] | None] | None
     ) -> None:
         """Turn a finished request into metrics, a log line and the span's end. Never raises:
         a telemetry fault must not change what the client gets."""
