@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.work_dir:
         args.work_dir.mkdir(parents=True, exist_ok=True)
-    log = (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     log(f"{run.placement.note}; harness loop {run.harness_loop}; legs {', '.join(run.legs)}"
         + (f"; skipped {', '.join(skipped)}" if skipped else ""))
     run_suite(legs, run, work=args.work_dir, log=log)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import socket
@@ -218,7 +219,7 @@ async def closed_loop(args: argparse.Namespace, host: str, port: int, *, stream:
                 if client is None or client.transport is None or client.transport.is_closing():
                     client = await connect(host, port)
                 response = await asyncio.wait_for(client.exchange(request), args.timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 error(type(exc).__name__)
                 if client is not None and client.transport is not None:
                     client.transport.abort()
@@ -293,7 +294,7 @@ async def long_streams(args: argparse.Namespace, host: str, port: int) -> dict[s
             client = await asyncio.wait_for(connect(host, port, on_frames_timed), args.timeout_s)
             clients.append(client)
             response = await asyncio.wait_for(client.exchange(request), max(0.1, deadline - loop.time()))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             return
         results.append(response)
@@ -341,17 +342,15 @@ async def cancel_storm(args: argparse.Namespace, host: str, port: int) -> dict[s
         request = build_request(host, port, stream=True, chunks=args.chunks, interval_ms=args.interval_ms, cid=cid)
         try:
             client = await asyncio.wait_for(connect(host, port, on_frames), args.timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             return
         clients[cid] = client
         client.exchange(request).add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
 
     await asyncio.gather(*(one(i) for i in range(args.streams)))
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ready.wait(), args.gather_s)
-    except asyncio.TimeoutError:
-        pass
     streaming = len(have_enough)
     closed_at: dict[str, float] = {}
     for cid, client in clients.items():

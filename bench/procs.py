@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -118,18 +119,12 @@ class Process:
                 os.killpg(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 return
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)  # stragglers in the group (nginx/litellm workers)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _children() -> dict[int, list[int]]:

@@ -84,6 +84,12 @@ class Gateway:
         await self.telemetry.aclose()
 
 
-def build_app(config: Config | None = None, **kwargs: object) -> Gateway:
+def build_app(
+    config: Config | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    drain: DrainState | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> Gateway:
     """The gateway as an ASGI app. ``config`` defaults to all defaults (upstream 127.0.0.1:1234)."""
-    return Gateway(config or Config(), **kwargs)  # type: ignore[arg-type]
+    return Gateway(config or Config(), env=env, drain=drain, tracer_provider=tracer_provider)

@@ -140,8 +140,9 @@ def _is_loopback(address: str) -> bool:
 
 def presented_key(scope: Scope) -> str | None:
     """``Authorization: Bearer <key>``, else ``x-api-key`` (Anthropic-style clients)."""
-    fallback = None
-    for name, value in scope.get("headers", ()):
+    fallback: str | None = None
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+    for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():

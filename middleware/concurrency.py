@@ -27,7 +27,14 @@ import anyio
 from middleware._adaptive import AimdLimit, Ewma
 from middleware.body import model_of, read_body, replaying_receive
 from middleware.disconnect import cancel_on_disconnect
-from middleware.errors import ClientDisconnected, LmgateError, Overloaded, RateLimited, error_layer_outside, raise_or_render
+from middleware.errors import (
+    ClientDisconnected,
+    LmgateError,
+    Overloaded,
+    RateLimited,
+    error_layer_outside,
+    raise_or_render,
+)
 from middleware.response import ResponseState
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
 

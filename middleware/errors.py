@@ -49,6 +49,7 @@ breaker) becomes the error layer for what it wraps (``with_error_layer``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -121,7 +122,7 @@ class LmgateError(Exception):
         self.extra_headers = tuple(headers)
         super().__init__(self.message)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, dict[str, object]]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
@@ -406,8 +407,6 @@ class ErrorMiddleware:
                 scope.get("path"),
                 extra={"event": "unhandled_error", "request_id": request_id(scope)},
             )
-            try:
+            with contextlib.suppress(InternalError):  # a started plain body: the re-raise below aborts it
                 await send_error(tracking_send, InternalError(), response)
-            except InternalError:
-                pass  # a started plain body: the re-raise below aborts it
             raise

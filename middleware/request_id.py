@@ -16,8 +16,9 @@ def request_id(scope: Scope) -> str:
     """Return this request's id, creating it on first use and caching it in ``scope["state"]``."""
     state = scope.setdefault("state", {})
     cached = state.get(_STATE_KEY)
-    if cached is not None:
+    if isinstance(cached, str):  # only this function stores it
         return cached
+    rid: str
     for key, value in scope.get("headers", ()):
         if key == b"x-request-id" and _ACCEPTABLE.fullmatch(value):
             rid = value.decode("ascii")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from middleware.types import Message
 
 
@@ -40,14 +42,14 @@ class ResponseState:
             self.event_stream = is_event_stream(message.get("headers", ()))
 
 
-def header_value(headers: object, name: bytes) -> bytes | None:
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The first value of header ``name`` (lower-case bytes) in an ASGI header list."""
-    for key, value in headers:  # type: ignore[attr-defined]
+    for key, value in headers:
         if key.lower() == name:
             return value
     return None
 
 
-def is_event_stream(headers: object) -> bool:
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     content_type = header_value(headers, b"content-type")
     return content_type is not None and content_type.lower().startswith(b"text/event-stream")

@@ -111,8 +111,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.telemetry.logs import configure_logging
     from gateway.server.run import serve
+    from gateway.telemetry.logs import configure_logging
 
     config = load_config(
         args.config,

@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -202,7 +203,7 @@ class AuthConfig(Section):
         return tuple(normalise_digest(digest) for digest in value)
 
     @model_validator(mode="after")
-    def _readable_and_useful(self) -> "AuthConfig":
+    def _readable_and_useful(self) -> AuthConfig:
         self.digests()  # a missing or malformed keys file fails at start-up, naming the line
         if self.per_key_limit is not None and not self.enabled:
             raise ValueError("per_key_limit needs client keys (keys, keys_file or admin_keys)")
@@ -266,7 +267,7 @@ class ConcurrencyConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _ordered_limits(self) -> "ConcurrencyConfig":
+    def _ordered_limits(self) -> ConcurrencyConfig:
         if self.adaptive and not self.min_limit <= self.limit <= self.max_limit:
             raise ValueError(
                 f"expected min_limit <= limit <= max_limit with adaptive on, got {self.min_limit}, {self.limit}, {self.max_limit}"
@@ -363,7 +364,7 @@ class MetricsConfig(Section):
     @field_validator("duration_buckets_s")
     @classmethod
     def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or any(b <= a for a, b in zip(value, value[1:])) or value[0] <= 0:
+        if not value or any(b <= a for a, b in pairwise(value)) or value[0] <= 0:
             raise ValueError("expected positive, strictly increasing bucket bounds")
         return value
 
@@ -429,7 +430,7 @@ class Config(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache for deterministic requests.")
 
     @model_validator(mode="after")
-    def _pool_fits_the_concurrency_limit(self) -> "Config":
+    def _pool_fits_the_concurrency_limit(self) -> Config:
         explicit = self.upstream.pool.max_connections
         slots = self._concurrency_slots()
         if explicit is None or slots is None:

@@ -46,12 +46,12 @@ from typing import Literal
 import anyio
 
 from gateway.models.errors import ModelLoadFailed, ModelLoading
-from middleware.errors import ClientDisconnected
 from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRecord, ModelRegistry
 from gateway.request.routes import DONE_TERMINATED, INFERENCE_PATHS, route_path
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive, request_json
 from middleware.disconnect import cancel_on_disconnect
+from middleware.errors import ClientDisconnected
 from middleware.heartbeat import Describe, comment_frame, event_frame
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 

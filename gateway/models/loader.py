@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup
 
-from gateway.proxy.upstream_errors import describe
 from gateway.models.registry import ModelRegistry
 from gateway.models.upstream import Listed, LoadError, UpstreamModels
+from gateway.proxy.upstream_errors import describe
 
 logger = logging.getLogger("lmgate.models")
 

@@ -130,9 +130,9 @@ class ModelRegistry:
             return record.median_load_s
         size = record.listed.size_bytes if record is not None and record.listed is not None else None
         rates = [
-            r.median_load_s / r.listed.size_bytes  # type: ignore[operator]
+            load_s / r.listed.size_bytes
             for r in self.records.values()
-            if r.durations and r.listed is not None and r.listed.size_bytes
+            if (load_s := r.median_load_s) is not None and r.listed is not None and r.listed.size_bytes
         ]
         if size and rates:
             return size * statistics.median(rates)

@@ -19,8 +19,8 @@ import anyio
 import httpx
 
 from gateway.config.settings import Config, ModelsConfig
-from gateway.models.errors import ModelLoadFailed
 from gateway.models.clock import Clock, MonotonicClock
+from gateway.models.errors import ModelLoadFailed
 from gateway.models.loader import Loader, LoadJob
 from gateway.models.registry import ModelRegistry
 from gateway.models.upstream import UpstreamModels

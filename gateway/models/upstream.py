@@ -27,8 +27,8 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from gateway.proxy.upstream_errors import describe
 from gateway.proxy.sse import FrameParser
+from gateway.proxy.upstream_errors import describe
 
 Api = Literal["api/v1", "api/v0", "v1"]
 _LISTINGS: dict[Api, str] = {"api/v1": "/api/v1/models", "api/v0": "/api/v0/models", "v1": "/v1/models"}

@@ -77,8 +77,8 @@ def upstream_request_headers(
             proxied_host = value
         if name not in dropped:
             headers.append((name, value))
-    client = scope.get("client")
-    trusted = bool(client) and client[0] in trusted_proxies
+    client: tuple[str, int] | None = scope.get("client")
+    trusted = bool(client and client[0] in trusted_proxies)
     if client:
         peer = client[0].encode("latin-1")
         forwarded_for = forwarded_for + b", " + peer if forwarded_for else peer

@@ -50,7 +50,7 @@ class FramingGuard(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.transport.handle_async_request(request)
         connection = _h11_connection(response.stream)
-        if connection is None:
+        if connection is None or not isinstance(response.stream, httpx.AsyncByteStream):
             self.unguarded += 1
             if self.unguarded == 1:
                 logger.warning(
@@ -87,7 +87,7 @@ class _GuardedStream(httpx.AsyncByteStream):
         self._stream = stream
         self._connection = connection
 
-    def __aiter__(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    def __aiter__(self) -> AsyncIterator[bytes]:
         # httpx's own iterator, unwrapped: the guard costs nothing per chunk.
         return self._stream.__aiter__()
 

@@ -68,9 +68,9 @@ class InvalidRequest(ClientError):
         self.code = code
         self.param = param
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, dict[str, object]]:
         document = super().to_dict()
-        document["error"]["param"] = self.param  # type: ignore[index]
+        document["error"]["param"] = self.param
         return document
 
 

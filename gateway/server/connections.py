@@ -37,11 +37,14 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from gateway.config.settings import Config, ConfigError
+from gateway.server.patching import is_patched, patch_method
 
 try:
     import resource
+
+    _HAVE_RLIMIT = True
 except ImportError:  # Windows: no RLIMIT_NOFILE, and its event loop accepts differently
-    resource = None  # type: ignore[assignment]
+    _HAVE_RLIMIT = False
 
 logger = logging.getLogger("lmgate.connections")
 
@@ -69,7 +72,7 @@ def raise_open_files_limit() -> int | None:
     limit up to the hard one; only the hard limit (systemd's ``LimitNOFILE``, docker's ``--ulimit
     nofile``) needs the operator.
     """
-    if resource is None:
+    if not _HAVE_RLIMIT:
         return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # macOS reports an infinite hard limit but refuses soft limits above its per-process maximum.
@@ -286,7 +289,7 @@ class ConnectionLimiter:
 
 
 def _soft_limit() -> int | None:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource is not None else None
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] if _HAVE_RLIMIT else None
 
 
 class GuardedListener(socket.socket):
@@ -365,7 +368,7 @@ def track_connections() -> None:
     from hypercorn.asyncio.tcp_server import TCPServer
     from hypercorn.events import Updated
 
-    if getattr(TCPServer.run, "_lmgate_tracked", False):
+    if is_patched(TCPServer.run, "_lmgate_tracked"):
         return
     run, protocol_send = TCPServer.run, TCPServer.protocol_send
 
@@ -387,6 +390,5 @@ def track_connections() -> None:
             (limiter.idle if event.idle else limiter.busy)(self)
         await protocol_send(self, event)
 
-    tracked_run._lmgate_tracked = True  # type: ignore[attr-defined]
-    TCPServer.run = tracked_run  # type: ignore[method-assign]
-    TCPServer.protocol_send = tracked_protocol_send  # type: ignore[method-assign]
+    patch_method(TCPServer, "protocol_send", tracked_protocol_send, marker="_lmgate_tracked")
+    patch_method(TCPServer, "run", tracked_run, marker="_lmgate_tracked")  # last: the one is_patched asks

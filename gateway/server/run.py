@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import Callable
 
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -19,7 +19,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from gateway.app import Gateway
 from gateway.config.settings import Config
 from gateway.server.connections import ConnectionLimiter, connection_cap
-from gateway.server.serving import bind_socket, format_url, hypercorn_config
+from gateway.server.serving import bind_socket, format_url, hypercorn_app, hypercorn_config
 
 logger = logging.getLogger("lmgate")
 
@@ -92,5 +92,5 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
             )
 
         hyper = hypercorn_config(sock, graceful_timeout_s=_ABORT_FLUSH_S, connections=connections)
-        await hypercorn_serve(gateway, hyper, shutdown_trigger=drain_on_signal)  # type: ignore[arg-type]
+        await hypercorn_serve(hypercorn_app(gateway), hyper, shutdown_trigger=drain_on_signal)
     return 0

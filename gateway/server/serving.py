@@ -13,14 +13,16 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.typing import ASGIFramework
 
 from gateway.server.connections import ConnectionLimiter, GuardedListener, track_connections
+from gateway.server.patching import is_patched, patch_method
 from middleware.types import ASGIApp
 
 # Connections the kernel queues before hypercorn accepts them: a burst of clients (or NGINX
@@ -74,6 +76,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def hypercorn_app(app: ASGIApp) -> ASGIFramework:
+    """``app`` as hypercorn types it: the same callable. hypercorn declares scopes and events as
+    TypedDicts, which mypy does not accept for the ``MutableMapping`` that Starlette's ASGI types
+    and ours (middleware.types) take, though at run time they are the same dicts."""
+    return cast("ASGIFramework", app)
+
+
 def format_url(host: str, port: int) -> str:
     host = host.strip("[]")
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -91,7 +100,7 @@ def close_idle_connections_at_eof() -> None:
     """
     from hypercorn.asyncio.tcp_server import TCPServer
 
-    if getattr(TCPServer._read_data, "_lmgate_closes_at_eof", False):
+    if is_patched(TCPServer._read_data, "_lmgate_closes_at_eof"):
         return
     read_data = TCPServer._read_data
 
@@ -101,8 +110,7 @@ def close_idle_connections_at_eof() -> None:
         finally:
             await self.idle_task.stop()
 
-    read_then_stop_idle_timer._lmgate_closes_at_eof = True  # type: ignore[attr-defined]
-    TCPServer._read_data = read_then_stop_idle_timer  # type: ignore[method-assign]
+    patch_method(TCPServer, "_read_data", read_then_stop_idle_timer, marker="_lmgate_closes_at_eof")
 
 
 def drop_sends_to_closed_streams() -> None:
@@ -119,7 +127,7 @@ def drop_sends_to_closed_streams() -> None:
     """
     from hypercorn.protocol.http_stream import HTTPStream
 
-    if getattr(HTTPStream.app_send, "_lmgate_drops_when_closed", False):
+    if is_patched(HTTPStream.app_send, "_lmgate_drops_when_closed"):
         return
     app_send = HTTPStream.app_send
 
@@ -129,8 +137,7 @@ def drop_sends_to_closed_streams() -> None:
             return
         await app_send(self, message)
 
-    app_send_while_open._lmgate_drops_when_closed = True  # type: ignore[attr-defined]
-    HTTPStream.app_send = app_send_while_open  # type: ignore[method-assign]
+    patch_method(HTTPStream, "app_send", app_send_while_open, marker="_lmgate_drops_when_closed")
 
 
 class _GuardedConfig(HypercornConfig):
@@ -210,7 +217,7 @@ async def serve_in_background(
             tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: serve(app, config, shutdown_trigger=trigger))  # type: ignore[arg-type]
+        tg.start_soon(lambda: serve(hypercorn_app(app), config, shutdown_trigger=trigger))
         try:
             yield RunningServer(format_url(host, bound_port), host, bound_port, stopped.set)
         finally:

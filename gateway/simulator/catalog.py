@@ -17,10 +17,8 @@ from gateway.simulator.spec import SimModel
 
 
 def openai_models(manager: ModelManager) -> dict[str, Any]:
-    if manager.settings.jit:
-        ids = list(manager.models)
-    else:
-        ids = [instance.identifier for instance in manager.instances]
+    # with JIT loading every model is listed (a request loads it); without it, only loaded instances
+    ids = list(manager.models) if manager.settings.jit else [instance.identifier for instance in manager.instances]
     return {"data": [{"id": i, "object": "model", "owned_by": "organization_owner"} for i in ids], "object": "list"}
 
 

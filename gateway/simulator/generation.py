@@ -34,6 +34,7 @@ from gateway.simulator.context import SimContext
 from gateway.simulator.errors import SimError
 from gateway.simulator.faults import Fault
 from gateway.simulator.formats import Answer, Dialect, Request
+from gateway.simulator.formats.base import PieceKind
 from gateway.simulator.http import EXPRESS_HEADERS, JSON_TYPE, EndWithoutAnswer, Exchange, to_json
 from gateway.simulator.models import Instance
 from gateway.simulator.spec import SimModel
@@ -267,7 +268,8 @@ class Generation:
 
     async def _decode(self, instance: Instance, answer: Answer, first_token_at: float) -> bool:
         """Produce the tokens on schedule; False if the request ended early (cancel or fault)."""
-        schedule = [("reasoning", p) for p in answer.reasoning] + [("content", p) for p in answer.content]
+        schedule: list[tuple[PieceKind, str]] = [("reasoning", p) for p in answer.reasoning]
+        schedule += [("content", p) for p in answer.content]
         interval = 1.0 / instance.model.tokens_per_second
         stream = self.request.stream
         for index, (kind, piece) in enumerate(schedule):
@@ -287,7 +289,7 @@ class Generation:
                 answer.emitted_content += 1
             if stream:
                 frames = self.dialect.open_frames(answer) if index == 0 else []
-                frames.append(self.dialect.token_frame(answer, piece, kind))  # type: ignore[arg-type]
+                frames.append(self.dialect.token_frame(answer, piece, kind))
                 for frame in frames:
                     await self.exchange.write(self._maybe_broken(frame, index))
         return not await self._mid_stream_fault(instance, len(schedule), len(schedule))

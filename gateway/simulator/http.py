@@ -211,8 +211,11 @@ def _find_transport(scope: Scope) -> asyncio.Transport | None:
     if not client or not server:
         return None
     try:
-        transports = asyncio.get_running_loop()._transports  # type: ignore[attr-defined]
-    except (RuntimeError, AttributeError):  # not asyncio's selector loop
+        # private to asyncio's selector loop (uvloop has none): probed for, not relied on
+        transports = getattr(asyncio.get_running_loop(), "_transports", None)
+    except RuntimeError:  # no running loop
+        return None
+    if transports is None:
         return None
     for transport in list(transports.values()):
         try:

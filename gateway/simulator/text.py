@@ -18,11 +18,12 @@ import random
 import string
 from typing import Any
 
-_WORDS = (
+_TEXT = (
     "the model answers with plain words that carry no meaning but keep a steady rhythm so a gateway "
     "can count tokens measure time and compare bodies across streamed and whole responses while local "
     "servers load weights warm caches and schedule requests on parallel slots under a simulated clock"
-).split()
+)
+_WORDS = _TEXT.split()
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _IGNORED_FIELDS = frozenset({"stream", "stream_options", "ttl"})
 

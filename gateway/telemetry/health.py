@@ -37,8 +37,8 @@ import anyio
 import httpx
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
-from gateway.proxy.upstream_errors import describe
 from gateway.models.upstream import UpstreamError, UpstreamModels
+from gateway.proxy.upstream_errors import describe
 from middleware.types import Clock
 
 _PING = [{"role": "user", "content": "Reply with one word: ok"}]
@@ -203,8 +203,10 @@ class LlmHealth:
             by_outcome[checks[model]["status"]].append(f"{model}: {checks[model]['reason']}")
         if by_outcome["failed"] or not models:
             status = "unhealthy"
+        elif by_outcome["ok"]:
+            status = "ok"
         else:
-            status = "ok" if by_outcome["ok"] else "unknown"  # unknown: every model was skipped
+            status = "unknown"  # every model was skipped
         document: dict[str, Any] = {
             "status": status,
             "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -232,6 +234,7 @@ class LlmHealth:
     async def _check(self, model: str, checks: dict[str, dict[str, Any]]) -> None:
         started = self.clock()
         body = {"model": model, "messages": _PING, "max_tokens": 1, "temperature": 0, "stream": False}
+        reason: str | None
         with suppress_http_instrumentation():
             try:
                 response = await self.client.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)

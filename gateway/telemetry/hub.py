@@ -16,8 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextvars import Token
+from typing import Any
 
 import httpx
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway import __version__
@@ -144,7 +147,7 @@ class Telemetry:
         """Expose the layers' own state (retries, circuits, slots, drain) as metrics at scrape time."""
         if self.metrics is not None:
             collector = StateCollector(retry=retry, breaker=breaker, concurrency=concurrency, drain=drain)
-            self.metrics.registry.register(collector)  # type: ignore[arg-type]
+            self.metrics.registry.register(collector)
 
     def circuit_changed(self, circuit: str, old: str, new: str) -> None:
         """The breaker's ``on_state_change``: counts transitions (the breaker logs them itself)."""
@@ -166,7 +169,7 @@ class Telemetry:
         events.log_model_load(model, load_s, ok=ok, request_id=rid, error=error)
 
     def finish(
-        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, object] | None
+        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, Token[Context] | None] | None
     ) -> None:
         """Turn a finished request into metrics, a log line and the span's end. Never raises:
         a telemetry fault must not change what the client gets."""
@@ -200,7 +203,7 @@ class Telemetry:
         inference = record.operation != NOT_INFERENCE
         if outcome.category is None and not inference:
             return
-        fields = {
+        fields: dict[str, Any] = {
             "request_id": request_id(scope),
             "route": record.route,
             "model": record.model,

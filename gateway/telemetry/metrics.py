@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gateway.telemetry.record import RequestRecord, RequestOutcome
+from gateway.telemetry.record import RequestOutcome, RequestRecord
 from middleware.cache import CacheStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
@@ -161,7 +161,7 @@ class GatewayMetrics:
 
     def watch_cache(self, store: CacheStore) -> None:
         """Expose the cache store's size at scrape time."""
-        self.registry.register(CacheCollector(store))  # type: ignore[arg-type]
+        self.registry.register(CacheCollector(store))
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (Prometheus text, or OpenMetrics)."""

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextvars import Token
 from typing import Any, Protocol
 
 import anyio
+from opentelemetry.context import Context
 
 from gateway.proxy.sse import ERROR_EVENT_MARKER
 from gateway.request.routes import DONE_TERMINATED, route_path
@@ -60,7 +62,7 @@ class TelemetryHub(Protocol):
     first_token_s: Callable[[str | None], float]
 
     def finish(
-        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, object] | None
+        self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, Token[Context] | None] | None
     ) -> None: ...
 
 
@@ -83,7 +85,7 @@ class TelemetryMiddleware:
         scope.setdefault("state", {})[RECORD_KEY] = record
         began_ns = start_ns() if hub.tracing is not None else 0
         error: BaseException | None = None
-        begun: tuple[str, object] | None = None
+        begun: tuple[str, Token[Context] | None] | None = None
 
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.body":
@@ -126,7 +128,7 @@ class TelemetryMiddleware:
 
     def _begin(
         self, scope: Scope, record: RequestRecord, body: dict[str, Any] | None, began_ns: int
-    ) -> tuple[str, object]:
+    ) -> tuple[str, Token[Context] | None]:
         """Open the span, count the request in flight, log ``gen_request``; what ``finish`` undoes."""
         hub = self.telemetry
         rid = request_id(scope)

@@ -30,11 +30,11 @@ import json
 import re
 from typing import Any
 
-from gateway.proxy.upstream_errors import classify_upstream_message
-from gateway.request.routes import DONE_TERMINATED
 from gateway.proxy.sse import ERROR_EVENT_MARKER
-from gateway.telemetry.record import RequestRecord, record_of
+from gateway.proxy.upstream_errors import classify_upstream_message
 from gateway.proxy.usage import estimate_tokens
+from gateway.request.routes import DONE_TERMINATED
+from gateway.telemetry.record import RequestRecord, record_of
 from middleware.types import Scope
 
 _USAGE_KEY = b'"usage"'

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from contextvars import Token
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +30,7 @@ import anyio
 import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -96,7 +98,7 @@ class Tracing:
 
     def start(
         self, scope: Scope, record: RequestRecord, *, start_ns: int, request_id: str, body: dict[str, Any] | None
-    ) -> object:
+    ) -> Token[Context]:
         """Start the request's span as a child of the client's ``traceparent`` and make it current.
 
         Returns the token that :meth:`finish` needs to restore the previous context.
@@ -136,10 +138,10 @@ class Tracing:
             span.set_attributes(attributes)
         return otel_context.attach(trace.set_span_in_context(span, parent))
 
-    def finish(self, record: RequestRecord, outcome: RequestOutcome | None, token: object) -> None:
+    def finish(self, record: RequestRecord, outcome: RequestOutcome | None, token: Token[Context]) -> None:
         """Close the span with how the request ended (None: unknown), and restore the previous context."""
         span = record.span
-        otel_context.detach(token)  # type: ignore[arg-type]
+        otel_context.detach(token)
         if outcome is not None and span.is_recording():
             attributes: dict[str, Any] = {
                 "http.response.status_code": outcome.status,

@@ -108,7 +108,7 @@ def render_sample(
     if len(lmgate_ports) != len(addresses):
         raise ValueError(f"{sample} fronts {len(addresses)} lmgate(s); got ports {list(lmgate_ports)}")
     text = replace_documented(text, "listen 80;", f"listen 127.0.0.1:{listen_port};", sample=sample)
-    for address, port in zip(addresses, lmgate_ports):
+    for address, port in zip(addresses, lmgate_ports, strict=True):
         text = replace_documented(text, address, f"127.0.0.1:{port}", sample=sample)
     text = replace_documented(text, ACCESS_LOG, str(log_dir / "access.log"), sample=sample)
     if sample == "subpath.conf":
@@ -267,7 +267,7 @@ async def run_nginx(
         try:
             # NGINX writes its pid file only after binding every listen socket: until then, a
             # connection could reach whoever else took the port.
-            await wait_for_port(port, alive=lambda: process.returncode is None, bound=pid_file.exists, what="nginx")
+            await wait_for_port(port, alive=lambda process=process: process.returncode is None, bound=pid_file.exists, what="nginx")
         except RuntimeError:
             await stop_process(process)
             log = error_log.read_text(errors="replace") if error_log.exists() else ""

@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.simulator import SimModel, Simulator, SimSettings
+from gateway.simulator import SimModel, SimSettings, Simulator
 from gateway.simulator.testing import FrameReader
 
 pytestmark = pytest.mark.anyio

@@ -109,19 +109,18 @@ async def test_the_harness_notices_an_nginx_that_buffers(script, deployed, clien
         "proxy_http_version 1.1;": "proxy_http_version 1.0;",
     }
     received: list[bytes] = []
-    async with deployed("single.conf", upstream.url, edits=buffering) as proxy:
-        async with anyio.create_task_group() as tg:
+    async with deployed("single.conf", upstream.url, edits=buffering) as proxy, anyio.create_task_group() as tg:
 
-            async def request() -> None:
-                async with client.stream("POST", proxy.base + CHAT, json=STREAM_REQUEST) as response:
-                    received.append(b"(headers)")
-                    async for chunk in response.aiter_raw():
-                        received.append(chunk)
+        async def request() -> None:
+            async with client.stream("POST", proxy.base + CHAT, json=STREAM_REQUEST) as response:
+                received.append(b"(headers)")
+                async for chunk in response.aiter_raw():
+                    received.append(chunk)
 
-            tg.start_soon(request)
-            await anyio.sleep(1.0)  # what reached the client in a second: not even the headers
-            early = list(received)
-            released.set()
+        tg.start_soon(request)
+        await anyio.sleep(1.0)  # what reached the client in a second: not even the headers
+        early = list(received)
+        released.set()
     assert early == []
     assert b"".join(received) == b"(headers)" + frame(0) + b"data: [DONE]\n\n"
 

@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import build_app
-from gateway.proxy.assemble import CompletionAssembler
 from gateway.config.settings import Config
+from gateway.proxy.assemble import CompletionAssembler
 from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, SimSettings, Simulator
 

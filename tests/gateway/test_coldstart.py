@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from itertools import pairwise
 from typing import Any
 
 import anyio
@@ -100,7 +101,7 @@ async def test_a_60_s_load_with_45_s_to_first_token_streams_the_whole_answer_und
     assert raw.endswith(b"data: [DONE]\n\n") and content(raw) == content(direct.content) != ""
     loading = [line for line in comments(raw) if line.startswith(b": lmgate loading model=cold-70b elapsed_s=")]
     first_token_at = next(at for at, chunk in chunks if chunk.startswith(b"data: "))
-    gaps = [b - a for (a, _), (b, _) in zip([(0.0, b"")] + chunks, chunks) if b <= first_token_at]
+    gaps = [b - a for (a, _), (b, _) in pairwise([(0.0, b""), *chunks]) if b <= first_token_at]
     assert len(loading) >= 4, comments(raw)
     assert max(gaps) < 2 * HEARTBEAT_S, f"silences before the first token: {[round(g, 3) for g in gaps]}"
     (carried,) = [line for line in comments(raw) if b"x-lmgate-model-state" in line]
@@ -133,10 +134,12 @@ async def test_five_concurrent_first_requests_cause_one_load_and_one_instance(cl
 async def test_without_lmgate_the_same_five_requests_load_five_instances(client):
     # The control for the test above: the simulator's switch really reproduces #1751.
     model = cold("cold-8b")
-    async with Simulator(models=[model], settings=SimSettings(duplicate_instance_race=True)) as sim:
-        async with anyio.create_task_group() as tg:
-            for _ in range(5):
-                tg.start_soon(partial(client.post, sim.url + CHAT, json=chat(model.id)))
+    async with (
+        Simulator(models=[model], settings=SimSettings(duplicate_instance_race=True)) as sim,
+        anyio.create_task_group() as tg,
+    ):
+        for _ in range(5):
+            tg.start_soon(partial(client.post, sim.url + CHAT, json=chat(model.id)))
     assert sim.counters.instances == {model.id: 5}
 
 
@@ -356,12 +359,15 @@ async def test_an_upstream_without_model_state_is_passed_through_under_heartbeat
 
 async def test_heartbeats_cover_the_wait_for_a_concurrency_slot(client):
     model = SimModel(id="busy-7b", loaded=True, tokens_per_second=20.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
-    async with Simulator(models=[model]) as sim, lmgate(sim.url, concurrency={"limit": 1}) as (url, _):
-        async with client.stream("POST", url + CHAT, json=chat(model.id, stream=True, max_tokens=10)) as first:
-            chunks = first.aiter_raw()
-            await anext(chunks)  # the only slot is taken for about half a second
-            queued, timeline = await timed_stream(client, url + CHAT, chat(model.id, stream=True, max_tokens=2))
-            rest = b"".join([chunk async for chunk in chunks])
+    async with (
+        Simulator(models=[model]) as sim,
+        lmgate(sim.url, concurrency={"limit": 1}) as (url, _),
+        client.stream("POST", url + CHAT, json=chat(model.id, stream=True, max_tokens=10)) as first,
+    ):
+        chunks = first.aiter_raw()
+        await anext(chunks)  # the only slot is taken for about half a second
+        queued, timeline = await timed_stream(client, url + CHAT, chat(model.id, stream=True, max_tokens=2))
+        rest = b"".join([chunk async for chunk in chunks])
     raw = b"".join(chunk for _, chunk in timeline)
     waits = [line for line in comments(raw) if line.startswith(b": lmgate waiting model=busy-7b")]
     assert rest.endswith(b"data: [DONE]\n\n") and raw.endswith(b"data: [DONE]\n\n")

@@ -25,11 +25,11 @@ import yaml
 
 from gateway.app import build_app
 from gateway.cli import _parser, main
-from gateway.config.settings import Config
 from gateway.cli.doctor import DoctorOptions, diagnose
 from gateway.cli.doctor.advice import judge_heartbeat
 from gateway.cli.doctor.report import Attempt, percentiles_ms
 from gateway.cli.doctor.target import LM_STUDIO_DEFAULT, LMGATE_DEFAULT, default_target
+from gateway.config.settings import Config
 from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, SimSettings, Simulator
 from middleware.types import Receive, Scope, Send

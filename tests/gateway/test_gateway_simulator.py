@@ -22,7 +22,7 @@ import pytest
 from gateway.app import build_app
 from gateway.config.settings import Config
 from gateway.server.serving import serve_in_background
-from gateway.simulator import FakeClock, SimModel, SimSettings, Simulator
+from gateway.simulator import FakeClock, SimModel, Simulator
 from gateway.simulator.testing import unstamped
 
 pytestmark = pytest.mark.anyio
@@ -319,18 +319,17 @@ async def test_a_wait_for_an_upstream_connection_is_bounded_and_refused_like_the
     model = SimModel(id=WARM, loaded=True, tokens_per_second=float("inf"), ttft_base_s=1.0, ttft_per_prompt_token_s=0.0)
     async with Simulator(models=[model], clock=clock) as sim, running_gateway(
         sim.url, concurrency={"enabled": False, "max_wait_s": 0.2}, upstream={"pool": {"max_connections": 1}}
-    ) as gateway:
-        async with anyio.create_task_group() as tg:
-            first: list[httpx.Response] = []
+    ) as gateway, anyio.create_task_group() as tg:
+        first: list[httpx.Response] = []
 
-            async def holds_the_only_connection() -> None:
-                first.append(await client.post(gateway + "/v1/chat/completions", json=chat(stream=True)))
+        async def holds_the_only_connection() -> None:
+            first.append(await client.post(gateway + "/v1/chat/completions", json=chat(stream=True)))
 
-            tg.start_soon(holds_the_only_connection)
-            await sim.wait_for(lambda c: c.active_generations == 1)
-            with anyio.fail_after(5):
-                refused = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
-            clock.advance(1.0)
+        tg.start_soon(holds_the_only_connection)
+        await sim.wait_for(lambda c: c.active_generations == 1)
+        with anyio.fail_after(5):
+            refused = await client.post(gateway + "/v1/chat/completions", json=chat(stream=True))
+        clock.advance(1.0)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
     assert "upstream.pool.max_connections" in refused.json()["error"]["message"]
     assert int(refused.headers["retry-after"]) >= 1

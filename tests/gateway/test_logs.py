@@ -15,10 +15,10 @@ import pytest
 
 from gateway.app import build_app
 from gateway.config.settings import Config
-from gateway.telemetry.logs import configure_logging
 from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.telemetry.events import CATEGORIES, categorise
+from gateway.telemetry.logs import configure_logging
 
 pytestmark = pytest.mark.anyio
 

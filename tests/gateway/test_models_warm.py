@@ -55,7 +55,7 @@ async def test_keep_warm_holds_a_model_loaded_through_a_simulated_day() -> None:
         steps = int(DAY_S / (TTL_S / 2))
         for step in range(1, steps + 1):
             clock.advance(TTL_S / 2)  # idle for half the TTL: time for a one-token ping
-            await models.registry.wait_for(lambda _: models.warmer.pings == step)
+            await models.registry.wait_for(lambda _, step=step: models.warmer.pings == step)
         assert clock.now() == DAY_S
         assert sim.counters.ttl_unloads == 0 and sim.counters.instances == {MODEL.id: 1}
         assert sim.counters.loads_started == 1 and models.warmer.pings == steps == 48

@@ -264,12 +264,11 @@ async def test_a_client_that_leaves_before_headers_disconnects_the_upstream(upst
         await upstream.disconnected.wait()
 
     upstream.handler = handler
-    async with httpx.AsyncClient(trust_env=False) as leaving:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: leaving.post(gateway + "/v1/chat/completions", json={}))
-            with anyio.fail_after(2):
-                await reached.wait()
-            tg.cancel_scope.cancel()
+    async with httpx.AsyncClient(trust_env=False) as leaving, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: leaving.post(gateway + "/v1/chat/completions", json={}))
+        with anyio.fail_after(2):
+            await reached.wait()
+        tg.cancel_scope.cancel()
     with anyio.fail_after(2):
         await upstream.disconnected.wait()
 

@@ -32,17 +32,16 @@ async def hello(scope: Scope, receive: Receive, send: Send) -> None:
 async def test_a_keep_alive_connection_closed_by_its_client_is_closed_at_once() -> None:
     # hypercorn alone would hold the socket in CLOSE-WAIT for the whole keep-alive timeout (75 s):
     # a client opening a connection per request would run the gateway out of descriptors.
-    async with serve_in_background(hello) as server:
-        async with await anyio.connect_tcp(server.host, server.port) as stream:
-            await stream.send(b"GET / HTTP/1.1\r\nHost: lmgate\r\n\r\n")
-            received = b""
-            with anyio.fail_after(5):
-                while not received.endswith(b"ok"):
-                    received += await stream.receive()
-            assert received.startswith(b"HTTP/1.1 200")  # kept alive: the server did not close
-            await stream.send_eof()
-            with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
-                await stream.receive()  # the server closed its side too
+    async with serve_in_background(hello) as server, await anyio.connect_tcp(server.host, server.port) as stream:
+        await stream.send(b"GET / HTTP/1.1\r\nHost: lmgate\r\n\r\n")
+        received = b""
+        with anyio.fail_after(5):
+            while not received.endswith(b"ok"):
+                received += await stream.receive()
+        assert received.startswith(b"HTTP/1.1 200")  # kept alive: the server did not close
+        await stream.send_eof()
+        with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+            await stream.receive()  # the server closed its side too
 
 
 SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Callable, Iterable
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -115,7 +116,7 @@ def test_the_hold_passes_every_whole_frame_and_only_whole_frames_whatever_the_ch
     points = sorted({c % (len(raw) + 1) for c in cuts})
     hold = FrameHold()
     out = b""
-    for a, b in zip([0, *points], [*points, len(raw)]):
+    for a, b in pairwise([0, *points, len(raw)]):
         passed = hold.feed(raw[a:b])
         assert not passed or passed.endswith(b"\n\n") or passed.endswith(b"\r\n\r\n")
         out += passed
@@ -129,7 +130,7 @@ def test_the_parser_is_not_fooled_by_a_crlf_split_across_pieces(text, cuts):
     points = sorted({c % (len(text) + 1) for c in cuts})
     parser = FrameParser()
     data = []
-    for a, b in zip([0, *points], [*points, len(text)]):
+    for a, b in pairwise([0, *points, len(text)]):
         data += [frame.data for frame in parser.feed(text[a:b])]
     data += [frame.data for frame in parser.close()]
     assert data == [frame.data for frame in FrameParser().feed(text)]

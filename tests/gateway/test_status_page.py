@@ -13,9 +13,9 @@ import base64
 import json
 import os
 import shutil
-from functools import partial
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +25,8 @@ import httpx
 import pytest
 from anyio.abc import ByteStream, Process
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message as WSMessage, Ping, Request, TextMessage
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+from wsproto.events import Message as WSMessage
 
 from gateway.app import Gateway, build_app
 from gateway.config.settings import Config
@@ -215,11 +216,10 @@ class DevTools:
         errors = []
         for event in self.events:
             method, params = event["method"], event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                errors.append(params)
-            elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                errors.append(params)
-            elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            thrown = method == "Runtime.exceptionThrown"
+            logged = method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert")
+            reported = method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error"
+            if thrown or logged or reported:
                 errors.append(params)
         return errors
 
@@ -278,27 +278,32 @@ async def test_page_shows_a_model_going_from_loading_to_loaded_without_console_e
         SimModel(id="llama-3.1-8b-instruct", load_delay_s=2.5, size_bytes=5_000_000_000, tokens_per_second=400.0),
     ]
     browser = chromium(chromium_binary, tmp_path / "profile")
-    async with Simulator(models=models) as sim, gateway_on(sim) as url, browser as page_ws:
-        async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client, DevTools.connect(page_ws) as devtools:
-            await client.post(url + "/lmgate/models/llama-3.1-8b-warmup/load")  # a load seen: ETAs from now on
-            await client.post(url + CHAT, json=chat("qwen2.5-0.5b-instruct", stream=True))
-            await client.post(url + CHAT, json=chat("no-such-model"))  # one error for the errors panel
-            for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
-                await devtools.call(domain)
-            await devtools.call("Page.navigate", url=url + "/lmgate/?interval=150")
-            row = 'document.querySelector(\'[data-model="llama-3.1-8b-instruct"]\')'
-            assert await devtools.wait_until(f"{row} && {row}.dataset.state") == "not-loaded"
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(partial(client.post, url + CHAT, json=chat("llama-3.1-8b-instruct", stream=True)))
-                text = await devtools.wait_until(f'{row} && {row}.dataset.state === "loading" && {row}.textContent')
-                assert "loading… " in text and "/ ~2.5 s" in text
-                shot = await devtools.call("Page.captureScreenshot", format="png")
-                assert await devtools.wait_until(f'{row} && {row}.dataset.state === "loaded"', timeout=15)
-            errors_panel = await devtools.wait_until('document.querySelector("[data-category=model_not_found]")?.textContent')
-            assert errors_panel == "model_not_found 1"
-            assert await devtools.wait_until('document.querySelector("#chart polyline")?.getAttribute("points")')
-            ARTIFACTS.mkdir(exist_ok=True)
-            (ARTIFACTS / "status-page-loading.png").write_bytes(base64.b64decode(shot["data"]))
-            final = await devtools.call("Page.captureScreenshot", format="png")
-            (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(final["data"]))
-            assert devtools.console_errors() == []
+    async with (
+        Simulator(models=models) as sim,
+        gateway_on(sim) as url,
+        browser as page_ws,
+        httpx.AsyncClient(timeout=30.0, trust_env=False) as client,
+        DevTools.connect(page_ws) as devtools,
+    ):
+        await client.post(url + "/lmgate/models/llama-3.1-8b-warmup/load")  # a load seen: ETAs from now on
+        await client.post(url + CHAT, json=chat("qwen2.5-0.5b-instruct", stream=True))
+        await client.post(url + CHAT, json=chat("no-such-model"))  # one error for the errors panel
+        for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
+            await devtools.call(domain)
+        await devtools.call("Page.navigate", url=url + "/lmgate/?interval=150")
+        row = 'document.querySelector(\'[data-model="llama-3.1-8b-instruct"]\')'
+        assert await devtools.wait_until(f"{row} && {row}.dataset.state") == "not-loaded"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(client.post, url + CHAT, json=chat("llama-3.1-8b-instruct", stream=True)))
+            text = await devtools.wait_until(f'{row} && {row}.dataset.state === "loading" && {row}.textContent')
+            assert "loading… " in text and "/ ~2.5 s" in text
+            shot = await devtools.call("Page.captureScreenshot", format="png")
+            assert await devtools.wait_until(f'{row} && {row}.dataset.state === "loaded"', timeout=15)
+        errors_panel = await devtools.wait_until('document.querySelector("[data-category=model_not_found]")?.textContent')
+        assert errors_panel == "model_not_found 1"
+        assert await devtools.wait_until('document.querySelector("#chart polyline")?.getAttribute("points")')
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "status-page-loading.png").write_bytes(base64.b64decode(shot["data"]))
+        final = await devtools.call("Page.captureScreenshot", format="png")
+        (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(final["data"]))
+        assert devtools.console_errors() == []

@@ -32,7 +32,7 @@ CLIENT_TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
 def frame(text: str, finish: str | None = None) -> bytes:
-    delta = "{}" if finish else '{"content":"%s"}' % text
+    delta = "{}" if finish else '{"content":"' + text + '"}'
     reason = f'"{finish}"' if finish else "null"
     return b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\n\n' % (
         delta.encode(),

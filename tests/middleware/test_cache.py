@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from middleware.cache import CacheMiddleware, CachedResponse, MemoryStore, cache_key, is_deterministic
+from middleware.cache import CachedResponse, CacheMiddleware, MemoryStore, cache_key, is_deterministic
 from middleware.types import Message, Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio

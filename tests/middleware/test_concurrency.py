@@ -128,14 +128,16 @@ async def test_twenty_requests_through_limit_four_and_queue_eight_around_starlet
 
     transport = httpx.ASGITransport(app=app)
     with anyio.fail_after(5):
-        async with httpx.AsyncClient(transport=transport, base_url="http://lmgate") as client:
-            async with anyio.create_task_group() as tg:
-                for _ in range(20):
-                    tg.start_soon(post, client)
-                await anyio.wait_all_tasks_blocked()
-                assert app.snapshot() == {"*": {"limit": 4, "in_flight": 4, "queued": 8}}
-                assert len(responses) == 8  # shed at once, not after waiting
-                go.set()
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://lmgate") as client,
+            anyio.create_task_group() as tg,
+        ):
+            for _ in range(20):
+                tg.start_soon(post, client)
+            await anyio.wait_all_tasks_blocked()
+            assert app.snapshot() == {"*": {"limit": 4, "in_flight": 4, "queued": 8}}
+            assert len(responses) == 8  # shed at once, not after waiting
+            go.set()
 
     served = [r for r in responses if r.status_code == 200]
     shed = [r for r in responses if r.status_code == 503]
@@ -261,19 +263,21 @@ async def test_slot_is_held_until_the_streamed_body_finishes() -> None:
 
     app = ConcurrencyMiddleware(streaming, limit=1, max_queue=0)
     with anyio.fail_after(5):
-        async with serve_in_background(app, graceful_timeout_s=0.5) as server:
-            async with httpx.AsyncClient(base_url=server.url) as client:
-                async with client.stream("POST", "/v1/chat/completions", json={}) as stream:
-                    chunks = stream.aiter_raw()
-                    assert await chunks.__anext__() == b"data: 1\n\n"  # headers and a frame are out
-                    assert app.snapshot()["*"]["in_flight"] == 1
-                    refused = await client.post("/v1/chat/completions", json={})
-                    assert refused.status_code == 503
-                    finish.set()
-                    assert b"".join([c async for c in chunks]) == b"data: [DONE]\n\n"
-                await anyio.wait_all_tasks_blocked()
-                assert app.snapshot()["*"]["in_flight"] == 0
-                assert (await client.post("/v1/chat/completions", json={})).status_code == 200
+        async with (
+            serve_in_background(app, graceful_timeout_s=0.5) as server,
+            httpx.AsyncClient(base_url=server.url) as client,
+        ):
+            async with client.stream("POST", "/v1/chat/completions", json={}) as stream:
+                chunks = stream.aiter_raw()
+                assert await chunks.__anext__() == b"data: 1\n\n"  # headers and a frame are out
+                assert app.snapshot()["*"]["in_flight"] == 1
+                refused = await client.post("/v1/chat/completions", json={})
+                assert refused.status_code == 503
+                finish.set()
+                assert b"".join([c async for c in chunks]) == b"data: [DONE]\n\n"
+            await anyio.wait_all_tasks_blocked()
+            assert app.snapshot()["*"]["in_flight"] == 0
+            assert (await client.post("/v1/chat/completions", json={})).status_code == 200
 
 
 # --- keys -----------------------------------------------------------------------------------------

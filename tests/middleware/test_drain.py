@@ -94,23 +94,25 @@ async def test_new_requests_refused_while_an_in_flight_stream_completes_around_s
     ])
     app = DrainMiddleware(starlette, state=state, exempt_paths={"/health/ready"})
     with anyio.fail_after(5):
-        async with serve_in_background(app, graceful_timeout_s=0.5) as server:
-            async with httpx.AsyncClient(base_url=server.url) as client:
-                async with client.stream("POST", "/v1/chat/completions", json={}) as stream:
-                    chunks = stream.aiter_raw()
-                    assert await chunks.__anext__() == b"data: 1\n\n"
-                    assert (await client.get("/health/ready")).status_code == 200
-                    state.start()
-                    assert (await client.get("/health/ready")).status_code == 503
-                    refused = await client.post("/v1/chat/completions", json={})
-                    assert refused.status_code == 503
-                    assert refused.headers["connection"] == "close"
-                    assert refused.headers["retry-after"] == "5"
-                    assert refused.json()["error"]["code"] == "draining"
-                    assert state.in_flight == 1
-                    finish.set()
-                    assert b"".join([c async for c in chunks]) == b"data: [DONE]\n\n"
-                assert await state.wait_idle(1.0)
+        async with (
+            serve_in_background(app, graceful_timeout_s=0.5) as server,
+            httpx.AsyncClient(base_url=server.url) as client,
+        ):
+            async with client.stream("POST", "/v1/chat/completions", json={}) as stream:
+                chunks = stream.aiter_raw()
+                assert await chunks.__anext__() == b"data: 1\n\n"
+                assert (await client.get("/health/ready")).status_code == 200
+                state.start()
+                assert (await client.get("/health/ready")).status_code == 503
+                refused = await client.post("/v1/chat/completions", json={})
+                assert refused.status_code == 503
+                assert refused.headers["connection"] == "close"
+                assert refused.headers["retry-after"] == "5"
+                assert refused.json()["error"]["code"] == "draining"
+                assert state.in_flight == 1
+                finish.set()
+                assert b"".join([c async for c in chunks]) == b"data: [DONE]\n\n"
+            assert await state.wait_idle(1.0)
     assert state.in_flight == 0
 
 
@@ -120,16 +122,18 @@ async def test_streams_still_open_at_the_deadline_end_with_an_sse_error_frame() 
         START_SSE, {"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True}, then=anyio.Event()
     )
     with anyio.fail_after(5):
-        async with serve_in_background(DrainMiddleware(inner, state=state), graceful_timeout_s=0.5) as server:
-            async with httpx.AsyncClient(base_url=server.url) as client:
-                async with client.stream("POST", "/v1/chat/completions", json={}) as stream:
-                    chunks = stream.aiter_raw()
-                    assert await chunks.__anext__() == b"data: 1\n\n"
-                    state.start()
-                    assert not await state.wait_idle(0.05)  # the deadline passes, the stream still open
-                    state.abort_remaining()
-                    assert await state.wait_idle(1.0)  # True only once the frames are out
-                    rest = b"".join([c async for c in chunks])
+        async with (
+            serve_in_background(DrainMiddleware(inner, state=state), graceful_timeout_s=0.5) as server,
+            httpx.AsyncClient(base_url=server.url) as client,
+            client.stream("POST", "/v1/chat/completions", json={}) as stream,
+        ):
+            chunks = stream.aiter_raw()
+            assert await chunks.__anext__() == b"data: 1\n\n"
+            state.start()
+            assert not await state.wait_idle(0.05)  # the deadline passes, the stream still open
+            state.abort_remaining()
+            assert await state.wait_idle(1.0)  # True only once the frames are out
+            rest = b"".join([c async for c in chunks])
     assert rest.startswith(b"event: error\ndata: ")
     assert json.loads(rest.split(b"data: ", 1)[1])["error"]["code"] == "draining"
     assert b"[DONE]" not in rest

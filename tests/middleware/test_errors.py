@@ -91,9 +91,11 @@ async def test_a_client_that_left_is_sent_nothing_more_so_asyncio_logs_nothing(c
     caplog.set_level(logging.WARNING, logger="asyncio")
     app = SlowToStop()
     async with serve_in_background(ErrorMiddleware(app)) as server:
-        async with httpx.AsyncClient(trust_env=False) as client:
-            async with client.stream("POST", server.url + "/v1/chat/completions", json={"stream": True}) as response:
-                await anext(response.aiter_raw())  # mid-stream; leaving the block closes the connection
+        async with (
+            httpx.AsyncClient(trust_env=False) as client,
+            client.stream("POST", server.url + "/v1/chat/completions", json={"stream": True}) as response,
+        ):
+            await anext(response.aiter_raw())  # mid-stream; leaving the block closes the connection
         with anyio.fail_after(5):
             await app.finished.wait()
     writes = [r for r in caplog.records if r.name == "asyncio" and r.getMessage() == ASYNCIO_WRITE_WARNING]

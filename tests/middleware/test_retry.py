@@ -29,7 +29,7 @@ from middleware.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from middleware.retry import RetryMiddleware, attempt_number, parse_retry_after, DecorrelatedJitter
+from middleware.retry import DecorrelatedJitter, RetryMiddleware, attempt_number, parse_retry_after
 from middleware.timeout import TimeoutMiddleware
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 

@@ -89,11 +89,14 @@ async def test_idle_timeout_mid_stream_ends_with_an_error_frame_and_cancels_the_
     )
     app = TimeoutMiddleware(upstream, first_token_s=5, idle_s=0.2)
     chunks: list[bytes] = []
-    async with serve_in_background(app) as server, httpx.AsyncClient(timeout=5, trust_env=False) as client:
-        async with client.stream("POST", server.url + "/v1/chat/completions", content=b"{}") as response:
-            assert response.status_code == 200
-            async for chunk in response.aiter_raw():
-                chunks.append(chunk)
+    async with (
+        serve_in_background(app) as server,
+        httpx.AsyncClient(timeout=5, trust_env=False) as client,
+        client.stream("POST", server.url + "/v1/chat/completions", content=b"{}") as response,
+    ):
+        assert response.status_code == 200
+        async for chunk in response.aiter_raw():
+            chunks.append(chunk)
     assert chunks[0] == FIRST_FRAME  # the first token reached the client before the deadline passed
     tail = b"".join(chunks[1:])
     assert tail.startswith(b"event: error\ndata: ")
@@ -108,11 +111,14 @@ async def test_a_started_non_sse_body_is_aborted_not_ended_cleanly() -> None:
         {"type": "http.response.body", "body": b'{"choices":[', "more_body": True},
     )
     app = TimeoutMiddleware(upstream, idle_s=0.1)
-    async with serve_in_background(app) as server, httpx.AsyncClient(timeout=5, trust_env=False) as client:
-        async with client.stream("POST", server.url + "/v1/completions", content=b"{}") as response:
-            assert response.status_code == 200
-            with pytest.raises(httpx.RemoteProtocolError):
-                await response.aread()
+    async with (
+        serve_in_background(app) as server,
+        httpx.AsyncClient(timeout=5, trust_env=False) as client,
+        client.stream("POST", server.url + "/v1/completions", content=b"{}") as response,
+    ):
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            await response.aread()
     assert upstream.cancelled.is_set()
 
 

@@ -5,6 +5,7 @@ the upstream."""
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +30,7 @@ def render(events: list[tuple[str | None, str]], *, done: bool) -> bytes:
 
 def split(raw, cuts):  # bytes or str, cut at the given offsets
     points = sorted({c % (len(raw) + 1) for c in cuts})
-    return [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)])]
+    return [raw[a:b] for a, b in pairwise([0, *points, len(raw)])]
 
 
 @settings(max_examples=300, deadline=None)

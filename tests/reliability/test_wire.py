@@ -200,9 +200,11 @@ async def test_frames_split_across_chunks_reach_the_client_whole_and_at_once(sta
     raw = b"".join(ANSWER)
     pieces = [raw[:7], raw[7:len(ANSWER[0]) + 3], raw[len(ANSWER[0]) + 3:]]
     raw_upstream.answer = first_then_clean(raw_upstream, chunked_stream(raw_upstream, pieces))
-    async with start_gateway(raw_upstream.url, **NO_RETRY) as gw:
-        async with client.stream("POST", gw.url + CHAT, json=chat(True)) as response:
-            received = [chunk async for chunk in response.aiter_raw()]
+    async with (
+        start_gateway(raw_upstream.url, **NO_RETRY) as gw,
+        client.stream("POST", gw.url + CHAT, json=chat(True)) as response,
+    ):
+        received = [chunk async for chunk in response.aiter_raw()]
     assert b"".join(received) == raw
     assert all(chunk.endswith(b"\n\n") for chunk in received)
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import anyio
-import httpx
 import pytest
 import yaml
 
@@ -143,11 +142,13 @@ async def test_an_azure_style_api_key_header_never_reaches_the_upstream(upstream
 
 async def test_the_token_never_appears_in_logs_errors_or_the_client_answer(start_gateway, client, caplog):
     caplog.set_level(logging.DEBUG)
-    async with Simulator(models=[slow_model()], settings=sim_settings("a-different-token")) as sim:
-        async with start_gateway(sim.url, env={"LMSTUDIO_API_KEY": TOKEN}) as gw:
-            refused = await client.post(gw.url + CHAT, json=chat())
-            streamed = await client.post(gw.url + CHAT, json=chat(stream=True))
-            health = await client.get(gw.url + "/readyz")
+    async with (
+        Simulator(models=[slow_model()], settings=sim_settings("a-different-token")) as sim,
+        start_gateway(sim.url, env={"LMSTUDIO_API_KEY": TOKEN}) as gw,
+    ):
+        refused = await client.post(gw.url + CHAT, json=chat())
+        streamed = await client.post(gw.url + CHAT, json=chat(stream=True))
+        health = await client.get(gw.url + "/readyz")
     assert refused.status_code == 401  # LM Studio refused lmgate's token
     for text in (refused.text, streamed.text, health.text, caplog.text, json.dumps(dict(refused.headers))):
         assert TOKEN not in text and TOKEN.split(":")[1] not in text

@@ -23,15 +23,15 @@ from schemathesis.checks import CheckContext
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from gateway.admin.openapi import OPENAPI_PATH, openapi_document
 from gateway.admin.routes import _EXACT, LLM_HEALTH
+from gateway.admin.status import PAGE_PATHS, STATUS_JSON
 from gateway.app import build_app
 from gateway.config.settings import Config
 from gateway.models.admin import MODELS_PATH
-from gateway.admin.openapi import OPENAPI_PATH, openapi_document
+from gateway.request.validation import _METHODS
 from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
-from gateway.admin.status import PAGE_PATHS, STATUS_JSON
-from gateway.request.validation import _METHODS
 from middleware.auth import hash_key
 
 MODEL = "qwen2.5-7b-instruct"  # the description's example model

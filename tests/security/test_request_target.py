@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from functools import partial
 
 import anyio
 import openai
@@ -165,7 +166,7 @@ async def test_a_model_key_with_a_slash_still_names_one_model_on_lmgates_routes(
     async with Simulator(models=[model]) as sim, start_gateway(sim.url, auth=AUTH, models={"enabled": True}) as gw:
         port = port_of(gw.url)
         for target in ("/lmgate/models/google%2Fgemma-3-4b", "/lmgate/models/google/gemma-3-4b"):
-            got, body = await anyio.to_thread.run_sync(lambda: raw_request(port, "GET", target, key=ADMIN))
+            got, body = await anyio.to_thread.run_sync(partial(raw_request, port, "GET", target, key=ADMIN))
             assert got == 200 and json.loads(body)["id"] == key, (target, body[:300])
         loaded = await anyio.to_thread.run_sync(
             lambda: raw_request(port, "POST", "/lmgate/models/google%2Fgemma-3-4b/load", key=ADMIN)

@@ -6,7 +6,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.simulator import FAULT_KINDS, RealClock, SimModel, SimSettings, Simulator
+from gateway.simulator import FAULT_KINDS, RealClock, SimSettings, Simulator
 from gateway.simulator.errors import CRASH_MESSAGE
 from gateway.simulator.testing import ASGICall, BackgroundStream, parse_sse
 

@@ -30,14 +30,13 @@ async def test_a_chat_stream_is_framed_exactly_as_lm_studio_frames_it(sim, clien
     raw, events = await stream(client, sim.url + "/v1/chat/completions", {"model": "alpha", "messages": MESSAGES})
     first = events[0].json()
     head = (
-        '{"id":"%s","object":"chat.completion.chunk","created":1700000000,"model":"alpha","system_fingerprint":"alpha",'
-        % first["id"]
+        '{"id":"' + first["id"] + '","object":"chat.completion.chunk","created":1700000000,"model":"alpha","system_fingerprint":"alpha",'
     )
     words = [e.json()["choices"][0]["delta"]["content"] for e in events[:3]]
     assert raw == (
-        b"data: " + (head + '"choices":[{"index":0,"delta":{"role":"assistant","content":"%s"},"logprobs":null,"finish_reason":null}]}' % words[0]).encode() + b"\n\n"
-        b"data: " + (head + '"choices":[{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}]}' % words[1]).encode() + b"\n\n"
-        b"data: " + (head + '"choices":[{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":null}]}' % words[2]).encode() + b"\n\n"
+        b"data: " + (head + '"choices":[{"index":0,"delta":{"role":"assistant","content":"' + words[0] + '"},"logprobs":null,"finish_reason":null}]}').encode() + b"\n\n"
+        b"data: " + (head + '"choices":[{"index":0,"delta":{"content":"' + words[1] + '"},"logprobs":null,"finish_reason":null}]}').encode() + b"\n\n"
+        b"data: " + (head + '"choices":[{"index":0,"delta":{"content":"' + words[2] + '"},"logprobs":null,"finish_reason":null}]}').encode() + b"\n\n"
         b"data: " + (head + '"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}').encode() + b"\n\n"
         b"data: [DONE]\n\n"
     )
@@ -145,16 +144,18 @@ async def test_api_v0_text_completions_add_stats_model_info_and_runtime(sim, cli
 
 async def test_v0_stats_report_the_simulated_timing(client):
     model = SimModel(id="timed", loaded=True, tokens_per_second=20.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0)
-    async with Simulator(models=[model], settings=SimSettings(completion_tokens=4), clock=FakeClock()) as sim:
-        async with anyio.create_task_group() as tg:
-            result = {}
+    async with (
+        Simulator(models=[model], settings=SimSettings(completion_tokens=4), clock=FakeClock()) as sim,
+        anyio.create_task_group() as tg,
+    ):
+        result = {}
 
-            async def call() -> None:
-                result["body"] = (await client.post(sim.url + "/api/v0/chat/completions", json={"model": "timed", "messages": MESSAGES})).json()
+        async def call() -> None:
+            result["body"] = (await client.post(sim.url + "/api/v0/chat/completions", json={"model": "timed", "messages": MESSAGES})).json()
 
-            tg.start_soon(call)
-            await sim.wait_for(lambda c: c.generations_started == 1)
-            sim.clock.advance(1.0)
+        tg.start_soon(call)
+        await sim.wait_for(lambda c: c.generations_started == 1)
+        sim.clock.advance(1.0)
     assert result["body"]["stats"]["generation_time"] == 0.2
     assert result["body"]["stats"]["tokens_per_second"] == 20
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 
-from gateway.simulator import SimModel, SimSettings, Simulator
+from gateway.simulator import SimSettings, Simulator
 
 pytestmark = pytest.mark.anyio
 

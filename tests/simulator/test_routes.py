@@ -153,9 +153,11 @@ async def test_json_responses_carry_express_headers(instant_models, clock, clien
 
 
 async def test_a_stream_carries_sse_headers_without_x_accel_buffering(instant_models, clock, client):
-    async with Simulator(models=instant_models, clock=clock) as sim:
-        async with client.stream("POST", sim.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
-            await response.aread()
+    async with (
+        Simulator(models=instant_models, clock=clock) as sim,
+        client.stream("POST", sim.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as response,
+    ):
+        await response.aread()
     headers = response.headers
     assert headers["content-type"] == "text/event-stream"
     assert headers["cache-control"] == "no-cache"

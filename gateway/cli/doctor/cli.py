@@ -9,10 +9,10 @@ import sys
 
 import anyio
 
-from gateway.config.settings import Config, ConfigError, load_config
 from gateway.cli.doctor.core import DoctorOptions, diagnose
 from gateway.cli.doctor.render import ProgressBar, render_text
 from gateway.cli.doctor.target import default_target, given_target
+from gateway.config.settings import Config, ConfigError, load_config
 
 EXIT_OK, EXIT_ESCALATE, EXIT_USAGE = 0, 1, 2
 

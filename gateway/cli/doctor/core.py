@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import httpx
 
-from gateway.config.settings import SEED_ENV
 from gateway.cli.doctor.advice import advise, judge_heartbeat
 from gateway.cli.doctor.measure import TINY_PROMPT, chat_body, measure_chat, run_batch
 from gateway.cli.doctor.probe import pick_model, probe_server, unload
 from gateway.cli.doctor.report import Attempt, ColdLoad, Generations, Report, ServerInfo, TinyPrompt
+from gateway.config.settings import SEED_ENV
 
 Progress = Callable[[int, int, int], None]
 

@@ -20,8 +20,8 @@ import anyio
 import httpx
 
 from gateway.cli.doctor.report import Attempt
-from gateway.proxy.upstream_errors import classify_upstream_message, describe
 from gateway.proxy.sse import FrameParser
+from gateway.proxy.upstream_errors import classify_upstream_message, describe
 from gateway.telemetry.events import categorise
 
 CHAT_PATH = "/v1/chat/completions"

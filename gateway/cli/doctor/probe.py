@@ -76,7 +76,8 @@ def _parse(api: str, document: Any) -> list[ModelInfo] | None:
         return None
     parse = {"api/v1": _v1, "api/v0": _v0, "v1": _openai}[api]
     models = [parse(entry) for entry in entries if isinstance(entry, dict)]
-    return None if any(model is None for model in models) else models  # type: ignore[return-value]
+    parsed = [model for model in models if model is not None]
+    return parsed if len(parsed) == len(models) else None  # one entry of another shape: not this api
 
 
 def _int(value: Any) -> int | None:

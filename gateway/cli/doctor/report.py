@@ -174,5 +174,8 @@ def percentiles_ms(values: list[float]) -> dict[str, int] | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
     return {"p50": round(rank(0.50) * 1000), "p95": round(rank(0.95) * 1000), "p99": round(rank(0.99) * 1000)}

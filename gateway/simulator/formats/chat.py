@@ -14,7 +14,6 @@ from typing import Any
 from gateway.simulator.errors import bad_request
 from gateway.simulator.formats.base import DONE, Answer, Dialect, PieceKind, Request, common_fields, sse, text_of
 
-
 #: The engine each model format runs on, as /api/v0 reports it.
 RUNTIMES = {
     "gguf": {"name": "llama.cpp-linux-x86_64-avx2", "version": "1.3.0", "supported_formats": ["gguf"]},
