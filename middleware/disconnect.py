@@ -59,7 +59,7 @@ class run_beside:
     async def _run(self) -> None:
         try:
             await self._task()
-        except Exception as error:  # noqa: BLE001 - re-raised by __aexit__, outside the task group
+        except Exception as error:  # re-raised by __aexit__, outside the task group
             self._error = error
             self.cancel_block()
 

@@ -221,7 +221,7 @@ def _find_transport(scope: Scope) -> asyncio.Transport | None:
         try:
             peer = transport.get_extra_info("peername")
             local = transport.get_extra_info("sockname")
-        except Exception:  # noqa: BLE001 - a transport closing under us is simply not ours
+        except Exception:  # a transport closing under us is simply not ours
             continue
         if peer and local and tuple(peer[:2]) == tuple(client) and tuple(local[:2]) == tuple(server):
             return cast(asyncio.Transport, transport)
