@@ -8,11 +8,13 @@ upstream pool) and keeps the shared objects at hand for inspection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.config.settings import Config
+from gateway.server.serving import serve_in_background
 from gateway.stack import Collaborators, Stack, build_collaborators, build_stack, make_upstream_client
 from middleware.cache import CacheMiddleware
 from middleware.circuit_breaker import CircuitBreakerMiddleware
@@ -93,3 +95,17 @@ def build_app(
 ) -> Gateway:
     """The gateway as an ASGI app. ``config`` defaults to all defaults (upstream 127.0.0.1:1234)."""
     return Gateway(config or Config(), env=env, drain=drain, tracer_provider=tracer_provider)
+
+
+@asynccontextmanager
+async def serve_gateway(
+    config: Config | None = None, *, host: str = "127.0.0.1", port: int = 0, tracer_provider: TracerProvider | None = None
+) -> AsyncIterator[tuple[str, Gateway]]:
+    """lmgate built from ``config`` and served on hypercorn (a free port by default) until the block
+    exits: ``(url, gateway)``. For test suites and embedding; ``lmgate serve`` adds signals and drain."""
+    app = build_app(config, tracer_provider=tracer_provider)
+    try:
+        async with serve_in_background(app, host=host, port=port) as server:
+            yield server.url, app
+    finally:
+        await app.aclose()

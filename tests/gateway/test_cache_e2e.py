@@ -17,9 +17,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.app import build_app
+from gateway.app import serve_gateway
 from gateway.config.settings import Config, load_config
-from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.simulator.testing import BackgroundStream, parse_sse
 
@@ -38,12 +37,8 @@ def chat(model: str = WARM, **extra: Any) -> dict[str, Any]:
 @asynccontextmanager
 async def cached_gateway(sim: Simulator, **sections: Any) -> AsyncIterator[str]:
     document = {"upstream": {"url": sim.url}, "cache": {"enabled": True}, "retry": {"enabled": False}, **sections}
-    app = build_app(Config.model_validate(document))
-    try:
-        async with serve_in_background(app) as server:
-            yield server.url
-    finally:
-        await app.aclose()
+    async with serve_gateway(Config.model_validate(document)) as (url, _):
+        yield url
 
 
 @pytest.fixture

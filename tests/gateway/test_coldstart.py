@@ -23,7 +23,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from gateway.app import Gateway, build_app
+from gateway.app import Gateway, build_app, serve_gateway
 from gateway.config.settings import Config
 from gateway.server.serving import serve_in_background
 from gateway.simulator import FakeClock, RealClock, SimModel, SimSettings, Simulator
@@ -52,12 +52,8 @@ async def lmgate(upstream_url: str, **sections: dict[str, Any]) -> AsyncIterator
     document: dict[str, Any] = {"upstream": {"url": upstream_url}, "models": {"heartbeat_s": HEARTBEAT_S}}
     for name, values in sections.items():
         document.setdefault(name, {}).update(values)
-    app = build_app(Config.model_validate(document))
-    try:
-        async with serve_in_background(app) as server:
-            yield server.url, app
-    finally:
-        await app.aclose()
+    async with serve_gateway(Config.model_validate(document)) as served:
+        yield served
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import anyio
 import pytest
 import yaml
 
-from gateway.app import build_app
+from gateway.app import serve_gateway
 from gateway.cli import _parser, main
 from gateway.cli.doctor import DoctorOptions, diagnose
 from gateway.cli.doctor.advice import judge_heartbeat
@@ -62,12 +62,8 @@ async def doctor(*args: str) -> tuple[int, str]:
 
 @asynccontextmanager
 async def lmgate_in_front(sim: Simulator, **sections: Any) -> AsyncIterator[str]:
-    app = build_app(Config.model_validate({"upstream": {"url": sim.url}, **sections}))
-    try:
-        async with serve_in_background(app) as server:
-            yield server.url
-    finally:
-        await app.aclose()
+    async with serve_gateway(Config.model_validate({"upstream": {"url": sim.url}, **sections})) as (url, _):
+        yield url
 
 
 # --- the command -----------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.app import build_app
+from gateway.app import serve_gateway
 from gateway.config.settings import Config
-from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 
 pytestmark = pytest.mark.anyio
@@ -56,12 +55,8 @@ async def sim() -> AsyncIterator[Simulator]:
 
 @pytest.fixture
 async def gateway(sim: Simulator) -> AsyncIterator[str]:
-    app = build_app(Config.model_validate({"upstream": {"url": sim.url}}))
-    try:
-        async with serve_in_background(app) as server:
-            yield server.url
-    finally:
-        await app.aclose()
+    async with serve_gateway(Config.model_validate({"upstream": {"url": sim.url}})) as (url, _):
+        yield url
 
 
 @pytest.fixture

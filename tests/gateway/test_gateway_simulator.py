@@ -19,9 +19,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.app import build_app
+from gateway.app import serve_gateway
 from gateway.config.settings import Config
-from gateway.server.serving import serve_in_background
 from gateway.simulator import FakeClock, SimModel, Simulator
 from gateway.simulator.testing import unstamped
 
@@ -42,12 +41,8 @@ def gateway_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
 
 @asynccontextmanager
 async def running_gateway(upstream_url: str, **sections: dict[str, Any]) -> AsyncIterator[str]:
-    app = build_app(gateway_config(upstream_url, **sections))
-    try:
-        async with serve_in_background(app) as server:
-            yield server.url
-    finally:
-        await app.aclose()
+    async with serve_gateway(gateway_config(upstream_url, **sections)) as (url, _):
+        yield url
 
 
 @pytest.fixture

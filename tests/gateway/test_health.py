@@ -11,9 +11,8 @@ import anyio
 import httpx
 import pytest
 
-from gateway.app import Gateway, build_app
+from gateway.app import Gateway, serve_gateway
 from gateway.config.settings import Config
-from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.telemetry.health import readiness
 
@@ -47,10 +46,9 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 async def gateway(
     upstream_url: str, *, sections: dict[str, Any] | None = None, **health: Any
 ) -> AsyncIterator[tuple[str, Gateway]]:
-    app = build_app(Config.model_validate({"upstream": {"url": upstream_url}, "health": health, **(sections or {})}))
-    async with serve_in_background(app) as server:
-        yield server.url, app
-    await app.aclose()
+    document = {"upstream": {"url": upstream_url}, "health": health, **(sections or {})}
+    async with serve_gateway(Config.model_validate(document)) as served:
+        yield served
 
 
 async def test_readiness_never_asks_the_upstream(sim, client):

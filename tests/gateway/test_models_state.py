@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.app import Gateway, build_app
+from gateway.app import Gateway, build_app, serve_gateway
 from gateway.config.settings import Config
 from gateway.models.clock import MonotonicClock
 from gateway.models.registry import UNLISTED_KEPT, ModelRecord, ModelRegistry
@@ -115,12 +115,8 @@ def test_a_loaded_instance_id_counts_as_loaded() -> None:
 
 @asynccontextmanager
 async def lmgate(sim: Simulator, **models: Any) -> AsyncIterator[tuple[str, Gateway]]:
-    app = build_app(Config.model_validate({"upstream": {"url": sim.url}, "models": models}))
-    try:
-        async with serve_in_background(app) as server:
-            yield server.url, app
-    finally:
-        await app.aclose()
+    async with serve_gateway(Config.model_validate({"upstream": {"url": sim.url}, "models": models})) as served:
+        yield served
 
 
 @pytest.fixture

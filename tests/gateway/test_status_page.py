@@ -28,9 +28,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 from wsproto.events import Message as WSMessage
 
-from gateway.app import Gateway, build_app
+from gateway.app import Gateway, serve_gateway
 from gateway.config.settings import Config
-from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from middleware.auth import hash_key
 
@@ -52,12 +51,8 @@ async def gateway_on(sim: Simulator, **sections: Any) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def gateway_app(sim: Simulator, **sections: Any) -> AsyncIterator[tuple[str, Gateway]]:
-    app = build_app(Config.model_validate({"upstream": {"url": sim.url}, **sections}))
-    try:
-        async with serve_in_background(app) as server:
-            yield server.url, app
-    finally:
-        await app.aclose()
+    async with serve_gateway(Config.model_validate({"upstream": {"url": sim.url}, **sections})) as served:
+        yield served
 
 
 @pytest.fixture
