@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from gateway.admin.routes import send_json
-from gateway.models.upstream import NotSupported, UpstreamError
+from gateway.models.upstream import ModelApiError, NotSupported
 from gateway.request.routes import route_path
 from middleware import errors
 from middleware.errors import ClientError, NotFound, UpstreamUnavailable
@@ -42,7 +42,7 @@ class ModelBusy(ClientError):
     default_message = "The model is serving requests; unloading it would fail them. Add ?force=true to do it anyway."
 
 
-class NotSupportedByUpstream(errors.UpstreamError):  # the tree's family, not the model API's
+class NotSupportedByUpstream(errors.UpstreamError):
     status, code, type = 501, "not_supported", "server_error"
     upstream_fault = False  # the upstream works; it has no such API
     default_message = "The upstream has no API for this."
@@ -99,6 +99,6 @@ async def _unload(service: ModelService, scope: Scope, model: str, send: Send) -
         unloaded = await service.unload(model)
     except NotSupported as exc:
         raise NotSupportedByUpstream(str(exc)) from exc
-    except UpstreamError as exc:
+    except ModelApiError as exc:
         raise UpstreamUnavailable(str(exc)) from exc
     await send_json(send, 200, {"model": model, "unloaded": unloaded})

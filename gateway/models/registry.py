@@ -32,7 +32,7 @@ from typing import Any, Literal
 import anyio
 
 from gateway.models.clock import Clock
-from gateway.models.upstream import Listed, ModelFacts, UpstreamError, UpstreamModels, UpstreamUnreachable
+from gateway.models.upstream import Listed, ModelApiError, ModelFacts, UpstreamModels, UpstreamUnreachable
 
 logger = logging.getLogger("lmgate.models")
 
@@ -166,7 +166,7 @@ class ModelRegistry:
         done = self._refreshing = anyio.Event()
         try:
             listed = await self.upstream.listing()
-        except UpstreamError as exc:
+        except ModelApiError as exc:
             if self.refresh_error != str(exc):
                 logger.warning("model state refresh failed: %s", exc, extra={"event": "models_refresh_failed"})
             self.refresh_error = str(exc)

@@ -185,7 +185,7 @@ class ModelService:
         return job
 
     async def unload(self, model: str) -> list[str]:
-        """Unload every instance of ``model``; returns their ids (raises ``UpstreamError``)."""
+        """Unload every instance of ``model``; returns their ids (raises ``ModelApiError``)."""
         await self.registry.refresh(force=True)
         record = self.registry.find(model)
         instances = list(record.listed.instances) if record is not None and record.listed is not None else []

@@ -40,11 +40,11 @@ _EMBEDDING_TYPES = frozenset({"embedding", "embeddings"})
 _REPROBE_S = 600.0
 
 
-class UpstreamError(Exception):
+class ModelApiError(Exception):
     """The upstream's model API could not be used: unreachable, refused, or an unexpected answer."""
 
 
-class UpstreamUnreachable(UpstreamError):
+class UpstreamUnreachable(ModelApiError):
     """No HTTP answer at all: refused, reset or timed out (readiness reports it)."""
 
 
@@ -56,7 +56,7 @@ class LoadError(Exception):
         super().__init__(message)
 
 
-class NotSupported(UpstreamError):
+class NotSupported(ModelApiError):
     """The upstream has no API for this (unloading needs LM Studio's ``/api/v1``)."""
 
 
@@ -115,19 +115,19 @@ class UpstreamModels:
     # -- state --------------------------------------------------------------------------------
 
     async def listing(self) -> list[Listed]:
-        """Every model the upstream lists; raises ``UpstreamError`` if none of the APIs answers.
+        """Every model the upstream lists; raises ``ModelApiError`` if none of the APIs answers.
 
         An upstream that answers, but none of the listings in its shape, is not asked again for
         ``_REPROBE_S``: it is not going to grow one, and every probe is a request it must serve.
         """
         unsupported = f"The upstream answers none of {', '.join(_LISTINGS.values())} as expected; model state is unknown."
         if self._no_listing_until is not None and anyio.current_time() < self._no_listing_until:
-            raise UpstreamError(unsupported)
+            raise ModelApiError(unsupported)
         candidates: tuple[Api, ...] = (self.api,) if self.api else tuple(_LISTINGS)
         for api in candidates:
             status, document = await self._get_json(_LISTINGS[api])
             if status == 401:
-                raise UpstreamError("The upstream refused lmgate's API key (upstream.api_key_env).")
+                raise ModelApiError("The upstream refused lmgate's API key (upstream.api_key_env).")
             models = _parse_listing(api, document) if status == 200 else None
             if models is not None:
                 self.api = api
@@ -135,14 +135,14 @@ class UpstreamModels:
                 return models
         if self.api is None:
             self._no_listing_until = anyio.current_time() + _REPROBE_S
-            raise UpstreamError(unsupported)
-        raise UpstreamError(f"The upstream did not answer {_LISTINGS[self.api]} as expected.")
+            raise ModelApiError(unsupported)
+        raise ModelApiError(f"The upstream did not answer {_LISTINGS[self.api]} as expected.")
 
     async def model_facts(self, model: str) -> ModelFacts | None:
         """``GET /api/v0/models/{model}``: the model's facts, None if the upstream cannot say."""
         try:
             status, document = await self._get_json("/api/v0/models/" + quote(model, safe="/"))
-        except UpstreamError:
+        except ModelApiError:
             return None
         if status != 200 or not isinstance(document, dict) or not isinstance(document.get("id"), str):
             return None
@@ -232,7 +232,7 @@ class UpstreamModels:
             raise NotSupported("Unloading needs LM Studio's /api/v1 (LM Studio 0.4 or later).")
         status, document = await self._post_json("/api/v1/models/unload", {"instance_id": instance_id})
         if status != 200 or (isinstance(document, dict) and "error" in document):
-            raise UpstreamError(_error_message(document, f"LM Studio could not unload {instance_id!r} (HTTP {status})."))
+            raise ModelApiError(_error_message(document, f"LM Studio could not unload {instance_id!r} (HTTP {status})."))
 
     async def _post_json(self, path: str, body: Mapping[str, Any], *, load: bool = False) -> tuple[int, Any]:
         """POST ``body``; ``load``: no read deadline (the caller's bounds the load), failures are LoadError."""
@@ -241,7 +241,7 @@ class UpstreamModels:
                 self.url + path, json=body, headers=self.headers, timeout=self._untimed() if load else self.timeout
             )
         except httpx.HTTPError as exc:
-            error = LoadError if load else UpstreamError
+            error = LoadError if load else ModelApiError
             raise error(f"The upstream could not be reached: {describe(exc)}") from exc
         return response.status_code, _json_or_none(response.content)
 

@@ -37,7 +37,7 @@ import anyio
 import httpx
 from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
-from gateway.models.upstream import UpstreamError, UpstreamModels
+from gateway.models.upstream import ModelApiError, UpstreamModels
 from gateway.proxy.upstream_errors import describe
 from middleware.types import Clock
 
@@ -227,7 +227,7 @@ class LlmHealth:
         with suppress_http_instrumentation():
             try:
                 listed = await self.listing.listing()
-            except UpstreamError:
+            except ModelApiError:
                 return {}  # the probes will tell what is wrong, if anything
         return {name: entry.type for entry in listed for name in (entry.id, *entry.instances)}
 
