@@ -166,6 +166,9 @@ class ConnectionLimiter:
         self._last_trouble = 0.0
         self._evicted = 0
         self._refused = 0
+        # Since start-up, for metrics (the two above count one episode of trouble, for its log line).
+        self.evicted_total = 0
+        self.refused_total = 0
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -191,6 +194,7 @@ class ConnectionLimiter:
             self.open += 1
             return True
         self._refused += 1
+        self.refused_total += 1
         return False
 
     def out_of_descriptors(self, code: int) -> None:
@@ -228,6 +232,7 @@ class ConnectionLimiter:
         del self._idle[key]
         self._evicting.add(key)
         self._evicted += 1
+        self.evicted_total += 1
         self._close[key]()  # the transport closes its socket early in the next turn
         return True
 

@@ -44,6 +44,8 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
                 update={"upstream": config.upstream.model_copy(update={"url": simulator.url})}
             )
         gateway = Gateway(config)
+        if gateway.telemetry.metrics is not None:
+            gateway.telemetry.metrics.watch_connections(connections)
         # Signals are caught from here on, so a SIGTERM during start-up drains instead of killing.
         signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
         url = format_url(config.listen.host, sock.getsockname()[1])

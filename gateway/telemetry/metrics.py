@@ -20,6 +20,7 @@ Model ids come from clients, so the ``gen_ai.request.model`` label keeps the fir
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
@@ -163,6 +164,10 @@ class GatewayMetrics:
         """Expose the cache store's size at scrape time."""
         self.registry.register(CacheCollector(store))
 
+    def watch_connections(self, connections: ClientConnections) -> None:
+        """Expose the listener's client connections at scrape time (``lmgate serve`` calls this)."""
+        self.registry.register(ConnectionCollector(connections))
+
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format ``accept`` asks for (Prometheus text, or OpenMetrics)."""
         encoder, content_type = choose_encoder(accept or "")
@@ -238,3 +243,33 @@ class CacheCollector:
         yield GaugeMetricFamily("lmgate.cache.size", "Answers in the response cache, in bytes.", value=float(stats.bytes),
                                 unit="bytes")
         yield CounterMetricFamily("lmgate.cache.evictions", "Answers dropped to make room.", value=stats.evictions)
+
+
+class ClientConnections(Protocol):
+    """What the connection collector reads (gateway.server.connections.ConnectionLimiter)."""
+
+    open: int
+    max_connections: int | None
+    evicted_total: int
+    refused_total: int
+
+
+class ConnectionCollector:
+    """Client connections open, the cap, and those closed to stay under it, read at scrape time."""
+
+    def __init__(self, connections: ClientConnections) -> None:
+        self.connections = connections
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.connections
+        yield GaugeMetricFamily("lmgate.client.connections", "Client connections open.", value=float(c.open))
+        if c.max_connections is not None:
+            yield GaugeMetricFamily("lmgate.client.connections.max", "The cap on client connections "
+                                    "(listen.max_connections).", value=float(c.max_connections))
+        yield CounterMetricFamily("lmgate.client.connections.evicted", "Idle client connections closed to make room "
+                                  "for new ones at the cap or when descriptors ran out.", value=c.evicted_total)
+        yield CounterMetricFamily("lmgate.client.connections.refused", "Client connections closed at once: at the cap "
+                                  "with none idle.", value=c.refused_total)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import httpx
 import pytest
 
 from gateway.config import Config
@@ -136,6 +137,12 @@ async def test_idle_connections_beyond_the_open_files_limit_neither_flood_the_lo
         assert recovered["evicted"] + recovered["refused"] >= IDLE_CONNECTIONS - cap(256)
         with anyio.fail_after(30):
             assert (await healthz(gw.port)).startswith(b"HTTP/1.1 200")
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            metrics = (await client.get(f"http://127.0.0.1:{gw.port}/metrics")).text
+        series = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("lmgate_client_connections"))
+        assert float(series["lmgate_client_connections_max"]) == cap(256)
+        shed = float(series["lmgate_client_connections_evicted_total"]) + float(series["lmgate_client_connections_refused_total"])
+        assert shed >= IDLE_CONNECTIONS - cap(256)
         stderr = gw.stderr.read_text(errors="replace").splitlines()
         events = [event["event"] for event in gw.events()]
     assert len(stderr) <= 2, stderr[:10]  # the start-up line; no tracebacks
