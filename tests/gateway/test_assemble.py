@@ -207,7 +207,9 @@ async def test_an_assembled_v0_answer_matches_lm_studios_field_by_field(sim, cli
     assert stats["stop_reason"] == reference["stop_reason"]
     for key in ("tokens_per_second", "time_to_first_token", "generation_time"):
         assert isinstance(stats[key], float) and math.isfinite(stats[key]) and stats[key] >= 0, key
-    assert stats["time_to_first_token"] >= 0.01  # the simulated prefill takes 0.02 s after the headers
+    # Measured from the upstream's headers to its first token: the simulated prefill (0.02 s) less
+    # however late lmgate got to the headers on a busy machine, so only its sign is certain.
+    assert stats["time_to_first_token"] > 0
     # The rate is the answer's tokens after the first over the time they took (generation_time is
     # rounded to milliseconds, as LM Studio rounds it). Frames 10 ms apart arrive apart unless the
     # machine stalls, and then the rate is 0: measured, not made up.
