@@ -32,7 +32,7 @@ class AimdLimit:
     """Additive increase, multiplicative decrease of a concurrency limit, driven by average latency.
 
     The control law of Netflix concurrency-limits' ``AIMDLimit``, applied to a moving average
-    rather than to each sample (the seed: "if average latency > threshold, temporarily reduce
+    rather than to each sample (as users put it: "if average latency > threshold, temporarily reduce
     concurrency"):
 
     * average above ``latency_threshold_s``: ``limit = floor(limit * backoff_ratio)`` (at least

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from gateway.config.settings import SEED_ENV, Config, Section
+from gateway.config.settings import CLIENT_ENV, Config, Section
 
 _HEADER = """\
 # lmgate configuration: every key with its default.
@@ -68,9 +68,9 @@ def _rows(model: type[Section], prefix: str, rows: list[str]) -> None:
 def reference_markdown() -> str:
     rows: list[str] = []
     _rows(Config, "", rows)
-    seeds = "\n".join(
+    client_env = "\n".join(
         f"| `{name}` | `{'.'.join(key)}` | {'milliseconds, converted to seconds' if name.endswith('_MS') else 'as is'} |"
-        for name, (key, _) in SEED_ENV.items()
+        for name, (key, _) in CLIENT_ENV.items()
     )
     schema = json.dumps(Config.model_json_schema(), sort_keys=True)
     return f"""# Configuration reference
@@ -91,7 +91,7 @@ the environment variables of the table at the end, `LMGATE_<SECTION>__<KEY>` var
 
 | variable | key | conversion |
 |---|---|---|
-{seeds}
+{client_env}
 
 `EVAL_CACHE_SIZE` sizes the response cache and switches it: a size above 0 turns the cache on
 (unless the file sets `cache.enabled` itself, for example `false`), 0 turns it off (docs/cache.md).

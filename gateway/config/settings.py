@@ -4,7 +4,7 @@ Sources, lowest precedence first:
 
 1. the defaults below (``lmgate.example.yaml`` lists them all, generated from this module);
 2. the YAML file (``--config FILE``);
-3. the environment variables users of LM Studio clients already set (``SEED_ENV``);
+3. the environment variables users of LM Studio clients already set (``CLIENT_ENV``);
 4. ``LMGATE_<SECTION>__<KEY>`` for any key (``LMGATE_TIMEOUTS__FIRST_TOKEN_S=90``); values are
    parsed as YAML scalars, so ``90``, ``true`` and ``[502, 503]`` work;
 5. command-line flags (``--host``, ``--port``, ``--upstream``).
@@ -500,8 +500,8 @@ def _ms_to_s(value: str) -> float:
     return float(value) / 1000.0
 
 
-# Environment variables from the seeds' clients, mapped to keys (name -> (key path, converter)).
-SEED_ENV: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
+# Environment variables LM Studio clients and eval pipelines already set, mapped to keys (name -> (key path, converter)).
+CLIENT_ENV: dict[str, tuple[tuple[str, ...], Callable[[str], Any]]] = {
     "LLM_REQUEST_TIMEOUT_MS": (("timeouts", "first_token_s"), _ms_to_s),
     "LLM_MAX_RETRIES": (("retry", "max_retries"), int),
     "LLM_RETRY_BACKOFF_MS": (("retry", "backoff_base_s"), _ms_to_s),
@@ -526,7 +526,7 @@ def load_config(
     if path is not None:
         source = str(path)
         raw = _read_yaml(Path(path))
-    for name, (key, convert) in SEED_ENV.items():
+    for name, (key, convert) in CLIENT_ENV.items():
         if name in env:
             try:
                 value = convert(env[name])
@@ -552,7 +552,7 @@ def load_config(
 
 
 def _switch_cache(raw: dict[str, Any], origins: dict[tuple[str, ...], str]) -> None:
-    """``EVAL_CACHE_SIZE`` also switches the cache: the seed's pipeline set it because its cache was
+    """``EVAL_CACHE_SIZE`` also switches the cache: an eval pipeline sets it because its cache is
     on with that many entries, so a user who sets it expects caching. A positive size turns the
     cache on unless the file says ``cache.enabled`` itself; 0 turns it off. A negative size is left
     for validation to reject, naming the variable."""

@@ -1,7 +1,7 @@
 """Error categories, and the structured log events of a request's life.
 
 An operator asks "why did it fail?" in a few words, not in lmgate's two dozen error codes: each
-failure gets one ``error_category`` from :data:`CATEGORIES` (the seed's "auth vs network vs
+failure gets one ``error_category`` from :data:`CATEGORIES` (users' "auth vs network vs
 other", refined), derived from the stable error code when there is one, else from the status.
 The code itself is logged too (``error_code``) for the precise story.
 

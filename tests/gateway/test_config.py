@@ -134,7 +134,7 @@ def test_the_configuration_reference_is_in_sync():
 @pytest.mark.parametrize(
     ("text", "env", "enabled", "entries"),
     [
-        ("", {"EVAL_CACHE_SIZE": "200"}, True, 200),  # the seed's pipeline: a size means a cache
+        ("", {"EVAL_CACHE_SIZE": "200"}, True, 200),  # an eval pipeline: a size means a cache
         ("cache: {max_entries: 10}", {"EVAL_CACHE_SIZE": "200"}, True, 200),
         ("cache: {enabled: false}", {"EVAL_CACHE_SIZE": "200"}, False, 200),  # said explicitly: stays off
         ("cache: {enabled: true}", {"EVAL_CACHE_SIZE": "0"}, False, 0),  # 0 entries: no cache

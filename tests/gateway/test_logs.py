@@ -1,4 +1,4 @@
-"""Structured logs: the seed's gen_request / gen_success / gen_error lines from real requests,
+"""Structured logs: an eval pipeline's gen_request / gen_success / gen_error lines from real requests,
 the stamps on every line, prompts kept out unless asked for, and the console format."""
 
 from __future__ import annotations

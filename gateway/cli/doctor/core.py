@@ -18,7 +18,7 @@ from gateway.cli.doctor.advice import advise, judge_heartbeat
 from gateway.cli.doctor.measure import TINY_PROMPT, chat_body, measure_chat, run_batch
 from gateway.cli.doctor.probe import pick_model, probe_server, unload
 from gateway.cli.doctor.report import Attempt, ColdLoad, Generations, Report, ServerInfo, TinyPrompt
-from gateway.config.settings import SEED_ENV
+from gateway.config.settings import CLIENT_ENV
 
 Progress = Callable[[int, int, int], None]
 
@@ -47,7 +47,7 @@ async def diagnose(
     timeout = httpx.Timeout(connect=5.0, read=options.timeout_s, write=10.0, pool=options.timeout_s)
     async with httpx.AsyncClient(timeout=timeout, headers=headers, trust_env=False) as client:
         server, models = await probe_server(client, url)
-        report = Report(server=server, models=models, environment={k: env[k] for k in SEED_ENV if k in env})
+        report = Report(server=server, models=models, environment={k: env[k] for k in CLIENT_ENV if k in env})
         model = pick_model(models, options.model) if server.reachable else None
         if model is not None:
             await _examine(client, report, options, model, progress)
