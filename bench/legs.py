@@ -32,13 +32,17 @@ LEG_NAMES = ("direct", "nginx", "litellm", "lmgate", "lmgate-all")
 # Diagnostic legs (bench/relay.py): "relay" or "lmgate", then any of hypercorn|uvicorn, uvloop,
 # httpx2 (relay only), e.g. relay-uvicorn-uvloop, relay-hypercorn-httpx2, lmgate-uvicorn-uvloop.
 DIAGNOSTIC_LEGS = ("relay-hypercorn", "relay-hypercorn-httpx2", "relay-hypercorn-uvloop", "relay-uvicorn-uvloop",
-                   "relay-uvicorn-uvloop-httpx2", "lmgate-hypercorn-uvloop", "lmgate-uvicorn-uvloop")
+                   "relay-uvicorn-uvloop-httpx2", "relay-hypercorn-uvloop-aiohttpx", "relay-hypercorn-uvloop-aiohttp",
+                   "relay-uvicorn-uvloop-aiohttp", "lmgate-hypercorn-uvloop", "lmgate-uvicorn-uvloop")
+# The relay's upstream client: httpx (default), Pydantic's fork, httpx over aiohttp's I/O, aiohttp itself.
+_CLIENTS = ("httpx2", "aiohttpx", "aiohttp")
 
 
 def is_diagnostic(name: str) -> bool:
     app, *flags = name.split("-")
-    return app in ("relay", "lmgate") and bool(flags) and set(flags) <= {"hypercorn", "uvicorn", "uvloop", "httpx2"} and (
-        app == "relay" or "httpx2" not in flags) and not (app == "lmgate" and flags == ["hypercorn"])
+    clients = [flag for flag in flags if flag in _CLIENTS]
+    return app in ("relay", "lmgate") and bool(flags) and set(flags) <= {"hypercorn", "uvicorn", "uvloop", *_CLIENTS} and (
+        app == "relay" or not clients) and len(clients) <= 1 and not (app == "lmgate" and flags == ["hypercorn"])
 
 # Sizing shared by the proxies so that none of them queues the bench's clients.
 POOL_CONNECTIONS = 2048
@@ -231,10 +235,11 @@ class Diagnostic(Leg):
         self.app = app
         self.server = "uvicorn" if "uvicorn" in flags else "hypercorn"
         self.loop = "uvloop" if "uvloop" in flags else "asyncio"
-        self.client = "httpx2" if "httpx2" in flags else "httpx"
+        self.client = next((flag for flag in flags if flag in _CLIENTS), "httpx")
         self.python = python
+        packages = {"aiohttpx": ["httpx", "httpx-aiohttp", "aiohttp"]}.get(self.client, [self.client])
         probe = "import importlib.metadata as m; print(', '.join(p + ' ' + m.version(p) for p in %r))" % (
-            [self.client, self.server] + (["uvloop"] if self.loop == "uvloop" else []))
+            [*packages, self.server] + (["uvloop"] if self.loop == "uvloop" else []))
         out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=REPO)
         self.problem = None if out.returncode == 0 else f"{python} lacks {self.server}/{self.loop}: {out.stderr.strip().splitlines()[-1:]}"
         self.version = out.stdout.strip()

@@ -1,7 +1,7 @@
 """What lmgate's dependencies cost on their own: a bare relay, and lmgate on other servers.
 
     python -m bench.relay --app relay|lmgate --server hypercorn|uvicorn --loop asyncio|uvloop
-                          [--client httpx|httpx2] --upstream URL [--config FILE]
+                          [--client httpx|httpx2|aiohttpx|aiohttp] --upstream URL [--config FILE]
 
 Prints ``relay listening on http://127.0.0.1:PORT`` on stderr.
 
@@ -11,6 +11,9 @@ Prints ``relay listening on http://127.0.0.1:PORT`` on stderr.
   httpx and the event loop set; lmgate cannot be cheaper than this on the same stack.
   ``--client httpx2`` uses Pydantic's fork of httpx (same API; its httpcore2 pool assigns requests
   in O(connections) where httpcore 1.0 rescans every connection for every idle one).
+  ``--client aiohttpx`` keeps httpx's API over aiohttp's I/O (the ``httpx-aiohttp`` package's
+  transport); ``--client aiohttp`` relays with aiohttp's own client, whatever has arrived at once
+  (``iter_any``). Both measure how much of a chunk's cost is httpcore and h11 (issue 17).
 * ``--app lmgate``: ``gateway.app.build_app`` (the public entry point) on the chosen server and
   loop, so the server's and the loop's share of lmgate's cost can be read off directly.
 
@@ -33,7 +36,8 @@ Scope = dict[str, Any]
 class Relay:
     def __init__(self, upstream: str, client: str = "httpx") -> None:
         self.upstream = upstream.rstrip("/")
-        self.httpx: Any = __import__(client)
+        self.httpx: Any = __import__("httpx" if client == "aiohttpx" else client)
+        self.over_aiohttp = client == "aiohttpx"
         self.client: Any = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -48,10 +52,14 @@ class Relay:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if self.client is None:
+            limits = self.httpx.Limits(max_connections=2048, max_keepalive_connections=128)
+            transport = None
+            if self.over_aiohttp:
+                from httpx_aiohttp import AiohttpTransport
+
+                transport = AiohttpTransport(limits=limits, trust_env=False)
             self.client = self.httpx.AsyncClient(
-                timeout=self.httpx.Timeout(600.0, connect=5.0),
-                limits=self.httpx.Limits(max_connections=2048, max_keepalive_connections=128),
-                trust_env=False,
+                timeout=self.httpx.Timeout(600.0, connect=5.0), limits=limits, transport=transport, trust_env=False
             )
         body = b""
         more = True
@@ -72,6 +80,47 @@ class Relay:
             await response.aclose()
 
 
+class AiohttpRelay:
+    """The same relay on aiohttp's own client: each chunk as it arrived (``iter_any``)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.session: Any = None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        import aiohttp
+
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if self.session is not None:
+                        await self.session.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if self.session is None:
+            connector = aiohttp.TCPConnector(limit=2048, limit_per_host=2048, keepalive_timeout=30)
+            self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600, connect=5),
+                                                 auto_decompress=False, trust_env=False)
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k not in (b"host", b"connection", b"content-length")]
+        async with self.session.request(scope["method"], self.upstream + scope["path"], headers=headers, data=body) as response:
+            out = [(k.lower(), v) for k, v in response.raw_headers
+                   if k.lower() not in (b"connection", b"transfer-encoding", b"keep-alive")]
+            await send({"type": "http.response.start", "status": response.status, "headers": out})
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def _socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -86,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", choices=["relay", "lmgate"], default="relay")
     parser.add_argument("--server", choices=["hypercorn", "uvicorn"], default="hypercorn")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--client", choices=["httpx", "httpx2"], default="httpx", help="--app relay only")
+    parser.add_argument("--client", choices=["httpx", "httpx2", "aiohttpx", "aiohttp"], default="httpx",
+                        help="--app relay only")
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--config", help="lmgate config file (--app lmgate)")
     args = parser.parse_args(argv)
     if args.app == "relay":
-        app: Any = Relay(args.upstream, args.client)
+        app: Any = AiohttpRelay(args.upstream) if args.client == "aiohttp" else Relay(args.upstream, args.client)
     else:
         from gateway.app import build_app
         from gateway.config.settings import load_config
