@@ -32,6 +32,7 @@ from gateway.config.settings import Config
 from gateway.models import ModelService
 from gateway.models.admin import serve_models
 from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer
+from gateway.proxy.aiohttp_transport import AiohttpTransport
 from gateway.proxy.relay import Proxy
 from gateway.proxy.transport import FramingGuard
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
@@ -83,8 +84,10 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
     without a limit) lasts at most ``concurrency.max_wait_s``, like a wait in the queue, and is
     refused like one (``translate_transport_error``: 503 ``overloaded``).
 
-    The transport is httpx's own behind a :class:`FramingGuard`: a connection the upstream sent
-    more on than its response declared is closed, never handed to another client's request.
+    The transport (``upstream.transport``) is lmgate's :class:`AiohttpTransport` (httpx's API over
+    aiohttp's I/O, gateway/proxy/aiohttp_transport.py), or httpx's own behind a
+    :class:`FramingGuard`. Either way a connection the upstream sent more on than its response
+    declared is closed, never handed to another client's request.
     """
     timeouts = config.timeouts
     pool = config.upstream.pool
@@ -93,6 +96,11 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
         max_keepalive_connections=pool.max_keepalive_connections,
         keepalive_expiry=pool.keepalive_expiry_s,
     )
+    transport: httpx.AsyncBaseTransport
+    if config.upstream.transport == "aiohttp":
+        transport = AiohttpTransport(limits)
+    else:
+        transport = FramingGuard(httpx.AsyncHTTPTransport(limits=limits, trust_env=False))
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=timeouts.connect_s,
@@ -100,7 +108,7 @@ def make_upstream_client(config: Config) -> httpx.AsyncClient:
             write=timeouts.total_s,
             pool=config.concurrency.max_wait_s,
         ),
-        transport=FramingGuard(httpx.AsyncHTTPTransport(limits=limits, trust_env=False)),
+        transport=transport,
         follow_redirects=False,
         trust_env=False,
     )

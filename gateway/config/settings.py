@@ -74,6 +74,11 @@ class UpstreamConfig(Section):
         False, description="Forward the client's Authorization header upstream (off: it is the client's key for lmgate)."
     )
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Upstream connection pool.")
+    transport: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp",
+        description="What moves the upstream bytes under the httpx client: aiohttp (C parser, fewer CPU per chunk) "
+        "or httpx's own (httpcore/h11).",
+    )
 
     @field_validator("url")
     @classmethod

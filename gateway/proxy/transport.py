@@ -33,6 +33,8 @@ from typing import Any
 import h11
 import httpx
 
+from gateway.proxy.aiohttp_transport import oversent_bytes
+
 logger = logging.getLogger("lmgate")
 
 __all__ = ["FramingGuard", "unread_bytes"]
@@ -76,7 +78,7 @@ def unread_bytes(response: httpx.Response) -> int | None:
     """
     connection = response.extensions.get(_EXTENSION)
     if not isinstance(connection, h11.Connection):
-        return None
+        return oversent_bytes(response)  # lmgate's aiohttp transport (the default), else None
     return len(connection.trailing_data[0])
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import anyio
 import httpx
+
+from gateway.proxy.aiohttp_transport import AiohttpTransport
 import pytest
 
 from gateway.app import Gateway, build_app
@@ -93,12 +95,19 @@ def _pool(client: httpx.AsyncClient) -> Any:
 
 def connections_in_use(client: httpx.AsyncClient) -> int:
     """Pooled connections carrying a request (neither idle nor closed), plus requests waiting."""
+    transport = client._transport  # type: ignore[attr-defined]
+    if isinstance(transport, AiohttpTransport):
+        return transport.connections_in_use()
     pool = _pool(client)
     busy = sum(1 for c in pool.connections if not c.is_idle() and not c.is_closed())
     return busy + len(pool._requests)
 
 
 async def close_idle(client: httpx.AsyncClient) -> None:
+    transport = client._transport  # type: ignore[attr-defined]
+    if isinstance(transport, AiohttpTransport):
+        await transport.close_idle()
+        return
     for connection in list(_pool(client).connections):
         if connection.is_idle():
             await connection.aclose()

@@ -1,0 +1,382 @@
+"""An httpx transport over aiohttp's I/O: httpx stays the upstream client's API, aiohttp moves the bytes.
+
+httpcore and h11 (under httpx's own transport) handle every HTTP chunk as a separate event in pure
+Python; aiohttp parses HTTP in C and hands over whatever the socket delivered. lmgate keeps
+``httpx.AsyncClient`` as its upstream API (its timeouts, its errors, and
+opentelemetry-instrumentation-httpx's span per upstream request) and runs it on
+:class:`AiohttpTransport`, one ``aiohttp.ClientSession`` created lazily inside the running loop.
+
+What it keeps of httpx's transport, and how:
+
+* Raw bytes as they arrive: a response body is ``content.readany()`` chunks, with
+  ``auto_decompress=False`` (a content-encoding stays intact, as with ``aiter_raw``): no
+  re-chunking, no waiting to fill a buffer.
+* Nothing of aiohttp's own on the wire or in state: no cookie jar (an upstream ``Set-Cookie`` must
+  never reach another client's request), no environment proxies, no redirects, none of aiohttp's
+  automatic headers where the httpx request carries none.
+* Pool limits from ``httpx.Limits``: ``max_connections`` bounds the connections in use (None:
+  unbounded), ``keepalive_expiry`` is aiohttp's ``keepalive_timeout``. ``max_keepalive_connections``
+  has no aiohttp equivalent: idle connections are kept up to ``max_connections`` and closed after
+  ``keepalive_expiry``.
+* Timeouts from the request's ``timeout`` extension: ``connect`` is the TCP connect only
+  (``httpx.ConnectTimeout``), ``read`` bounds each read (``httpx.ReadTimeout``), ``pool`` bounds the
+  wait for a connection when ``max_connections`` are all in use (``httpx.PoolTimeout``). The pool
+  wait is this transport's own semaphore, so it is never confused with a slow connect: aiohttp's
+  ``ClientTimeout.connect`` covers both.
+* Errors as httpcore words them where lmgate reads the wording (gateway/proxy/upstream_errors.py):
+  a peer closing before the response is ``RemoteProtocolError("Server disconnected without
+  sending a response.")``, closing inside the body ``RemoteProtocolError("peer closed connection
+  without sending complete message body: ...")``; a malformed status line or chunk header is a
+  ``RemoteProtocolError`` that says neither; a reset is ``ReadError``; a refused connect
+  ``ConnectError``.
+* A response closed before its end closes its connection (the upstream sees the disconnect at
+  once); a finished one hands it back for reuse.
+* The framing guard: bytes the upstream sent past the end of a response (beyond its
+  ``Content-Length``, after its last chunk, or arriving before the next request) mark the
+  connection to be closed, never reused, and :func:`unread_bytes` reports how many there were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx
+from aiohttp.client_proto import ResponseHandler
+from multidict import CIMultiDict
+from yarl import URL
+
+__all__ = ["AiohttpTransport", "oversent_bytes"]
+
+EXTENSION = "lmgate.aiohttp"
+
+# Headers aiohttp adds on its own when a request lacks them; httpx's request carries what it sends.
+_AUTO_HEADERS = ("Host", "Accept", "Accept-Encoding", "User-Agent", "Content-Type", "Connection")
+
+_HEAD_LIMIT = 65536  # the bytes of a response head scanned for its end (aiohttp refuses longer heads)
+
+
+class _Protocol(ResponseHandler):
+    """aiohttp's protocol, holding back from its parser what the upstream sent past a response's end.
+
+    aiohttp's parser reads on past the end of a response: a second response in the same read is
+    queued for the next request, and bytes that are no response fail the whole read, the complete
+    response before them included. So the read that holds the end of a response is split there:
+    the parser gets the response, the rest is counted (``lmgate_extra``) and the connection marked
+    to be closed. The end is found from the head (once per response, the head's own bytes): for a
+    ``Content-Length`` body its offset; for a chunked one the first last-chunk line in the read,
+    tried and checked (if the body had not ended there, the rest is fed on as usual).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.lmgate_extra = 0  # bytes past the end of the current response
+        self._lmgate_done = True  # the current response ended (or none was asked for)
+        self._lmgate_stale: object = None  # the previous response's payload
+        self._lmgate_received = 0  # bytes of the current response so far
+        self._lmgate_head: bytearray | None = None  # the head, until its end is found
+        self._lmgate_end: int | None = None  # where a Content-Length response ends
+        self._lmgate_chunked = False
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        # A new request on this connection: its response starts with the next byte.
+        self.lmgate_extra = 0
+        self._lmgate_done = False
+        self._lmgate_stale = self._payload
+        self._lmgate_received = 0
+        self._lmgate_head = bytearray()
+        self._lmgate_end = None
+        self._lmgate_chunked = False
+        super().set_response_params(**kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lmgate_done:
+            # Bytes between the end of a response and the next request belong to no request.
+            if not data:
+                super().data_received(data)  # aiohttp resuming its parser on what it held back
+                return
+            self.lmgate_extra += len(data)
+            self._should_close = True
+            if self._ended() and self.transport is not None:
+                self.transport.close()  # it may be idle in the pool already: never reuse it
+            return
+        before = self._lmgate_received
+        self._lmgate_received += len(data)
+        if self._lmgate_head is not None:
+            self._read_head(data)
+        end = self._lmgate_end
+        if end is not None and self._lmgate_received > end:
+            # Past the declared length: the parser gets the response, never what follows (it may
+            # hold part of the body back for flow control and finish it later, on an empty read).
+            cut = max(0, end - before)
+            self._lmgate_done = True
+            self.lmgate_extra = len(data) - cut
+            self._should_close = True
+            super().data_received(data[:cut])
+            return
+        cut: int | None = None
+        if self._lmgate_chunked:
+            at = data.find(b"\r\n0\r\n\r\n")
+            cut = at + 7 if at >= 0 else (5 if data.startswith(b"0\r\n\r\n") else None)
+        if cut is not None and cut < len(data):
+            # aiohttp hands the connection back to its pool the moment the body ends, inside this
+            # call, if it should not close: mark it first, unmark if the body did not end there.
+            should_close, self._should_close = self._should_close, True
+            super().data_received(data[:cut])
+            if self._ended():
+                self._lmgate_done = True
+                self.lmgate_extra = len(data) - cut
+                return
+            self._should_close = should_close
+            data = data[cut:]
+        super().data_received(data)
+        if self._ended():
+            self._lmgate_done = True
+
+    def _ended(self) -> bool:
+        payload = self._payload
+        return payload is not None and payload is not self._lmgate_stale and payload.is_eof()
+
+    def _read_head(self, data: bytes) -> None:
+        head = self._lmgate_head
+        assert head is not None
+        start = max(0, len(head) - 3)
+        head += data
+        end = head.find(b"\r\n\r\n", start)
+        if end < 0:
+            if len(head) > _HEAD_LIMIT:
+                self._lmgate_head = None  # aiohttp refuses it anyway
+            return
+        self._lmgate_head = None
+        lines = bytes(head[:end]).lower().split(b"\r\n")
+        status = lines[0].split(b" ", 2)
+        if len(status) < 2 or status[1].startswith(b"1"):
+            return  # an informational response first: the end is left to aiohttp's parser
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip()
+            if name == b"transfer-encoding" and b"chunked" in value:
+                self._lmgate_chunked = True
+                self._lmgate_end = None
+            elif name == b"content-length" and value.strip().isdigit() and not self._lmgate_chunked:
+                self._lmgate_end = end + 4 + int(value.strip())
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An ``httpx.AsyncBaseTransport`` over one ``aiohttp.ClientSession``; see the module docstring."""
+
+    def __init__(self, limits: httpx.Limits = httpx.Limits(), *, ssl_context: ssl.SSLContext | bool = True) -> None:
+        self.limits = limits
+        self._ssl = ssl_context
+        limit = limits.max_connections
+        self._slots = asyncio.Semaphore(limit) if limit else None
+        self._session: aiohttp.ClientSession | None = None
+        self.in_use = 0  # requests holding a connection or waiting for one
+
+    def _open(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None or session.closed:
+            loop = asyncio.get_running_loop()
+            expiry = self.limits.keepalive_expiry
+            connector = aiohttp.TCPConnector(
+                limit=self.limits.max_connections or 0,
+                limit_per_host=0,
+                keepalive_timeout=15.0 if expiry is None else expiry,
+                ssl=self._ssl,
+            )
+            # aiohttp's own protocol, counting what comes past a response's end (private hook).
+            connector._factory = functools.partial(_Protocol, loop=loop)
+            session = self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        slots = self._slots
+        self.in_use += 1
+        held = False
+        try:
+            if slots is not None:
+                try:
+                    async with asyncio.timeout(timeouts.get("pool")):
+                        await slots.acquire()
+                except TimeoutError:
+                    raise httpx.PoolTimeout("No connection came free in the pool in time.") from None
+                held = True
+            response = await self._send(request, timeouts)
+        except BaseException:
+            self.in_use -= 1
+            if held and slots is not None:
+                slots.release()
+            raise
+        # The response's protocol (private): aiohttp lets go of the connection when the body ends,
+        # which for a short body is before the response is returned.
+        protocol = getattr(response, "_protocol", None)
+        stream = _Body(response, protocol if isinstance(protocol, _Protocol) else None, self, slots if held else None)
+        return httpx.Response(
+            status_code=response.status,
+            headers=[(bytes(k), bytes(v)) for k, v in response.raw_headers],
+            stream=stream,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": (response.reason or "").encode(), EXTENSION: stream},
+        )
+
+    async def _send(self, request: httpx.Request, timeouts: dict[str, float | None]) -> aiohttp.ClientResponse:
+        session = self._open()
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.raw:
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        skip = [name for name in _AUTO_HEADERS if name not in headers]
+        body = await request.aread()
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read")
+        )
+        try:
+            response = await session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=headers,
+                skip_auto_headers=skip,
+                data=body or None,
+                allow_redirects=False,
+                timeout=timeout,
+                compress=None,
+                chunked=None,
+            )
+        except aiohttp.ClientError as exc:
+            raise _translate(exc, body_started=False) from exc
+        return response
+
+    def connections_in_use(self) -> int:
+        """Requests holding an upstream connection or waiting for one (tests, the status page)."""
+        return self.in_use
+
+    async def close_idle(self) -> None:
+        """Close the pooled idle connections (tests count file descriptors without them)."""
+        session = self._session
+        if session is None or session.connector is None:
+            return
+        conns: dict[Any, list[tuple[ResponseHandler, float]]] = session.connector._conns  # type: ignore[attr-defined]
+        for key in list(conns):
+            for protocol, _ in conns.pop(key, []):
+                protocol.close()
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body: aiohttp's chunks as they arrive, errors in httpx's terms."""
+
+    __slots__ = ("_response", "_protocol", "_transport", "_slots", "_closed", "received")
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        protocol: _Protocol | None,
+        transport: AiohttpTransport,
+        slots: asyncio.Semaphore | None,
+    ) -> None:
+        self._response = response
+        self._protocol = protocol  # kept: aiohttp lets go of the connection when the body ends
+        self._transport = transport
+        self._slots = slots
+        self._closed = False
+        self.received = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._response.content.readany()
+        except aiohttp.ClientError as exc:
+            raise _translate(exc, body_started=True, received=self.received, response=self._response) from exc
+        except asyncio.TimeoutError as exc:
+            raise httpx.ReadTimeout(str(exc) or "The upstream sent nothing within the read timeout.") from exc
+        if not chunk:
+            raise StopAsyncIteration
+        self.received += len(chunk)
+        return chunk
+
+    def unread(self) -> int | None:
+        return self._protocol.lmgate_extra if self._protocol is not None else None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        response = self._response
+        try:
+            content = response.content
+            protocol = self._protocol
+            if content.at_eof() and (protocol is None or not protocol.lmgate_extra):
+                response.release()  # the whole response was read: the connection may serve another
+            else:
+                response.close()  # unfinished, or the upstream over-sent: close the connection
+        finally:
+            self._transport.in_use -= 1
+            if self._slots is not None:
+                self._slots.release()
+
+
+def oversent_bytes(response: httpx.Response) -> int | None:
+    """Bytes the upstream sent past the end of ``response``, for :class:`AiohttpTransport`; else None."""
+    stream = response.extensions.get(EXTENSION)
+    return stream.unread() if isinstance(stream, _Body) else None
+
+
+def _translate(
+    exc: aiohttp.ClientError,
+    *,
+    body_started: bool,
+    received: int = 0,
+    response: aiohttp.ClientResponse | None = None,
+) -> httpx.TransportError:
+    """The httpx exception httpcore raises for the failure aiohttp reports as ``exc``."""
+    text = str(exc)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(text or "The connect timed out.")
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return httpx.ReadTimeout(text or "The upstream sent nothing within the read timeout.")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(text)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        if body_started:
+            return _peer_closed(received, response)
+        return httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        cause = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+        if _is_eof(exc):
+            return _peer_closed(received, response)
+        return httpx.RemoteProtocolError(f"malformed response body: {cause or text}")
+    if isinstance(exc, aiohttp.ClientOSError):
+        return httpx.ReadError(text)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # A malformed status line or header: the upstream answered, not in HTTP.
+        return httpx.RemoteProtocolError(f"malformed response: {exc.message}")
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return httpx.ReadError(text)
+    return httpx.RemoteProtocolError(text)
+
+
+def _is_eof(exc: aiohttp.ClientPayloadError) -> bool:
+    """Whether a payload error is the connection ending inside the body (not a malformed body)."""
+    text = str(exc)
+    return "Response payload is not completed" in text or "Not enough data" in text
+
+
+def _peer_closed(received: int, response: aiohttp.ClientResponse | None) -> httpx.RemoteProtocolError:
+    expected = response.headers.get("content-length") if response is not None else None
+    detail = f"received {received} bytes, expected {expected}" if expected else f"received {received} bytes"
+    return httpx.RemoteProtocolError(f"peer closed connection without sending complete message body ({detail})")
