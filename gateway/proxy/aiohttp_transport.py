@@ -112,11 +112,11 @@ class _Protocol(ResponseHandler):
         if end is not None and self._lmgate_received > end:
             # Past the declared length: the parser gets the response, never what follows (it may
             # hold part of the body back for flow control and finish it later, on an empty read).
-            cut = max(0, end - before)
+            within = max(0, end - before)
             self._lmgate_done = True
-            self.lmgate_extra = len(data) - cut
+            self.lmgate_extra = len(data) - within
             self._should_close = True
-            super().data_received(data[:cut])
+            super().data_received(data[:within])
             return
         cut: int | None = None
         if self._lmgate_chunked:
@@ -169,7 +169,8 @@ class _Protocol(ResponseHandler):
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An ``httpx.AsyncBaseTransport`` over one ``aiohttp.ClientSession``; see the module docstring."""
 
-    def __init__(self, limits: httpx.Limits = httpx.Limits(), *, ssl_context: ssl.SSLContext | bool = True) -> None:
+    def __init__(self, limits: httpx.Limits | None = None, *, ssl_context: ssl.SSLContext | bool = True) -> None:
+        limits = httpx.Limits() if limits is None else limits
         self.limits = limits
         self._ssl = ssl_context
         limit = limits.max_connections
@@ -189,7 +190,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 ssl=self._ssl,
             )
             # aiohttp's own protocol, counting what comes past a response's end (private hook).
-            connector._factory = functools.partial(_Protocol, loop=loop)
+            connector._factory = functools.partial(_Protocol, loop=loop)  # type: ignore[assignment]
             session = self._session = aiohttp.ClientSession(
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -264,9 +265,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._session
         if session is None or session.connector is None:
             return
-        conns: dict[Any, list[tuple[ResponseHandler, float]]] = session.connector._conns  # type: ignore[attr-defined]
+        conns = session.connector._conns  # the idle connections by host (private: no public view)
         for key in list(conns):
-            for protocol, _ in conns.pop(key, []):
+            for protocol, _ in conns.pop(key, ()):
                 protocol.close()
 
     async def aclose(self) -> None:
@@ -302,7 +303,7 @@ class _Body(httpx.AsyncByteStream):
             chunk = await self._response.content.readany()
         except aiohttp.ClientError as exc:
             raise _translate(exc, body_started=True, received=self.received, response=self._response) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise httpx.ReadTimeout(str(exc) or "The upstream sent nothing within the read timeout.") from exc
         if not chunk:
             raise StopAsyncIteration

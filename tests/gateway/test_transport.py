@@ -11,7 +11,7 @@ import pytest
 from gateway.app import make_upstream_client
 from gateway.config.settings import Config
 from gateway.proxy.aiohttp_transport import AiohttpTransport
-from gateway.proxy.transport import FramingGuard, unread_bytes
+from gateway.proxy.transport import unread_bytes
 
 pytestmark = pytest.mark.anyio
 

@@ -19,12 +19,11 @@ from typing import Any
 
 import anyio
 import httpx
-
-from gateway.proxy.aiohttp_transport import AiohttpTransport
 import pytest
 
 from gateway.app import Gateway, build_app
 from gateway.config.settings import Config
+from gateway.proxy.aiohttp_transport import AiohttpTransport
 from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 
