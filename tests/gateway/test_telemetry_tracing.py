@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from gateway.app import Gateway, build_app
 from gateway.config.settings import Config
 from gateway.proxy.aiohttp_transport import AiohttpTransport
+from gateway.proxy.transport import FramingGuard
 from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
 from gateway.telemetry import RequestOutcome
@@ -83,11 +84,13 @@ class Traced:
 
 
 @asynccontextmanager
-async def traced_gateway(upstream_url: str, *, tracing: bool = True) -> AsyncIterator[Traced]:
+async def traced_gateway(upstream_url: str, *, tracing: bool = True, transport: str = "httpx") -> AsyncIterator[Traced]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    config = Config.model_validate({"upstream": {"url": upstream_url}, "retry": {"backoff_base_s": 0.01}})
+    config = Config.model_validate(
+        {"upstream": {"url": upstream_url, "transport": transport}, "retry": {"backoff_base_s": 0.01}}
+    )
     app = build_app(config, tracer_provider=provider if tracing else None)
     ended_send, ended = anyio.create_memory_object_stream[RequestOutcome](8)
     app.telemetry.on_request_end.append(lambda record, outcome: ended_send.send_nowait(outcome))
@@ -103,15 +106,16 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def test_a_stream_is_one_server_span_with_genai_attributes_under_the_clients_trace(upstream, client):
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+async def test_a_stream_is_one_server_span_with_genai_attributes_under_the_clients_trace(upstream, client, transport):
     async def handler(scope, receive, send):
         await answer(send, usage=True)
 
     chat_only(upstream, handler)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 9}
-    async with traced_gateway(upstream.url) as gw:
+    async with traced_gateway(upstream.url, transport=transport) as gw:
         # The span per attempt comes from httpx's instrumentation, whatever moves the bytes under it.
-        assert isinstance(gw.app.client._transport, AiohttpTransport)
+        assert isinstance(gw.app.client._transport, AiohttpTransport if transport == "aiohttp" else FramingGuard)
         response = await client.post(gw.url + CHAT, json=body, headers={"traceparent": CLIENT_TRACEPARENT})
         with anyio.fail_after(5):
             await gw.ended.receive()

@@ -11,15 +11,21 @@ import pytest
 from gateway.app import make_upstream_client
 from gateway.config.settings import Config
 from gateway.proxy.aiohttp_transport import AiohttpTransport
-from gateway.proxy.transport import unread_bytes
+from gateway.proxy.transport import FramingGuard, unread_bytes
 
 pytestmark = pytest.mark.anyio
 
 SMUGGLED = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 17\r\n\r\n{\"smuggled\":true}"
 
 
-def client_for(url: str):
-    return make_upstream_client(Config.model_validate({"upstream": {"url": url}}))
+@pytest.fixture(params=["httpx", "aiohttp"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Both of lmgate's upstream transports (``upstream.transport``) must hold the guard."""
+    return str(request.param)
+
+
+def client_for(url: str, transport: str):
+    return make_upstream_client(Config.model_validate({"upstream": {"url": url, "transport": transport}}))
 
 
 @pytest.mark.parametrize(
@@ -33,7 +39,7 @@ def client_for(url: str):
         ),
     ],
 )
-async def test_a_connection_the_upstream_over_sent_on_is_never_reused(raw_upstream, first):
+async def test_a_connection_the_upstream_over_sent_on_is_never_reused(raw_upstream, first, transport):
     async def answer(request, writer: asyncio.StreamWriter) -> None:
         if len(raw_upstream.requests) == 1:
             writer.write(first(raw_upstream))
@@ -41,7 +47,7 @@ async def test_a_connection_the_upstream_over_sent_on_is_never_reused(raw_upstre
             writer.write(raw_upstream.response(b'{"second":2}'))
 
     raw_upstream.answer = answer
-    async with client_for(raw_upstream.url) as client:
+    async with client_for(raw_upstream.url, transport) as client:
         one = await client.get(raw_upstream.url + "/v1/models")
         assert one.status_code == 200
         two = await client.get(raw_upstream.url + "/v1/models")
@@ -49,24 +55,24 @@ async def test_a_connection_the_upstream_over_sent_on_is_never_reused(raw_upstre
     assert [r.connection for r in raw_upstream.requests] == [1, 2]
 
 
-async def test_a_clean_connection_is_still_reused_and_reports_nothing_unread(raw_upstream):
+async def test_a_clean_connection_is_still_reused_and_reports_nothing_unread(raw_upstream, transport):
     async def answer(request, writer: asyncio.StreamWriter) -> None:
         writer.write(raw_upstream.response(b'{"ok":true}'))
 
     raw_upstream.answer = answer
-    async with client_for(raw_upstream.url) as client:
-        assert isinstance(client._transport, AiohttpTransport)  # lmgate's default
+    async with client_for(raw_upstream.url, transport) as client:
+        assert isinstance(client._transport, AiohttpTransport if transport == "aiohttp" else FramingGuard)
         for _ in range(3):
             response = await client.get(raw_upstream.url + "/v1/models")
             assert response.content == b'{"ok":true}' and unread_bytes(response) == 0
     assert [r.connection for r in raw_upstream.requests] == [1, 1, 1]
 
 
-async def test_unread_bytes_tells_a_body_cut_by_its_content_length(raw_upstream):
+async def test_unread_bytes_tells_a_body_cut_by_its_content_length(raw_upstream, transport):
     async def answer(request, writer: asyncio.StreamWriter) -> None:
         writer.write(raw_upstream.response(b'{"content":"the whole answer"}', content_length=12))
 
     raw_upstream.answer = answer
-    async with client_for(raw_upstream.url) as client:
+    async with client_for(raw_upstream.url, transport) as client:
         response = await client.get(raw_upstream.url + "/v1/models")
     assert response.content == b'{"content":"' and unread_bytes(response) == len(b'the whole answer"}')
