@@ -33,6 +33,28 @@ from typing import Any
 Scope = dict[str, Any]
 
 
+async def _lifespan(receive: Any, send: Any, close: Any) -> None:
+    """Answer the server's lifespan events; ``close()`` the upstream client at shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _read_body(receive: Any) -> bytes:
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
 class Relay:
     def __init__(self, upstream: str, client: str = "httpx") -> None:
         self.upstream = upstream.rstrip("/")
@@ -40,17 +62,14 @@ class Relay:
         self.over_aiohttp = client == "aiohttpx"
         self.client: Any = None
 
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    if self.client is not None:
-                        await self.client.aclose()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await _lifespan(receive, send, self.aclose)
+            return
         if self.client is None:
             limits = self.httpx.Limits(max_connections=2048, max_keepalive_connections=128)
             transport = None
@@ -61,12 +80,7 @@ class Relay:
             self.client = self.httpx.AsyncClient(
                 timeout=self.httpx.Timeout(600.0, connect=5.0), limits=limits, transport=transport, trust_env=False
             )
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"host", b"connection", b"content-length")]
         request = self.client.build_request(scope["method"], self.upstream + scope["path"], headers=headers, content=body)
         response = await self.client.send(request, stream=True)
@@ -87,29 +101,21 @@ class AiohttpRelay:
         self.upstream = upstream.rstrip("/")
         self.session: Any = None
 
+    async def aclose(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         import aiohttp
 
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    if self.session is not None:
-                        await self.session.close()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await _lifespan(receive, send, self.aclose)
+            return
         if self.session is None:
             connector = aiohttp.TCPConnector(limit=2048, limit_per_host=2048, keepalive_timeout=30)
             self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600, connect=5),
                                                  auto_decompress=False, trust_env=False)
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k not in (b"host", b"connection", b"content-length")]
         async with self.session.request(scope["method"], self.upstream + scope["path"], headers=headers, data=body) as response:
