@@ -9,13 +9,14 @@ upstream pool) and keeps the shared objects at hand for inspection.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.config.settings import Config
 from gateway.server.serving import serve_in_background
-from gateway.stack import Collaborators, Stack, build_collaborators, build_stack, make_upstream_client
+from gateway.stack import Collaborators, Stack, build_collaborators, build_stack
+from gateway.upstreams.upstream import make_upstream_client
 from middleware.cache import CacheMiddleware
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
@@ -69,8 +70,19 @@ class Gateway:
             return
         await self.stack(scope, receive, send)
 
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The background work of every upstream's model service (loads, state refresh, preload,
+        keep-warm) and of the router, for the block."""
+        async with AsyncExitStack() as background:
+            for upstream in self.collaborators.upstreams:
+                await background.enter_async_context(upstream.models.running())
+            if self.stack.router is not None:
+                await background.enter_async_context(self.stack.router.running())
+            yield
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        async with self.models.running():  # background loads, state refresh, preload, keep-warm
+        async with self.running():
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
@@ -82,7 +94,8 @@ class Gateway:
 
     async def aclose(self) -> None:
         """Close the upstream connection pool and flush traces (done by the lifespan; call it when mounted)."""
-        await self.client.aclose()
+        for upstream in self.collaborators.upstreams:
+            await upstream.client.aclose()
         await self.telemetry.aclose()
 
 

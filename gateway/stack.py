@@ -16,11 +16,11 @@ upstream queue is full or the circuit is open, so they skip the resilience layer
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -30,14 +30,14 @@ from gateway.admin.status import RequestBoard, StatusPage
 from gateway.admin.view import DrainFacts, GatewayView, ReadinessFacts
 from gateway.config.settings import Config
 from gateway.models import ModelService
-from gateway.models.admin import serve_models
+from gateway.models.admin import merged_snapshot, serve_models
 from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer
-from gateway.proxy.aiohttp_transport import AiohttpTransport
 from gateway.proxy.relay import Proxy
-from gateway.proxy.transport import FramingGuard
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
+from gateway.upstreams.router import Route, Router
+from gateway.upstreams.upstream import Upstream, build_upstreams, make_upstream_client
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.body import BodyDeadlines
 from middleware.cache import CacheMiddleware, MemoryStore
@@ -63,55 +63,28 @@ _T = TypeVar("_T")
 class Collaborators:
     """The objects several layers (and lmgate's own routes) share, built once per gateway."""
 
-    client: httpx.AsyncClient  # the one pooled client for the upstream
+    upstreams: tuple[Upstream, ...]  # each with its pooled client, model service and proxy
     drain: DrainState
     telemetry: Telemetry
-    models: ModelService
-    proxy: Proxy
     board: RequestBoard  # the status page's memory of recent requests
+    routes: RouteTable
 
+    @property
+    def upstream(self) -> Upstream:
+        """The first upstream (the only one, unless ``upstreams:`` lists several)."""
+        return self.upstreams[0]
 
-def make_upstream_client(config: Config) -> httpx.AsyncClient:
-    """The one pooled client for the upstream, with explicit timeouts.
+    @property
+    def client(self) -> httpx.AsyncClient:
+        return self.upstream.client
 
-    httpx's default 5 s read timeout would cut every model load; the read timeout here is only a
-    backstop at the total deadline, while the timeout middleware enforces the real deadlines.
-    ``trust_env=False``: an HTTP_PROXY variable must never reroute traffic meant for localhost.
+    @property
+    def models(self) -> ModelService:
+        return self.upstream.models
 
-    One limit governs: the pool is sized from the concurrency limit (``Config.upstream_pool_connections``),
-    so requests wait in lmgate's queue, where they are bounded, counted and told when to retry, not
-    in the pool. A wait for a connection that remains (an explicit pool with per-model limits or
-    without a limit) lasts at most ``concurrency.max_wait_s``, like a wait in the queue, and is
-    refused like one (``translate_transport_error``: 503 ``overloaded``).
-
-    The transport (``upstream.transport``) is lmgate's :class:`AiohttpTransport` (httpx's API over
-    aiohttp's I/O, gateway/proxy/aiohttp_transport.py), or httpx's own behind a
-    :class:`FramingGuard`. Either way a connection the upstream sent more on than its response
-    declared is closed, never handed to another client's request.
-    """
-    timeouts = config.timeouts
-    pool = config.upstream.pool
-    limits = httpx.Limits(
-        max_connections=config.upstream_pool_connections(),
-        max_keepalive_connections=pool.max_keepalive_connections,
-        keepalive_expiry=pool.keepalive_expiry_s,
-    )
-    transport: httpx.AsyncBaseTransport
-    if config.upstream.transport == "aiohttp":
-        transport = AiohttpTransport(limits)
-    else:
-        transport = FramingGuard(httpx.AsyncHTTPTransport(limits=limits, trust_env=False))
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=timeouts.connect_s,
-            read=timeouts.total_s,
-            write=timeouts.total_s,
-            pool=config.concurrency.max_wait_s,
-        ),
-        transport=transport,
-        follow_redirects=False,
-        trust_env=False,
-    )
+    @property
+    def proxy(self) -> Proxy:
+        return self.upstream.proxy
 
 
 def build_collaborators(
@@ -122,27 +95,17 @@ def build_collaborators(
     tracer_provider: TracerProvider | None = None,
 ) -> Collaborators:
     """The shared objects for ``config``, wired to each other (not yet to any layer)."""
-    api_key = config.upstream.resolved_api_key(os.environ if env is None else env)
-    client = make_upstream_client(config)
-    telemetry = Telemetry.from_config(config, client=client, api_key=api_key, tracer_provider=tracer_provider)
-    limits = config.limits
-    proxy = Proxy(
-        client=client,
-        upstream_url=config.upstream.url,
-        routes=RouteTable(extra_prefixes=config.routes.extra_prefixes),
-        api_key=api_key,
-        forward_client_auth=config.upstream.forward_client_auth,
-        assemble_non_streaming=config.routes.assemble_non_streaming,
-        normalise_errors=config.routes.normalise_errors,
-        body_limit_bytes=limits.body_bytes,
-        assembled_limit_bytes=limits.assembled_bytes,
-        frame_limit_bytes=limits.frame_bytes,
-    )
-    models = ModelService.from_config(config, client=client, api_key=api_key, on_load=telemetry.model_load)
-    proxy.model_info = models.model_info  # /api/v0 answers lmgate assembles
+    routes = RouteTable(extra_prefixes=config.routes.extra_prefixes)
+    upstreams = build_upstreams(config, routes=routes, env=env)
+    first = upstreams[0]
+    telemetry = Telemetry.from_config(config, client=first.client, api_key=first.api_key, tracer_provider=tracer_provider)
+    for upstream in upstreams:
+        upstream.models.on_load = telemetry.model_load
+        if upstream is not first:
+            telemetry.instrument(upstream.client)
     board = RequestBoard()
     telemetry.on_request_end.append(board.observe)
-    return Collaborators(client=client, drain=drain or DrainState(), telemetry=telemetry, models=models, proxy=proxy, board=board)
+    return Collaborators(upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes)
 
 
 # -- the stack ---------------------------------------------------------------------------------
@@ -165,6 +128,8 @@ class Stack:
 
     def __init__(self) -> None:
         self.layers: dict[str, ASGIApp] = {}
+        self.upstreams: dict[str, Stack] = {}  # with several upstreams: each one's own layers, by name
+        self.router: Router | None = None  # with several upstreams: the choice between them
         self._app: ASGIApp | None = None
 
     def build(self, *layers: Layer | None, app: ASGIApp) -> Stack:
@@ -205,9 +170,13 @@ class Stack:
 
 
 def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
-    """Every layer of the request path, outermost first (docs/architecture.md says what each does)."""
+    """Every layer of the request path, outermost first (docs/architecture.md says what each does).
+
+    With several upstreams the layers above the router are shared, and each upstream gets the
+    layers below it around its own proxy (docs/upstreams.md); with one, the router is left out.
+    """
     c, stack = collaborators, Stack()
-    stack.build(
+    shared = (
         _errors(),  # ErrorMiddleware: every LmgateError as OpenAI-shaped JSON; unknown errors -> logged 500
         _request_normalisation(c),  # RequestNormalisation: the canonical path (400 if none), no credentials in the query
         _auth(config),  # AuthMiddleware: client keys (401), admin keys (403); off without keys
@@ -220,14 +189,25 @@ def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
         _cache(config, c),  # CacheMiddleware: repeated deterministic requests answered from memory
         _base64_embeddings(config),  # Base64EmbeddingsMiddleware: float embeddings encoded for base64 clients
         _heartbeat(config, c),  # HeartbeatMiddleware: SSE comments in silences; starts a slow stream early
-        _cold_start(config, c),  # ColdStartMiddleware: loads a cold model first (single flight)
-        _concurrency(config),  # ConcurrencyMiddleware: the limit and a bounded FIFO queue
-        _admission_mark(c),  # AdmissionMark: notes the queue wait for telemetry
-        _timeout(config),  # TimeoutMiddleware: first token / idle / total (retries included)
-        _retry(config),  # RetryMiddleware: only before the first byte reaches the client
-        _circuit_breaker(config, c),  # CircuitBreakerMiddleware: per attempt
-        app=c.proxy,  # Proxy: httpx stream to the upstream, one chunk in, one chunk out
     )
+
+    def per_upstream(upstream: Upstream) -> tuple[Layer | None, ...]:
+        return (
+            _cold_start(config, upstream),  # ColdStartMiddleware: loads a cold model first (single flight)
+            _concurrency(config, upstream),  # ConcurrencyMiddleware: the limit and a bounded FIFO queue
+            _admission_mark(c),  # AdmissionMark: notes the queue wait for telemetry
+            _timeout(config),  # TimeoutMiddleware: first token / idle / total (retries included)
+            _retry(config),  # RetryMiddleware: only before the first byte reaches the client
+            _circuit_breaker(config, c, upstream),  # CircuitBreakerMiddleware: per attempt
+        )  # then Proxy: httpx stream to the upstream, one chunk in, one chunk out
+
+    if len(c.upstreams) == 1:
+        stack.build(*shared, *per_upstream(c.upstream), app=c.proxy)
+    else:
+        for upstream in c.upstreams:
+            stack.upstreams[upstream.name] = Stack().build(*per_upstream(upstream), app=upstream.proxy)
+        stack.router = _router(config, c, stack)
+        stack.build(*shared, app=stack.router)  # Router: where the model is warm (gateway/upstreams/router.py)
     _watch(stack, c)
     return stack
 
@@ -251,7 +231,7 @@ def _errors() -> Layer:
 def _request_normalisation(c: Collaborators) -> Layer:
     # Outside auth: the request target is rewritten to its canonical form once, before any
     # decision reads it (gateway/request/paths.py); the proxy forwards that same form.
-    return Layer("request_normalisation", lambda app: RequestNormalisation(app, routes=c.proxy.routes))
+    return Layer("request_normalisation", lambda app: RequestNormalisation(app, routes=c.routes))
 
 
 def _auth(config: Config) -> Layer:
@@ -292,10 +272,15 @@ class OwnRoutes:
 
 
 def _own_routes(config: Config, c: Collaborators, view: GatewayView) -> Layer:
-    models = c.models
+    services = {upstream.name: upstream.models for upstream in c.upstreams}
+
+    async def choose(model: str) -> str:
+        # A load the admin asked for goes where a request for the model would (built by then).
+        router = view.router if isinstance(view, GatewaySnapshot) else None
+        return (await router.choose(model))[0][0].name if router is not None else c.upstream.name
 
     async def serve_model_routes(scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_models(models, scope, send)
+        await serve_models(services, scope, send, choose=choose)
 
     admin = AdminRoutes(
         view,
@@ -316,7 +301,7 @@ def _request_validation(config: Config, c: Collaborators) -> Layer:
         "request_validation",
         lambda app: RequestValidation(
             app,
-            routes=c.proxy.routes,
+            routes=c.routes,
             body_limit_bytes=limits.body_bytes,
             header_limit_bytes=limits.header_bytes,
             url_limit_bytes=limits.url_bytes,
@@ -384,7 +369,7 @@ def _heartbeat(config: Config, c: Collaborators) -> Layer | None:
         lambda app: HeartbeatMiddleware(
             app,
             interval_s=interval_s,
-            describe=heartbeat_describer(c.models.registry, status_events=options.status_events),
+            describe=heartbeat_describer(status_events=options.status_events),
             # With cold starts on, a stream started early carries the model state headers.
             start_headers=early_headers if options.enabled else None,
             body_limit_bytes=config.limits.body_bytes,
@@ -392,7 +377,7 @@ def _heartbeat(config: Config, c: Collaborators) -> Layer | None:
     )
 
 
-def _cold_start(config: Config, c: Collaborators) -> Layer | None:
+def _cold_start(config: Config, upstream: Upstream) -> Layer | None:
     options = config.models
     if not options.enabled:
         return None
@@ -400,16 +385,16 @@ def _cold_start(config: Config, c: Collaborators) -> Layer | None:
         "cold_start",
         lambda app: ColdStartMiddleware(
             app,
-            registry=c.models.registry,
-            loader=c.models.loader,
+            registry=upstream.models.registry,
+            loader=upstream.models.loader,
             on_loading=options.on_loading,
             body_limit_bytes=config.limits.body_bytes,
         ),
     )
 
 
-def _concurrency(config: Config) -> Layer | None:
-    c = config.concurrency
+def _concurrency(config: Config, upstream: Upstream) -> Layer | None:
+    c = config.concurrency_for(upstream.config)
     if not c.enabled:
         return None
     return Layer(
@@ -425,6 +410,20 @@ def _concurrency(config: Config) -> Layer | None:
             max_limit=max(c.max_limit, c.limit),
             latency_threshold_s=c.latency_threshold_s,
         ),
+    )
+
+
+def _router(config: Config, c: Collaborators, stack: Stack) -> Router:
+    return Router(
+        [
+            Route(upstream=upstream, app=sub, concurrency=sub.concurrency, breaker=sub.breaker)
+            for upstream in c.upstreams
+            for sub in (stack.upstreams[upstream.name],)
+        ],
+        pins=config.models.pin,
+        failover_statuses=config.retry.retry_statuses,
+        body_limit_bytes=config.limits.body_bytes,
+        list_timeout_s=config.timeouts.connect_s,
     )
 
 
@@ -469,7 +468,7 @@ def _retry(config: Config) -> Layer | None:
     )
 
 
-def _circuit_breaker(config: Config, c: Collaborators) -> Layer | None:
+def _circuit_breaker(config: Config, c: Collaborators, upstream: Upstream) -> Layer | None:
     cb = config.circuit_breaker
     if not cb.enabled:
         return None
@@ -486,6 +485,8 @@ def _circuit_breaker(config: Config, c: Collaborators) -> Layer | None:
             per_model=cb.per_model,
             body_limit_bytes=config.limits.body_bytes,
             on_state_change=c.telemetry.circuit_changed,
+            # One upstream keeps the name its circuit always had; several are told apart by theirs.
+            name="upstream" if len(c.upstreams) == 1 else upstream.name,
         ),
     )
 
@@ -504,37 +505,96 @@ class GatewaySnapshot:
         self.collaborators = collaborators
         self.stack = stack
 
+    @property
+    def router(self) -> Router | None:
+        return self.stack.router
+
+    def _upstreams(self) -> list[tuple[Upstream, Stack]]:
+        """Each upstream with the stack holding its own layers."""
+        stack = self.stack
+        return [(u, stack.upstreams.get(u.name, stack)) for u in self.collaborators.upstreams]
+
     def readiness(self) -> ReadinessFacts:
-        c, breaker = self.collaborators, self.stack.breaker
-        models, registry = c.models, c.models.registry
-        current = self.config.models.enabled and registry.fresh and registry.refresh_unreachable
+        # Ready while one upstream can serve: not every circuit open, not every upstream unreachable.
+        c = self.collaborators
+        pending: set[str] = set()
+        circuits: list[str] = []
+        unreachable: list[str] = []
+        for upstream, own in self._upstreams():
+            models, registry, breaker = upstream.models, upstream.models.registry, own.breaker
+            if not models.ready:
+                pending.update(models.warmer.pending)
+            if breaker is not None:
+                circuits.append(breaker.state_of())
+            if self.config.models.enabled and registry.fresh and registry.refresh_unreachable:
+                unreachable.append(registry.refresh_error or "unreachable")
         return ReadinessFacts(
-            preload_pending=() if models.ready else tuple(sorted(models.warmer.pending)),
+            preload_pending=tuple(sorted(pending)),
             draining=c.drain.draining,
             preloaded=c.telemetry.preloaded,
-            circuit=breaker.states().get(breaker.name) if breaker is not None else None,
-            unreachable=registry.refresh_error if current else None,
+            circuit=_overall_circuit(circuits),
+            unreachable=None if len(unreachable) < len(c.upstreams) else "; ".join(unreachable),
         )
 
     async def models(self) -> dict[str, Any]:
-        service = self.collaborators.models
-        await service.registry.refresh()  # on demand, when older than models.refresh_s
-        return service.snapshot()
+        upstreams = self.collaborators.upstreams
+        async with anyio.create_task_group() as tg:
+            for upstream in upstreams:
+                tg.start_soon(upstream.models.registry.refresh)  # on demand, when older than models.refresh_s
+        if len(upstreams) == 1:
+            return upstreams[0].models.snapshot()
+        return merged_snapshot({u.name: u.models.snapshot() for u in upstreams})
 
     def expected_load_s(self, model: str) -> float | None:
-        return self.collaborators.models.registry.expected_load_s(model)
+        known = (u.models.registry.expected_load_s(model) for u in self.collaborators.upstreams)
+        return next((seconds for seconds in known if seconds is not None), None)
 
     def drain(self) -> DrainFacts:
         drain = self.collaborators.drain
         return DrainFacts(draining=drain.draining, in_flight=drain.in_flight)
 
     def concurrency(self) -> dict[str, Any]:
-        concurrency = self.stack.concurrency
-        return dict(concurrency.snapshot()) if concurrency is not None else {}
+        # Keys are the limiter's ("*" or a model); with several upstreams "<upstream>/<key>".
+        several = len(self.collaborators.upstreams) > 1
+        merged: dict[str, Any] = {}
+        for upstream, own in self._upstreams():
+            concurrency = own.concurrency
+            if concurrency is not None:
+                for key, value in concurrency.snapshot().items():
+                    merged[f"{upstream.name}/{key}" if several else key] = value
+        return merged
 
     def breakers(self) -> dict[str, str]:
-        breaker = self.stack.breaker
-        return breaker.states() if breaker is not None else {}
+        merged: dict[str, str] = {}
+        for _, own in self._upstreams():
+            if own.breaker is not None:
+                merged.update(own.breaker.states())  # keyed by the upstream's name (or "upstream")
+        return merged
+
+    def upstreams(self) -> list[dict[str, Any]]:
+        """One card per upstream: where it is, whether it answers, its slots, circuit and models."""
+        cards = []
+        router = self.stack.router
+        for upstream, own in self._upstreams():
+            registry = upstream.models.registry
+            concurrency = own.concurrency
+            pressure = concurrency.pressure() if concurrency is not None else None
+            cards.append(
+                {
+                    "name": upstream.name,
+                    "url": upstream.url,
+                    "reachable": registry.refresh_error is None and registry.refreshed_at is not None
+                    and (router is None or router.reachable(upstream.name)),
+                    "refresh_error": registry.refresh_error,
+                    "circuit": own.breaker.state_of() if own.breaker is not None else None,
+                    "slots": None if pressure is None else {
+                        "limit": pressure.limit, "in_flight": pressure.in_flight, "queued": pressure.queued
+                    },
+                    "loaded": sorted(r.id for r in registry.records.values() if r.state == "loaded"),
+                    "loading": sorted(upstream.models.loader.jobs),
+                }
+            )
+        return cards
 
     def latency(self) -> dict[str, Any]:
         windows = self.collaborators.telemetry.windows
@@ -553,3 +613,13 @@ class GatewaySnapshot:
 
     async def llm_health(self) -> tuple[int, dict[str, Any]]:
         return await self.collaborators.telemetry.llm_health.report()
+
+
+def _overall_circuit(states: list[str]) -> str | None:
+    """The upstream-wide circuit readiness goes by: the one there is, or "open" only when every
+    upstream's is (with one closed or probing, requests are still served)."""
+    if not states:
+        return None
+    if len(states) == 1:
+        return states[0]
+    return "open" if all(state == "open" for state in states) else "closed"

@@ -271,6 +271,12 @@ class CircuitBreakerMiddleware:
         """
         return {key: breaker.state for key, breaker in self._breakers.items()}
 
+    def state_of(self, model: str | None = None) -> str:
+        """The state of the circuit a request for ``model`` would pass (without creating one)."""
+        key = f"{self.name}:{model}" if self.per_model and model is not None else self.name
+        breaker = self._breakers.get(key) or self._breakers[self.name]
+        return breaker.state
+
     def breaker(self, key: str) -> Breaker:
         """The circuit for ``key``, created on first use."""
         breaker = self._breakers.get(key)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import anyio
 
@@ -38,7 +39,7 @@ from middleware.errors import (
 from middleware.response import ResponseState
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
 
-__all__ = ["ConcurrencyMiddleware"]
+__all__ = ["ConcurrencyMiddleware", "Pressure"]
 
 #: Snapshot name of the key used when limits are not split by model or client.
 ALL = "*"
@@ -47,6 +48,26 @@ _MAX_IDLE_KEYS = 256
 _RETRY_AFTER_BOUNDS_S = (1.0, 60.0)
 
 Key = tuple[str | None, str | None]  # (client key, model)
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """One limiter's load: ``in_flight`` of ``limit`` slots taken, ``queued`` waiting, and the
+    expected wait for a slot in seconds (0 while one is free)."""
+
+    limit: int
+    in_flight: int
+    queued: int
+    wait_s: float
+
+    @property
+    def free(self) -> bool:
+        return self.wait_s == 0 and self.in_flight < self.limit
+
+    @property
+    def busy(self) -> float:
+        """Slots taken and queued over the limit: 0 idle, 1 full, above 1 queueing."""
+        return (self.in_flight + self.queued) / max(self.limit, 1)
 
 
 class _Waiter:
@@ -115,13 +136,15 @@ class _Limiter:
             self.in_flight += 1
             waiter.event.set()
 
-    def retry_after_s(self, default_s: float) -> float:
+    def retry_after_s(self, default_s: float, *, bounded: bool = True) -> float:
         """Seconds until a newcomer would likely get a slot: everyone queued, plus itself, served
-        at ``limit / average hold time`` per second."""
+        at ``limit / average hold time`` per second (``bounded``: within 1-60 s, for Retry-After)."""
         if self.hold_s.value is None:
             return default_s
-        low, high = _RETRY_AFTER_BOUNDS_S
         estimate = (len(self.waiters) + 1) * self.hold_s.value / max(self.limit, 1)
+        if not bounded:
+            return estimate
+        low, high = _RETRY_AFTER_BOUNDS_S
         return min(max(estimate, low), high)
 
     def snapshot(self) -> dict[str, int]:
@@ -192,6 +215,20 @@ class ConcurrencyMiddleware:
         self._limiters: dict[Key, _Limiter] = {}
         if not per_model and client_key is None:
             self._limiter((None, None))  # so snapshot() shows the one key before any traffic
+
+    def pressure(self, model: str | None = None) -> Pressure:
+        """How busy the limiter a request for ``model`` would join is, without joining it.
+
+        For routers choosing between several upstreams (gateway/upstreams/router.py): slots in
+        use and queued, and the expected wait for a slot (0 while one is free).
+        """
+        key: Key = (None, model if self.per_model else None)
+        limiter = self._limiters.get(key)
+        if limiter is None:
+            return Pressure(limit=self.limit, in_flight=0, queued=0, wait_s=0.0)
+        free = not limiter.waiters and limiter.in_flight < limiter.limit
+        wait_s = 0.0 if free else limiter.retry_after_s(self.default_retry_after_s, bounded=False)
+        return Pressure(limit=limiter.limit, in_flight=limiter.in_flight, queued=len(limiter.waiters), wait_s=wait_s)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Per key: ``limit``, ``in_flight`` and ``queued``, for metrics, health and the status page."""

@@ -63,6 +63,7 @@ logger = logging.getLogger("lmgate.retry")
 
 __all__ = [
     "ATTEMPTS_HEADER",
+    "Attempt",
     "DecorrelatedJitter",
     "RetryBudget",
     "RetryMiddleware",
@@ -70,6 +71,7 @@ __all__ = [
     "attempt_number",
     "parse_retry_after",
     "retryable",
+    "run_attempt",
 ]
 
 ATTEMPTS_HEADER = b"x-lmgate-attempts"
@@ -229,7 +231,7 @@ class RetryMiddleware:
         return True, retry_after
 
 
-class _Attempt:
+class Attempt:
     """What one attempt produced: forwarded to the client, or held back as retryable."""
 
     __slots__ = ("error", "forwarded", "held", "held_bytes", "number", "retry_after_s")
@@ -263,6 +265,61 @@ class _Attempt:
             await send(message)
 
 
+#: Judges an attempt's outcome (its response start, or the error it raised before one):
+#: ``(worth another attempt, the upstream's Retry-After)``.
+Judge = Callable[[Message | LmgateError], tuple[bool, float | None]]
+
+
+async def run_attempt(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    number: int,
+    judge: Judge | None,
+    start: Callable[[Message], Message] = lambda start: start,
+) -> Attempt:
+    """Run ``app`` once; hold back an outcome ``judge`` finds worth another attempt.
+
+    A response start judged retryable is held (with its body, up to 64 KiB, past which it is
+    forwarded after all), and so is an ``LmgateError`` judged retryable; anything else goes to
+    ``send`` or is raised. ``judge=None``: the final attempt, whose outcome is never held.
+    ``start`` rewrites a response start before it is judged (headers lmgate adds). Shared by the
+    retry layer and the router's failover between upstreams (gateway/upstreams/router.py).
+    """
+    attempt = Attempt(number)
+
+    async def attempt_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = start(message)
+            if judge is not None:
+                retry, attempt.retry_after_s = judge(message)
+                if retry:
+                    attempt.held = [message]
+                    return
+            attempt.forwarded = True
+            await send(message)
+        elif attempt.held is not None:
+            attempt.held.append(message)
+            attempt.held_bytes += len(message.get("body", b""))
+            if attempt.held_bytes > _HELD_LIMIT_BYTES:
+                await attempt.deliver(send)
+        else:
+            await send(message)
+
+    try:
+        await app(scope, receive, attempt_send)
+    except LmgateError as error:
+        if judge is None or attempt.forwarded:
+            raise
+        retry, retry_after = judge(error)
+        if not retry:
+            raise
+        attempt.held, attempt.error, attempt.retry_after_s = None, error, retry_after
+    return attempt
+
+
 class _Exchange:
     """One request's attempts, in a plain loop."""
 
@@ -276,7 +333,7 @@ class _Exchange:
         self.holds_retry = False
         self.waits = middleware.backoff()
 
-    async def run(self) -> _Attempt:
+    async def run(self) -> Attempt:
         """Attempt until an answer is final; return the attempt whose answer goes to the client."""
         try:
             while True:
@@ -298,45 +355,26 @@ class _Exchange:
         finally:
             self._release()
 
-    async def _attempt(self) -> _Attempt:
+    async def _attempt(self) -> Attempt:
         self.number += 1
-        attempt = _Attempt(self.number)
-        final = attempt.number >= self.max_attempts
+        number = self.number
+        final = number >= self.max_attempts
         self.mw.stats.attempts += 1
-        if attempt.number > 1:
+        if number > 1:
             self.mw.stats.retries += 1
-        self.scope.setdefault("state", {})[_ATTEMPT_KEY] = attempt.number
-
-        async def attempt_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = _with_attempts(message, attempt.number)
-                if not final:
-                    retry, attempt.retry_after_s = self.mw._retryable(message)
-                    if retry:
-                        attempt.held = [message]
-                        return
-                attempt.forwarded = True
-                await self.send(message)
-            elif attempt.held is not None:
-                attempt.held.append(message)
-                attempt.held_bytes += len(message.get("body", b""))
-                if attempt.held_bytes > _HELD_LIMIT_BYTES:
-                    await attempt.deliver(self.send)
-            else:
-                await self.send(message)
-
+        self.scope.setdefault("state", {})[_ATTEMPT_KEY] = number
         try:
-            await self.mw.app(self.scope, replaying_receive(self.scope, self.receive), attempt_send)
-        except LmgateError as error:
-            if final or attempt.forwarded:
-                raise
-            retry, retry_after = self.mw._retryable(error)
-            if not retry:
-                raise
-            attempt.held, attempt.error, attempt.retry_after_s = None, error, retry_after
+            return await run_attempt(
+                self.mw.app,
+                self.scope,
+                replaying_receive(self.scope, self.receive),
+                self.send,
+                number=number,
+                judge=None if final else self.mw._retryable,
+                start=lambda start: _with_attempts(start, number),
+            )
         finally:
             self._release()
-        return attempt
 
     def _release(self) -> None:
         if self.holds_retry:
@@ -350,7 +388,7 @@ class _Exchange:
         if watch.disconnected:
             raise ClientDisconnected("The client left while lmgate waited to retry.")
 
-    def _log_retry(self, attempt: _Attempt, wait_s: float) -> None:
+    def _log_retry(self, attempt: Attempt, wait_s: float) -> None:
         logger.warning(
             "attempt %d of %d failed (%s); retrying in %.2f s",
             attempt.number,
@@ -366,7 +404,7 @@ class _Exchange:
             },
         )
 
-    def _log_stop(self, attempt: _Attempt, reason: str) -> None:
+    def _log_stop(self, attempt: Attempt, reason: str) -> None:
         logger.warning(
             "attempt %d failed (%s); not retrying: %s",
             attempt.number,

@@ -57,6 +57,10 @@ class GatewayView(Protocol):
         """Each circuit's state (empty without the circuit breaker)."""
         ...
 
+    def upstreams(self) -> list[dict[str, Any]]:
+        """One card per upstream: name, url, reachable, circuit, slots, models loaded and loading."""
+        ...
+
     def latency(self) -> dict[str, Any]:
         """Rolling latency and time-to-first-token percentiles, per model."""
         ...

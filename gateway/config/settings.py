@@ -64,7 +64,24 @@ class PoolConfig(Section):
     keepalive_expiry_s: float = Field(30.0, gt=0, description="Seconds an idle upstream connection is kept.")
 
 
+class UpstreamConcurrency(Section):
+    """One upstream's own concurrency limits, over the ``concurrency`` section (null: the section's value)."""
+
+    limit: int | None = Field(None, ge=1, description="Requests in flight on this upstream (its parallel slots).")
+    max_queue: int | None = Field(None, ge=0, description="Requests waiting for a slot on this upstream.")
+    max_wait_s: float | None = Field(None, gt=0, description="Longest wait for a slot on this upstream.")
+
+
+#: An upstream's name: it appears in metric labels, headers, logs and URLs.
+UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
 class UpstreamConfig(Section):
+    name: str = Field(
+        "default",
+        description="Its name in logs, metrics, traces, X-Lmgate-Upstream and the status page "
+        "(lowercase letters, digits, '.', '_', '-').",
+    )
     url: str = Field("http://127.0.0.1:1234", description="Base URL of LM Studio or another OpenAI-compatible server.")
     api_key_env: str | None = Field(
         "LMSTUDIO_API_KEY", description="Environment variable holding LM Studio's API token (0.4+), if auth is on."
@@ -79,6 +96,17 @@ class UpstreamConfig(Section):
         description="What moves the upstream bytes under the httpx client: httpx's own (httpcore/h11), or aiohttp "
         "(C parser: about 4x the chunks per CPU second; opt-in until its memory under the soak test is explained).",
     )
+
+    concurrency: UpstreamConcurrency = Field(
+        default_factory=UpstreamConcurrency, description="This upstream's own limits over the concurrency section."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not UPSTREAM_NAME.fullmatch(value):
+            raise ValueError("expected 1-63 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -320,6 +348,11 @@ class ModelsConfig(Section):
     load_method: Literal["auto", "rest", "generate"] = Field(
         "auto", description="rest: POST /api/v1/models/load; generate: a 1-token request; auto: rest where it exists."
     )
+    pin: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="With several upstreams: model id -> the upstreams it may be served and loaded on "
+        "(docs/upstreams.md).",
+    )
 
     @field_validator("ttl_s")
     @classmethod
@@ -419,6 +452,11 @@ class CacheConfig(Section):
 class Config(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig, description="Where lmgate listens.")
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description="The server lmgate forwards to.")
+    upstreams: tuple[UpstreamConfig, ...] = Field(
+        (),
+        description="Several servers instead of `upstream`, each with a name; requests go where their model is "
+        "loaded (docs/upstreams.md).",
+    )
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Deadlines.")
     routes: RoutesConfig = Field(default_factory=RoutesConfig, description="What is forwarded and how.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
@@ -435,33 +473,88 @@ class Config(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache for deterministic requests.")
 
     @model_validator(mode="after")
-    def _pool_fits_the_concurrency_limit(self) -> Config:
-        explicit = self.upstream.pool.max_connections
-        slots = self._concurrency_slots()
-        if explicit is None or slots is None:
-            return self
-        key, limit, per_model = slots
-        side = self.side_connections()
-        if explicit < limit + side:
-            # A request past the pool would wait inside the HTTP client: outside the queue, its
-            # bounds, its metrics and its Retry-After. Two limits, one of them invisible.
+    def _one_way_to_name_upstreams(self) -> Config:
+        # The example file spells `upstream:` out at its defaults; only a changed one conflicts.
+        if self.upstreams and self.upstream != UpstreamConfig():
             raise ValueError(
-                f"upstream.pool.max_connections ({explicit}) is smaller than {key} ({limit}{per_model}) plus "
-                f"{side} connections for model loads, keep-warm pings, health checks and model-state refreshes: "
-                f"requests past the pool would wait unseen, outside the queue. Set upstream.pool.max_connections "
-                f"to at least {limit + side}, or remove it to have it derived from {key}."
+                "both upstream and upstreams are set: use upstreams (a list, each with a name) for several servers, "
+                "or upstream for one"
             )
+        names = [upstream.name for upstream in self.upstream_list()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"upstreams: each name must be unique; repeated: {', '.join(repeated)}")
+        for model, pinned in self.models.pin.items():
+            unknown = [name for name in pinned if name not in names]
+            if not pinned or unknown:
+                raise ValueError(
+                    f"models.pin.{model}: expected a list of upstream names among {', '.join(names)}"
+                    + (f"; unknown: {', '.join(unknown)}" if unknown else "; got an empty list")
+                )
         return self
 
-    def _concurrency_slots(self) -> tuple[str, int, str] | None:
+    @model_validator(mode="after")
+    def _pool_fits_the_concurrency_limit(self) -> Config:
+        for upstream in self.upstream_list():
+            explicit = upstream.pool.max_connections
+            slots = self._concurrency_slots(upstream)
+            if explicit is None or slots is None:
+                continue
+            key, limit, per_model = slots
+            side = self.side_connections()
+            where = "upstream" if not self.upstreams else f"upstreams.{upstream.name}"
+            if explicit < limit + side:
+                # A request past the pool would wait inside the HTTP client: outside the queue, its
+                # bounds, its metrics and its Retry-After. Two limits, one of them invisible.
+                raise ValueError(
+                    f"{where}.pool.max_connections ({explicit}) is smaller than {key} ({limit}{per_model}) plus "
+                    f"{side} connections for model loads, keep-warm pings, health checks and model-state refreshes: "
+                    f"requests past the pool would wait unseen, outside the queue. Set {where}.pool.max_connections "
+                    f"to at least {limit + side}, or remove it to have it derived from {key}."
+                )
+        return self
+
+    def upstream_list(self) -> tuple[UpstreamConfig, ...]:
+        """Every upstream: ``upstreams``, or the single ``upstream`` section as a list of one."""
+        return self.upstreams or (self.upstream,)
+
+    def concurrency_for(self, upstream: UpstreamConfig) -> ConcurrencyConfig:
+        """The ``concurrency`` section with ``upstream``'s own limits over it."""
+        own = upstream.concurrency.model_dump(exclude_none=True)
+        if not own:
+            return self.concurrency
+        merged = self.concurrency.model_copy(update=own)
+        if merged.adaptive:  # an upstream's own limit widens the adaptive bounds rather than failing them
+            merged = merged.model_copy(
+                update={"min_limit": min(merged.min_limit, merged.limit), "max_limit": max(merged.max_limit, merged.limit)}
+            )
+        return merged
+
+    def models_for(self, upstream: UpstreamConfig) -> ModelsConfig:
+        """The ``models`` section as ``upstream`` applies it: preload and keep-warm only for the
+        models that belong there (pinned to it; unpinned ones belong to the first upstream)."""
+        first = self.upstream_list()[0].name
+
+        def here(model: str) -> bool:
+            return upstream.name in self.models.pin.get(model, (first,))
+
+        models = self.models
+        if len(self.upstream_list()) == 1:
+            return models
+        return models.model_copy(
+            update={"preload": tuple(filter(here, models.preload)), "keep_warm": tuple(filter(here, models.keep_warm))}
+        )
+
+    def _concurrency_slots(self, upstream: UpstreamConfig) -> tuple[str, int, str] | None:
         """(key, requests it lets reach the upstream at once, ", per model" or ""); None: no limit."""
-        c = self.concurrency
+        c = self.concurrency_for(upstream)
         if not c.enabled:
             return None
         per_model = ", per model" if c.per_model else ""
         if c.adaptive:
             return "concurrency.max_limit", max(c.max_limit, c.limit), per_model
-        return "concurrency.limit", c.limit, per_model
+        key = "concurrency.limit" if upstream.concurrency.limit is None else f"upstreams.{upstream.name}.concurrency.limit"
+        return key, c.limit, per_model
 
     def side_connections(self) -> int:
         """Upstream connections lmgate may open at once outside the concurrency slots.
@@ -475,7 +568,7 @@ class Config(Section):
         models = self.models
         return models.max_concurrent_loads + len(models.keep_warm) + len(self.health.models) + SIDE_CONNECTIONS
 
-    def upstream_pool_connections(self) -> int | None:
+    def upstream_pool_connections(self, upstream: UpstreamConfig | None = None) -> int | None:
         """The upstream pool's size: ``upstream.pool.max_connections``, else derived from the limit.
 
         Derived: the requests the concurrency layer lets through at once plus
@@ -483,13 +576,19 @@ class Config(Section):
         (unbounded) where no total limit exists (concurrency off, or limits per model): the pool
         must not become a hidden limit there either.
         """
-        explicit = self.upstream.pool.max_connections
+        upstream = upstream or self.upstream_list()[0]
+        explicit = upstream.pool.max_connections
         if explicit is not None:
             return explicit
-        slots = self._concurrency_slots()
+        slots = self._concurrency_slots(upstream)
         if slots is None or self.concurrency.per_model:
             return None
         return slots[1] + self.side_connections()
+
+    def total_pool_connections(self) -> int | None:
+        """Upstream connections of every upstream's pool together; None if any pool is unbounded."""
+        pools = [self.upstream_pool_connections(upstream) for upstream in self.upstream_list()]
+        return None if any(pool is None for pool in pools) else sum(pool for pool in pools if pool is not None)
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets masked (for ``config check`` and logs)."""

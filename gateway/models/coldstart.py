@@ -82,6 +82,7 @@ class RequestPhase:
     job: LoadJob | None = None
     state: Literal["warm", "cold", "unknown"] | None = None
     waited_s: float | None = None  # cold: how long this request waited for the load
+    registry: ModelRegistry | None = None  # the registry of the upstream the request went to
 
 
 def request_phase(scope: Scope) -> RequestPhase | None:
@@ -137,7 +138,7 @@ class ColdStartMiddleware:
         if model is None:
             await self.app(scope, replaying_receive(scope, receive), send)
             return
-        phase = RequestPhase(model)
+        phase = RequestPhase(model, registry=self.registry)
         scope.setdefault("state", {})[_PHASE_KEY] = phase
         await self.registry.refresh()
         # Unreachable upstream: stale knowledge would turn its failure into a misleading load error.
@@ -206,7 +207,7 @@ class ColdStartMiddleware:
         return ModelLoading(f'The model "{job.model}" is loading{eta}. Try again then.', retry_after_s=retry_after)
 
 
-def heartbeat_describer(registry: ModelRegistry, *, status_events: bool = False) -> Describe:
+def heartbeat_describer(*, status_events: bool = False) -> Describe:
     """The heartbeat frames for a request, from what :class:`ColdStartMiddleware` published."""
 
     def describe(scope: Scope, elapsed_s: float) -> bytes:
@@ -215,14 +216,14 @@ def heartbeat_describer(registry: ModelRegistry, *, status_events: bool = False)
             return comment_frame(f"lmgate waiting elapsed_s={_seconds(elapsed_s)}")
         job = phase.job
         fields: dict[str, object]
-        if job is not None and not job.finished:
+        if job is not None and not job.finished and phase.registry is not None:
             now = anyio.current_time()
             running_s = now - job.began_at if job.began_at is not None else 0.0
             fields = {
                 "state": "loading",
                 "model": phase.model,
                 "elapsed_s": _seconds(now - job.asked_at),
-                "eta_s": registry.remaining_load_s(phase.model, running_s),
+                "eta_s": phase.registry.remaining_load_s(phase.model, running_s),
             }
         else:
             fields = {"state": "waiting", "model": phase.model, "elapsed_s": _seconds(elapsed_s)}

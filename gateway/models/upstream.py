@@ -125,7 +125,7 @@ class UpstreamModels:
             raise ModelApiError(unsupported)
         candidates: tuple[Api, ...] = (self.api,) if self.api else tuple(_LISTINGS)
         for api in candidates:
-            status, document = await self._get_json(_LISTINGS[api])
+            status, document = await self.get_json(_LISTINGS[api])
             if status == 401:
                 raise ModelApiError("The upstream refused lmgate's API key (upstream.api_key_env).")
             models = _parse_listing(api, document) if status == 200 else None
@@ -141,14 +141,14 @@ class UpstreamModels:
     async def model_facts(self, model: str) -> ModelFacts | None:
         """``GET /api/v0/models/{model}``: the model's facts, None if the upstream cannot say."""
         try:
-            status, document = await self._get_json("/api/v0/models/" + quote(model, safe="/"))
+            status, document = await self.get_json("/api/v0/models/" + quote(model, safe="/"))
         except ModelApiError:
             return None
         if status != 200 or not isinstance(document, dict) or not isinstance(document.get("id"), str):
             return None
         return _v0_facts(document)
 
-    async def _get_json(self, path: str) -> tuple[int, Any]:
+    async def get_json(self, path: str) -> tuple[int, Any]:
         try:
             response = await self.client.get(self.url + path, headers=self.headers, timeout=self.timeout)
         except httpx.HTTPError as exc:

@@ -90,7 +90,7 @@ def raise_open_files_limit() -> int | None:
 def connection_cap(config: Config, *, simulate: bool = False) -> int | None:
     """Raise the open-files limit, then return ``listen.max_connections`` or its default.
 
-    The default is the open-files limit less the upstream pool (``Config.upstream_pool_connections``;
+    The default is the open-files limit less the upstream pool (every upstream's, ``Config.total_pool_connections``;
     twice that with the built-in simulator, whose side of each upstream connection is in the same
     process) and ``RESERVED_DESCRIPTORS``; with an unbounded pool, each client connection is counted
     with the upstream connection it may hold. Raises ``ConfigError`` when the limit cannot hold the configured
@@ -102,7 +102,7 @@ def connection_cap(config: Config, *, simulate: bool = False) -> int | None:
         return configured
     # The built-in simulator holds the other end of each upstream connection in this process.
     per_upstream = 2 if simulate else 1
-    pool = config.upstream_pool_connections()
+    pool = config.total_pool_connections()
     if pool is None:
         # An unbounded pool (no total concurrency limit): each client connection may hold one
         # upstream connection, so the descriptors left are shared between the two.

@@ -136,6 +136,11 @@ class Telemetry:
             clock=clock,
         )
 
+    def instrument(self, client: httpx.AsyncClient) -> None:
+        """Trace ``client``'s requests too (another upstream's client), when tracing is on."""
+        if self.tracing is not None:
+            self.tracing.instrument(client)
+
     def watch(
         self,
         *,
