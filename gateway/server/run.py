@@ -39,24 +39,31 @@ async def serve(config: Config, *, simulate: bool = False, announce: Callable[[s
         if simulate:
             from gateway.simulator import Simulator, default_models
 
-            simulator = await stack.enter_async_context(Simulator(models=default_models()))
-            config = config.model_copy(
-                update={"upstream": config.upstream.model_copy(update={"url": simulator.url})}
-            )
+            # One simulator per upstream, so a config listing several upstreams can be tried as is.
+            simulated = []
+            for upstream in config.upstream_list():
+                simulator = await stack.enter_async_context(Simulator(models=default_models()))
+                simulated.append(upstream.model_copy(update={"url": simulator.url}))
+            key = "upstreams" if config.upstreams else "upstream"
+            config = config.model_copy(update={key: tuple(simulated) if config.upstreams else simulated[0]})
         gateway = Gateway(config)
         if gateway.telemetry.metrics is not None:
             gateway.telemetry.metrics.watch_connections(connections)
         # Signals are caught from here on, so a SIGTERM during start-up drains instead of killing.
         signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
         url = format_url(config.listen.host, sock.getsockname()[1])
+        upstreams = config.upstream_list()
         what = "the built-in LM Studio simulator at " if simulate else ""
-        announce(f"lmgate listening on {url}, forwarding to {what}{config.upstream.url}")
+        if len(upstreams) > 1:
+            what = ("simulated " if simulate else "") + "upstreams "
+        where = ", ".join(u.url if len(upstreams) == 1 else f"{u.name} at {u.url}" for u in upstreams)
+        announce(f"lmgate listening on {url}, forwarding to {what}{where}")
         logger.info(
             "config loaded",
             extra={
                 "event": "config_loaded",
                 "listen": url,
-                "upstream": config.upstream.url,
+                "upstream": ", ".join(u.url for u in upstreams),
                 "metrics": config.metrics.enabled,
                 "tracing": config.tracing.enabled,
             },

@@ -103,7 +103,7 @@ class Telemetry:
                 info={"version": __version__, "config_hash": digest, "pipeline_version": pipeline},
             )
         tracing = None
-        upstream = config.upstream.url
+        upstream = config.upstream_list()[0].url
         if tracer_provider is not None:
             tracing = Tracing(tracer_provider, upstream_url=upstream)
         elif config.tracing.enabled:
