@@ -363,10 +363,37 @@ def _require_keys(paths: dict[str, Schema], open_paths: tuple[str, ...], *, loop
             operation["responses"].update(_errors(401, *((403,) if admin_only else ())))
 
 
+def _several_upstreams(paths: dict[str, Any], schemas: dict[str, Schema], names: list[str]) -> None:
+    """``/lmgate/models`` as it answers with several upstreams (docs/upstreams.md)."""
+    schemas["Loaded"] = {**schemas["Loaded"], "required": [*schemas["Loaded"]["required"], "upstream"],
+                         "properties": {**schemas["Loaded"]["properties"], "upstream": {"enum": names}}}
+    schemas["Unloaded"] = _object("model", "unloaded", model=_STRING, unloaded={
+        "type": "object", "additionalProperties": {"type": "array", "items": _STRING},
+        "description": "The instances unloaded, by upstream.",
+    })
+    schemas["ModelOnUpstreams"] = _object(
+        "id", "upstreams", id=_STRING, upstreams={"type": "object", "additionalProperties": _ref("Model")}
+    )
+    one = paths["/lmgate/models/{id}"]["get"]
+    one["responses"] = {**one["responses"], **_ok(_ref("ModelOnUpstreams"))}
+    upstream = {
+        "name": "upstream", "in": "query", "required": False, "schema": {"enum": names},
+        "description": "The upstream to act on; without it a load goes where the router would send the model, "
+        "an unload acts on every upstream that has the model loaded.",
+    }
+    for action in ("load", "unload"):
+        operation = paths[f"/lmgate/models/{{id}}/{action}"]["post"]
+        operation["parameters"] = [*operation["parameters"], upstream]
+        operation["responses"] = {**operation["responses"], **_errors(404)}
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
     """The description of the gateway built from ``config``; see the module docstring."""
     paths = {**_own_paths(metrics=config.metrics.enabled), **_forwarded_paths()}
-    components: dict[str, Any] = {"schemas": _SCHEMAS, "responses": _error_responses()}
+    components: dict[str, Any] = {"schemas": dict(_SCHEMAS), "responses": _error_responses()}
+    names = [upstream.name for upstream in config.upstream_list()]
+    if len(names) > 1:
+        _several_upstreams(paths, components["schemas"], names)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {

@@ -2,8 +2,8 @@
 
 With several upstreams the shared layers (errors ... heartbeat) end here, and each upstream has
 its own layers below (cold start, concurrency, timeout, retry, circuit breaker, proxy: built by
-``gateway.stack``). For a request naming a model (the JSON body's ``model``, or the id in
-``GET /v1/models/{id}``) the router
+``gateway.stack``). For a request naming a model (the JSON body's ``model``, an unload's ``instance_id``, or the id
+in ``GET /v1/models/{id}``) the router
 
 1. reads every upstream's model state (each upstream's registry, refreshed when older than
    ``models.refresh_s``; an upstream slower than ``refresh_wait_s`` to answer is judged by what
@@ -47,7 +47,7 @@ from gateway.upstreams.errors import ModelNotFound, NoUpstreamAnswered
 from gateway.upstreams.lists import MODEL_LISTS, ModelLists
 from gateway.upstreams.upstream import Upstream
 from middleware._adaptive import Ewma
-from middleware.body import DEFAULT_LIMIT_BYTES, model_of, read_body, replaying_receive
+from middleware.body import DEFAULT_LIMIT_BYTES, model_of, read_body, replaying_receive, request_json
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware, Pressure
 from middleware.errors import CircuitOpen, LmgateError, Overloaded, UpstreamUnavailable
@@ -161,7 +161,12 @@ class Router:
                 if path.startswith(prefix) and len(path) > len(prefix):
                     return unquote(path[len(prefix) :])
             return None
-        return await model_of(scope, receive, limit_bytes=self.body_limit_bytes)
+        model = await model_of(scope, receive, limit_bytes=self.body_limit_bytes)
+        if model is None:
+            # LM Studio's unload names an instance ("key:2"); the registries know whose it is.
+            instance = (request_json(scope) or {}).get("instance_id")
+            model = instance if isinstance(instance, str) and instance else None
+        return model
 
     async def choose(self, model: str | None) -> list[tuple[Route, Reason | None]]:
         """The upstreams to try for ``model``, best first (see the module docstring)."""
