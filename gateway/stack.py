@@ -36,7 +36,7 @@ from gateway.proxy.relay import Proxy
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
-from gateway.upstreams.router import Route, Router
+from gateway.upstreams.router import Route, Router, upstream_headers
 from gateway.upstreams.upstream import Upstream, build_upstreams, make_upstream_client
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.body import BodyDeadlines
@@ -370,11 +370,20 @@ def _heartbeat(config: Config, c: Collaborators) -> Layer | None:
             app,
             interval_s=interval_s,
             describe=heartbeat_describer(status_events=options.status_events),
-            # With cold starts on, a stream started early carries the model state headers.
-            start_headers=early_headers if options.enabled else None,
+            # A stream started early carries the model state (with cold starts on) and, with
+            # several upstreams, the upstream chosen so far.
+            start_headers=_early_headers(options.enabled, several=len(c.upstreams) > 1),
             body_limit_bytes=config.limits.body_bytes,
         ),
     )
+
+
+def _early_headers(cold_starts: bool, *, several: bool) -> Callable[[Scope], list[tuple[bytes, bytes]]] | None:
+    if not several:
+        return early_headers if cold_starts else None
+    if not cold_starts:
+        return upstream_headers
+    return lambda scope: [*early_headers(scope), *upstream_headers(scope)]
 
 
 def _cold_start(config: Config, upstream: Upstream) -> Layer | None:

@@ -55,7 +55,7 @@ from middleware.request_id import request_id
 from middleware.retry import run_attempt
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["UPSTREAM_HEADER", "Route", "Router", "chosen_upstream"]
+__all__ = ["UPSTREAM_HEADER", "Route", "Router", "chosen_upstream", "upstream_headers"]
 
 logger = logging.getLogger("lmgate.routing")
 
@@ -68,6 +68,12 @@ _MODEL_ROUTES = ("/v1/models/", "/api/v0/models/", "/api/v1/models/")
 def chosen_upstream(scope: Scope) -> str | None:
     """The name of the upstream the router sent this request to (the last one, after failover)."""
     return (scope.get("state") or {}).get(_UPSTREAM_KEY)
+
+
+def upstream_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """``X-Lmgate-Upstream`` for a response an outer layer starts early (the heartbeat layer)."""
+    name = chosen_upstream(scope)
+    return [(UPSTREAM_HEADER, name.encode("ascii"))] if name is not None else []
 
 
 @dataclass(frozen=True)
@@ -188,9 +194,10 @@ class Router:
         if not candidates:
             asked = ", ".join(route.name for route in allowed)
             if unanswered:
+                why = "; ".join(f"{name}: {self.by_name[name].registry.refresh_error or 'down'}" for name in unanswered)
                 raise NoUpstreamAnswered(
                     f'No upstream that answered lists the model "{model}" (asked: {asked}); '
-                    f"{', '.join(unanswered)} did not answer, so it may be there. Try again shortly.",
+                    f"{', '.join(unanswered)} did not answer, so it may be there ({why}). Try again shortly.",
                     retry_after_s=self.routes[0].registry.refresh_s,
                 )
             raise ModelNotFound(f'The model "{model}" is not available on any upstream (asked: {asked}).')
