@@ -69,7 +69,8 @@ async def test_metrics_after_real_traffic(sim):
         await app.aclose()
     assert scrape.headers["content-type"].startswith("text/plain; version=0.0.4")
     parsed = samples(scrape.text)
-    ok = {"gen_ai_operation_name": "chat", "gen_ai_request_model": MODEL, "http_route": CHAT}
+    # One upstream: every request carries its name ("default" when unnamed).
+    ok = {"gen_ai_operation_name": "chat", "gen_ai_request_model": MODEL, "http_route": CHAT, "upstream": "default"}
     duration = "gen_ai_client_operation_duration_seconds"
     assert value(parsed, duration + "_count", **ok, http_response_status_code="200", error_type="") == 4
     failed = {**ok, "gen_ai_request_model": "no-such-model", "error_type": "model_not_found"}
@@ -82,17 +83,19 @@ async def test_metrics_after_real_traffic(sim):
     for kind, key in (("input", "prompt_tokens"), ("output", "completion_tokens")):
         assert value(parsed, "gen_ai_client_token_usage_sum", **tokens, gen_ai_token_type=kind) == 4 * usage[key]
     assert value(parsed, "gen_ai_server_time_per_output_token_seconds_count", **tokens) == 2
-    assert value(parsed, "lmgate_output_tokens_per_second_count", gen_ai_request_model=MODEL) == 4
+    assert value(parsed, "lmgate_output_tokens_per_second_count", gen_ai_request_model=MODEL, upstream="default") == 4
     assert value(parsed, "lmgate_errors_total", error_type="model_not_found", gen_ai_request_model="no-such-model",
-                 http_route=CHAT) == 1
-    assert value(parsed, "lmgate_retries_total") == 1
-    assert value(parsed, "lmgate_upstream_attempts_total") == 6
-    assert value(parsed, "lmgate_queue_wait_seconds_count", gen_ai_request_model=MODEL) == 4
+                 http_route=CHAT, upstream="default") == 1
+    assert value(parsed, "lmgate_retries_total", upstream="default") == 1
+    assert value(parsed, "lmgate_upstream_attempts_total", upstream="default") == 6
+    assert value(parsed, "lmgate_queue_wait_seconds_count", gen_ai_request_model=MODEL, upstream="default") == 4
     assert value(parsed, "lmgate_requests_in_flight", gen_ai_request_model=MODEL) == 0
-    assert value(parsed, "lmgate_circuit_state", circuit="upstream", state="closed") == 1
-    assert value(parsed, "lmgate_circuit_state", circuit="upstream", state="open") == 0
-    assert value(parsed, "lmgate_concurrency_limit", key="*") == 4
-    assert value(parsed, "lmgate_concurrency_in_flight", key="*") == 0
+    assert value(parsed, "lmgate_circuit_state", circuit="upstream", state="closed", upstream="default") == 1
+    assert value(parsed, "lmgate_circuit_state", circuit="upstream", state="open", upstream="default") == 0
+    assert value(parsed, "lmgate_concurrency_limit", key="*", upstream="default") == 4
+    assert value(parsed, "lmgate_concurrency_in_flight", key="*", upstream="default") == 0
+    # Routing series exist only with several upstreams (a router).
+    assert not any(name.startswith("lmgate_routing") or name == "lmgate_upstream_reachable" for name, _ in parsed)
     assert value(parsed, "lmgate_draining") == 0
     build = {"version": "0.1.0", "config_hash": config.digest(), "pipeline_version": ""}
     assert value(parsed, "lmgate_build_info", **build) == 1
