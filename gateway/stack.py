@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -36,7 +37,8 @@ from gateway.proxy.relay import Proxy
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
-from gateway.upstreams.router import Route, Router, upstream_headers
+from gateway.telemetry.metrics import WatchedUpstream
+from gateway.upstreams.router import Route, Router, chosen_upstream, upstream_headers
 from gateway.upstreams.upstream import Upstream, build_upstreams, make_upstream_client
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.body import BodyDeadlines
@@ -98,9 +100,11 @@ def build_collaborators(
     routes = RouteTable(extra_prefixes=config.routes.extra_prefixes)
     upstreams = build_upstreams(config, routes=routes, env=env)
     first = upstreams[0]
-    telemetry = Telemetry.from_config(config, client=first.client, api_key=first.api_key, tracer_provider=tracer_provider)
+    telemetry = Telemetry.from_config(
+        config, client=first.client, api_key=first.api_key, tracer_provider=tracer_provider, upstream_of=chosen_upstream
+    )
     for upstream in upstreams:
-        upstream.models.on_load = telemetry.model_load
+        upstream.models.on_load = telemetry.load_observer(upstream.name)  # loads counted by upstream
         if upstream is not first:
             telemetry.instrument(upstream.client)
     board = RequestBoard()
@@ -218,7 +222,18 @@ def _watch(stack: Stack, c: Collaborators) -> None:
     cache = stack.cache
     if cache is not None and metrics is not None:
         metrics.watch_cache(cache.store)
-    c.telemetry.watch(drain=c.drain, retry=stack.retry, breaker=stack.breaker, concurrency=stack.concurrency)
+    router = stack.router
+    watched = {
+        upstream.name: WatchedUpstream(
+            retry=own.retry,
+            breaker=own.breaker,
+            concurrency=own.concurrency,
+            reachable=partial(router.reachable, upstream.name) if router is not None else None,
+        )
+        for upstream in c.upstreams
+        for own in (stack.upstreams.get(upstream.name, stack),)  # one upstream: its layers are the stack's
+    }
+    c.telemetry.watch(drain=c.drain, upstreams=watched, routing=router.stats if router is not None else None)
 
 
 # -- the layers, in stack order ----------------------------------------------------------------
@@ -493,7 +508,7 @@ def _circuit_breaker(config: Config, c: Collaborators, upstream: Upstream) -> La
             half_open_max_probes=cb.half_open_max_probes,
             per_model=cb.per_model,
             body_limit_bytes=config.limits.body_bytes,
-            on_state_change=c.telemetry.circuit_changed,
+            on_state_change=c.telemetry.circuit_observer(upstream.name),
             # One upstream keeps the name its circuit always had; several are told apart by theirs.
             name="upstream" if len(c.upstreams) == 1 else upstream.name,
         ),

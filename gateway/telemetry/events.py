@@ -9,9 +9,9 @@ Log events, one JSON line each (see ``gateway.telemetry.logs`` for the stamps ev
 
 * ``gen_request``: request_id, model, stream, prompt_chars, attempt, timeout_ms, route
 * ``gen_success``: latency_ms, ttft_ms, tokens_in, tokens_out (with tokens_in_source, tokens_out_source:
-  upstream, counted or estimated), tokens_per_s, attempts, model_state
-* ``gen_error``: latency_ms, attempt, error_category, error_code, status, message
-* ``model_load``: model, load_ms, outcome
+  upstream, counted or estimated), tokens_per_s, attempts, model_state, upstream (the one that served it)
+* ``gen_error``: latency_ms, attempt, error_category, error_code, status, message, upstream (when one was chosen)
+* ``model_load``: model, load_ms, outcome, upstream
 
 Prompt text appears (as ``prompt`` on ``gen_request``) only with ``logging.prompts: true``.
 """
@@ -102,12 +102,17 @@ def log_error(message: str, fields: dict[str, Any]) -> None:
     logger.log(level, "%s", message, extra={"event": "gen_error", **fields})
 
 
-def log_model_load(model: str, load_s: float, *, ok: bool, request_id: str | None, error: str | None) -> None:
+def log_model_load(
+    model: str, load_s: float, *, ok: bool, request_id: str | None, error: str | None, upstream: str | None = None
+) -> None:
     fields: dict[str, Any] = {"model": model, "load_ms": round(load_s * 1000), "outcome": "ok" if ok else "failed"}
+    if upstream is not None:
+        fields["upstream"] = upstream
     if request_id is not None:
         fields["request_id"] = request_id
     if error:
         fields["error"] = error
     level = logging.INFO if ok else logging.WARNING
-    logger.log(level, "model %s %s in %.1f s", model, "loaded" if ok else "failed to load", load_s,
+    where = f" on {upstream}" if upstream is not None else ""
+    logger.log(level, "model %s %s%s in %.1f s", model, "loaded" if ok else "failed to load", where, load_s,
                extra={"event": "model_load", **fields})

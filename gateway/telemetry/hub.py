@@ -8,14 +8,16 @@ in ``gateway.stack.build_stack``; the admin routes read ``metrics.render`` and `
 
 Layers that know things the telemetry layer cannot see report them here: a circuit changing
 state (:meth:`circuit_changed`), a model load (:meth:`model_load`, for the cold-start handling;
-it also marks the request ``model_state: cold``).
+it also marks the request ``model_state: cold``). Each upstream's layers report through callbacks
+bound to its name (:meth:`circuit_observer`, :meth:`load_observer`), and a finished request is
+labelled with the upstream that served it (``upstream_of``: the router's choice, injected).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
 from typing import Any
 
@@ -26,23 +28,23 @@ from opentelemetry.sdk.trace import TracerProvider
 from gateway import __version__
 from gateway.config.settings import Config
 from gateway.models.coldstart import model_state as coldstart_model_state
+from gateway.models.service import LoadObserver
 from gateway.telemetry import events
 from gateway.telemetry.health import LatencyWindows, LlmHealth
-from gateway.telemetry.metrics import GatewayMetrics, StateCollector
+from gateway.telemetry.metrics import GatewayMetrics, RoutingStats, StateCollector, WatchedUpstream
 from gateway.telemetry.middleware import outcome_of
 from gateway.telemetry.record import NOT_INFERENCE, RequestOutcome, RequestRecord, record_of
 from gateway.telemetry.tracing import Tracing, add_event, build_tracer_provider, install_span_events
 from middleware.body import DEFAULT_LIMIT_BYTES
-from middleware.circuit_breaker import CircuitBreakerMiddleware
-from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainState
 from middleware.request_id import request_id
-from middleware.retry import RetryMiddleware
 from middleware.types import Clock, Scope
 
 logger = logging.getLogger("lmgate.telemetry")
 
 RequestObserver = Callable[[RequestRecord, RequestOutcome], None]
+#: The name of the upstream a request was sent to (None: it was sent nowhere, or there is no router).
+UpstreamOf = Callable[[Scope], str | None]
 
 
 class Telemetry:
@@ -60,6 +62,8 @@ class Telemetry:
         first_token_s: Callable[[str | None], float] = lambda model: 45.0,
         body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
         clock: Clock = time.monotonic,
+        upstreams: Sequence[str] = ("default",),
+        upstream_of: UpstreamOf | None = None,
     ) -> None:
         self.metrics = metrics
         self.tracing = tracing
@@ -70,6 +74,9 @@ class Telemetry:
         self.first_token_s = first_token_s
         self.body_limit_bytes = body_limit_bytes
         self.clock = clock
+        self.upstream_of = upstream_of
+        #: With one upstream every request is its; with several, the one the router chose (or none).
+        self.sole_upstream = upstreams[0] if len(upstreams) == 1 else None
         #: Readiness waits for this; the cold-start preload sets it False, then True when done.
         self.preloaded = True
         #: Whether some layer reports model loads; until one does, ``model_state`` is "unknown".
@@ -86,11 +93,13 @@ class Telemetry:
         api_key: str | None = None,
         tracer_provider: TracerProvider | None = None,
         clock: Clock = time.monotonic,
+        upstream_of: UpstreamOf | None = None,
     ) -> Telemetry:
-        """Telemetry for a gateway forwarding with ``client``.
+        """Telemetry for a gateway forwarding with ``client`` (the first upstream's).
 
         Tracing is on when ``config.tracing.enabled`` or a ``tracer_provider`` is given; then
-        ``client`` is instrumented, so each upstream attempt becomes a child span.
+        ``client`` is instrumented, so each upstream attempt becomes a child span (other upstreams'
+        clients: :meth:`instrument`). ``upstream_of`` names the upstream a request went to.
         """
         digest = config.digest()
         pipeline = config.logging.pipeline_version or ""
@@ -103,15 +112,17 @@ class Telemetry:
                 info={"version": __version__, "config_hash": digest, "pipeline_version": pipeline},
             )
         tracing = None
-        upstream = config.upstream_list()[0].url
+        upstreams = config.upstream_list()
+        upstream = upstreams[0].url
+        urls = {u.name: u.url for u in upstreams}
         if tracer_provider is not None:
-            tracing = Tracing(tracer_provider, upstream_url=upstream)
+            tracing = Tracing(tracer_provider, upstream_url=upstream, upstream_urls=urls)
         elif config.tracing.enabled:
             resource = {"service.version": __version__, "lmgate.config_hash": digest}
             if pipeline:
                 resource["lmgate.pipeline_version"] = pipeline
             provider = build_tracer_provider(config.tracing, resource=resource)
-            tracing = Tracing(provider, upstream_url=upstream, owned=True)
+            tracing = Tracing(provider, upstream_url=upstream, upstream_urls=urls, owned=True)
         if tracing is not None:
             tracing.instrument(client)
             install_span_events()
@@ -134,6 +145,8 @@ class Telemetry:
             first_token_s=first_token_s,
             body_limit_bytes=config.limits.body_bytes,
             clock=clock,
+            upstreams=tuple(urls),
+            upstream_of=upstream_of,
         )
 
     def instrument(self, client: httpx.AsyncClient) -> None:
@@ -142,27 +155,48 @@ class Telemetry:
             self.tracing.instrument(client)
 
     def watch(
-        self,
-        *,
-        drain: DrainState,
-        retry: RetryMiddleware | None = None,
-        breaker: CircuitBreakerMiddleware | None = None,
-        concurrency: ConcurrencyMiddleware | None = None,
+        self, *, drain: DrainState, upstreams: Mapping[str, WatchedUpstream], routing: RoutingStats | None = None
     ) -> None:
-        """Expose the layers' own state (retries, circuits, slots, drain) as metrics at scrape time."""
+        """Expose the layers' own state as metrics at scrape time: each upstream's retries, circuits
+        and slots (by its name), the router's decisions (several upstreams), the drain."""
         if self.metrics is not None:
-            collector = StateCollector(retry=retry, breaker=breaker, concurrency=concurrency, drain=drain)
+            collector = StateCollector(upstreams=upstreams, drain=drain, routing=routing)
             self.metrics.registry.register(collector)
 
-    def circuit_changed(self, circuit: str, old: str, new: str) -> None:
+    def circuit_changed(self, circuit: str, old: str, new: str, *, upstream: str | None = None) -> None:
         """The breaker's ``on_state_change``: counts transitions (the breaker logs them itself)."""
         if self.metrics is not None:
-            self.metrics.circuit_transitions.labels(circuit, new).inc()
+            self.metrics.circuit_transitions.labels(circuit, new, upstream or self.sole_upstream or "").inc()
+
+    def circuit_observer(self, upstream: str) -> Callable[[str, str, str], None]:
+        """:meth:`circuit_changed` for the breaker of ``upstream``."""
+
+        def changed(circuit: str, old: str, new: str) -> None:
+            self.circuit_changed(circuit, old, new, upstream=upstream)
+
+        return changed
+
+    def load_observer(self, upstream: str) -> LoadObserver:
+        """:meth:`model_load` for the model service of ``upstream`` (its ``on_load``)."""
+
+        def loaded(model: str, load_s: float, *, ok: bool, error: str | None) -> None:
+            self.model_load(model, load_s, ok=ok, error=error, upstream=upstream)
+
+        return loaded
 
     def model_load(
-        self, model: str, load_s: float, *, ok: bool = True, error: str | None = None, scope: Scope | None = None
+        self,
+        model: str,
+        load_s: float,
+        *,
+        ok: bool = True,
+        error: str | None = None,
+        scope: Scope | None = None,
+        upstream: str | None = None,
     ) -> None:
-        """Report a model load that took ``load_s``; with ``scope``, the request that waited for it."""
+        """Report a model load on ``upstream`` that took ``load_s``; with ``scope``, the request that
+        waited for it."""
+        upstream = upstream or self.sole_upstream
         record = record_of(scope) if scope is not None else None
         rid = request_id(scope) if scope is not None else None
         if record is not None:
@@ -170,8 +204,14 @@ class Telemetry:
             attributes = {"gen_ai.request.model": model, "lmgate.load_s": load_s, "lmgate.ok": ok}
             add_event(record, "lmgate.model_load", attributes)
         if self.metrics is not None:
-            self.metrics.model_loads.labels(self.metrics.model_label(model), "ok" if ok else "failed").observe(load_s)
-        events.log_model_load(model, load_s, ok=ok, request_id=rid, error=error)
+            outcome = "ok" if ok else "failed"
+            self.metrics.model_loads.labels(self.metrics.model_label(model), outcome, upstream or "").observe(load_s)
+        events.log_model_load(model, load_s, ok=ok, request_id=rid, error=error, upstream=upstream)
+
+    def upstream(self, scope: Scope) -> str | None:
+        """The upstream that served the request: the router's choice, or the only upstream."""
+        chosen = self.upstream_of(scope) if self.upstream_of is not None else None
+        return chosen or self.sole_upstream
 
     def finish(
         self, scope: Scope, record: RequestRecord, error: BaseException | None, begun: tuple[str, Token[Context] | None] | None
@@ -181,6 +221,7 @@ class Telemetry:
         model_label, token = begun if begun is not None else ("", None)
         outcome: RequestOutcome | None = None
         try:
+            record.upstream = self.upstream(scope)
             if record.model_state is None or record.model_load_s is None:
                 # The heartbeat layer may have started the stream before the cold-start layer's
                 # headers existed (or with the state only, the load time unknown then); the
@@ -216,6 +257,8 @@ class Telemetry:
             "status": outcome.status,
             "latency_ms": round(outcome.latency_s * 1000),
         }
+        if record.upstream is not None:
+            fields["upstream"] = record.upstream
         if outcome.ttft_s is not None:
             fields["ttft_ms"] = round(outcome.ttft_s * 1000)
         if outcome.queue_wait_s is not None:

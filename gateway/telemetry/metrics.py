@@ -15,11 +15,15 @@ Two kinds of series:
 
 Model ids come from clients, so the ``gen_ai.request.model`` label keeps the first
 ``max_models`` distinct ids (configured health models first) and folds the rest into ``other``.
+The ``upstream`` label names the upstream that served a request (from config, so bounded): with
+one upstream always its name; with several, empty for requests lmgate answered without sending
+them anywhere (a validation error, a cache hit, an unknown model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -38,6 +42,7 @@ OPERATION = "gen_ai.operation.name"
 ROUTE = "http.route"
 STATUS = "http.response.status_code"
 ERROR_TYPE = "error.type"
+UPSTREAM = "upstream"
 
 # The GenAI conventions' token buckets (powers of 4).
 TOKEN_BUCKETS = tuple(4.0**n for n in range(14))
@@ -83,11 +88,11 @@ class GatewayMetrics:
         r = self.registry
         self.duration = Histogram(
             "gen_ai.client.operation.duration", "Request duration as the client sees it, every retry included.",
-            [OPERATION, MODEL, ROUTE, STATUS, ERROR_TYPE], unit="seconds", buckets=buckets, registry=r,
+            [OPERATION, MODEL, ROUTE, STATUS, ERROR_TYPE, UPSTREAM], unit="seconds", buckets=buckets, registry=r,
         )
         self.ttft = Histogram(
             "gen_ai.server.time_to_first_token", "Request start to the first streamed body byte, successful streams.",
-            [OPERATION, MODEL, ROUTE], unit="seconds", buckets=buckets, registry=r,
+            [OPERATION, MODEL, ROUTE, UPSTREAM], unit="seconds", buckets=buckets, registry=r,
         )
         self.per_token = Histogram(
             "gen_ai.server.time_per_output_token", "Time per output token after the first, successful streams.",
@@ -105,25 +110,25 @@ class GatewayMetrics:
         )
         self.tokens_per_second = Histogram(
             "lmgate.output.tokens_per_second", "Output tokens per second of generation (after the first token).",
-            [MODEL], buckets=TOKENS_PER_SECOND_BUCKETS, registry=r,
+            [MODEL, UPSTREAM], buckets=TOKENS_PER_SECOND_BUCKETS, registry=r,
         )
         self.errors = Counter(
-            "lmgate.errors", "Failed requests by error category.", [ERROR_TYPE, MODEL, ROUTE], registry=r
+            "lmgate.errors", "Failed requests by error category.", [ERROR_TYPE, MODEL, ROUTE, UPSTREAM], registry=r
         )
         self.in_flight = Gauge(
             "lmgate.requests.in_flight", "Requests inside lmgate now, queued ones included.", [MODEL], registry=r
         )
         self.queue_wait = Histogram(
             "lmgate.queue.wait", "Time from arrival to a concurrency slot.",
-            [MODEL], unit="seconds", buckets=buckets, registry=r,
+            [MODEL, UPSTREAM], unit="seconds", buckets=buckets, registry=r,
         )
         self.model_loads = Histogram(
             "lmgate.model.load.duration", "Model loads seen by lmgate, by outcome (the count is the number of loads).",
-            [MODEL, "outcome"], unit="seconds", buckets=MODEL_LOAD_BUCKETS_S, registry=r,
+            [MODEL, "outcome", UPSTREAM], unit="seconds", buckets=MODEL_LOAD_BUCKETS_S, registry=r,
         )
         self.circuit_transitions = Counter(
             "lmgate.circuit.transitions", "Circuit breaker state changes, by the state entered.",
-            ["circuit", "state"], registry=r,
+            ["circuit", "state", UPSTREAM], registry=r,
         )
         self.cache_requests = Counter(
             "lmgate.cache.requests", "Cacheable requests by result: hit, miss, or bypass (the client sent Cache-Control).",
@@ -136,13 +141,14 @@ class GatewayMetrics:
         """Record one finished request."""
         model = self.model_label(record.model)
         operation = record.operation
-        self.duration.labels(operation, model, record.route, str(outcome.status), outcome.category or "").observe(
-            outcome.latency_s
-        )
+        upstream = record.upstream or ""
+        self.duration.labels(
+            operation, model, record.route, str(outcome.status), outcome.category or "", upstream
+        ).observe(outcome.latency_s)
         if outcome.category is not None:
-            self.errors.labels(outcome.category, model, record.route).inc()
+            self.errors.labels(outcome.category, model, record.route, upstream).inc()
         if outcome.queue_wait_s is not None:
-            self.queue_wait.labels(model).observe(outcome.queue_wait_s)
+            self.queue_wait.labels(model, upstream).observe(outcome.queue_wait_s)
         for kind, count in (("input", outcome.tokens_in), ("output", outcome.tokens_out)):
             if count is not None:
                 self.tokens.labels(operation, model, kind).observe(count)
@@ -150,11 +156,11 @@ class GatewayMetrics:
                     self.tokens_counted.labels(kind, record.usage_source(kind)).inc()
         if outcome.category is None:
             if outcome.ttft_s is not None:
-                self.ttft.labels(operation, model, record.route).observe(outcome.ttft_s)
+                self.ttft.labels(operation, model, record.route, upstream).observe(outcome.ttft_s)
             if outcome.time_per_token_s is not None:
                 self.per_token.labels(operation, model).observe(outcome.time_per_token_s)
             if outcome.tokens_per_s is not None:
-                self.tokens_per_second.labels(model).observe(outcome.tokens_per_s)
+                self.tokens_per_second.labels(model, upstream).observe(outcome.tokens_per_s)
 
     def cache_result(self, result: str) -> None:
         """The response cache's ``on_result``: one count per cacheable request."""
@@ -174,58 +180,120 @@ class GatewayMetrics:
         return encoder(self.registry), content_type
 
 
+@dataclass(frozen=True)
+class WatchedUpstream:
+    """One upstream's stateful layers, read at scrape time (None: that layer is off)."""
+
+    retry: RetryMiddleware | None = None
+    breaker: CircuitBreakerMiddleware | None = None
+    concurrency: ConcurrencyMiddleware | None = None
+    #: Whether it takes requests now (with several upstreams: the router's view); None: not known.
+    reachable: Callable[[], bool] | None = None
+
+
+class RoutingStats(Protocol):
+    """What the routing collector reads (gateway.upstreams.router.RouterStats)."""
+
+    @property
+    def chosen(self) -> Mapping[str, int]: ...
+    @property
+    def failovers(self) -> int: ...
+    @property
+    def second_instances(self) -> int: ...
+
+
 class StateCollector:
-    """Series read from the layers at scrape time: retries, circuits, slots and queues, drain."""
+    """Series read from the layers at scrape time, per upstream: retries, circuits, slots and
+    queues; the router's decisions (several upstreams); the drain."""
 
     def __init__(
-        self,
-        *,
-        retry: RetryMiddleware | None,
-        breaker: CircuitBreakerMiddleware | None,
-        concurrency: ConcurrencyMiddleware | None,
-        drain: DrainState,
+        self, *, upstreams: Mapping[str, WatchedUpstream], drain: DrainState, routing: RoutingStats | None = None
     ) -> None:
-        self.retry = retry
-        self.breaker = breaker
-        self.concurrency = concurrency
+        self.upstreams = dict(upstreams)
         self.drain = drain
+        self.routing = routing
 
     def describe(self) -> Iterable[Metric]:
         return ()
 
     def collect(self) -> Iterator[Metric]:
-        if self.retry is not None:
-            stats = self.retry.stats
-            yield CounterMetricFamily("lmgate.upstream.attempts", "Attempts sent upstream, retries included.",
-                                      value=stats.attempts)
-            yield CounterMetricFamily("lmgate.retries", "Retries (attempts after the first).", value=stats.retries)
-            yield CounterMetricFamily("lmgate.retry.budget_exhausted", "Retries refused by the retry budget.",
-                                      value=stats.budget_exhausted)
-        if self.breaker is not None:
-            states = GaugeMetricFamily("lmgate.circuit.state", "1 for each circuit's current state.",
-                                       labels=["circuit", "state"])
-            for circuit, current in self.breaker.states().items():
+        yield from self._retries()
+        yield from self._circuits()
+        yield from self._concurrency()
+        yield from self._routing()
+        yield GaugeMetricFamily("lmgate.draining", "1 while shutting down.", value=1.0 if self.drain.draining else 0.0)
+        in_flight = float(self.drain.in_flight)
+        yield GaugeMetricFamily("lmgate.drain.in_flight", "Requests a drain waits for.", value=in_flight)
+
+    def _retries(self) -> Iterator[Metric]:
+        watched = [(name, w.retry) for name, w in self.upstreams.items() if w.retry is not None]
+        if not watched:
+            return
+        families = {
+            "attempts": CounterMetricFamily("lmgate.upstream.attempts", "Attempts sent upstream, retries included.",
+                                            labels=[UPSTREAM]),
+            "retries": CounterMetricFamily("lmgate.retries", "Retries (attempts after the first).", labels=[UPSTREAM]),
+            "budget_exhausted": CounterMetricFamily("lmgate.retry.budget_exhausted",
+                                                    "Retries refused by the retry budget.", labels=[UPSTREAM]),
+        }
+        for name, retry in watched:
+            for field, family in families.items():
+                family.add_metric([name], getattr(retry.stats, field))
+        yield from families.values()
+
+    def _circuits(self) -> Iterator[Metric]:
+        watched = [(name, w.breaker) for name, w in self.upstreams.items() if w.breaker is not None]
+        if not watched:
+            return
+        states = GaugeMetricFamily("lmgate.circuit.state", "1 for each circuit's current state.",
+                                   labels=["circuit", "state", UPSTREAM])
+        rejected = CounterMetricFamily("lmgate.circuit.rejected", "Requests shed by an open circuit.", labels=[UPSTREAM])
+        for name, breaker in watched:
+            for circuit, current in breaker.states().items():
                 for state in ("closed", "open", "half_open"):
-                    states.add_metric([circuit, state], 1.0 if state == current else 0.0)
-            yield states
-            yield CounterMetricFamily("lmgate.circuit.rejected", "Requests shed by an open circuit.",
-                                      value=self.breaker.rejected)
-        if self.concurrency is not None:
+                    states.add_metric([circuit, state, name], 1.0 if state == current else 0.0)
+            rejected.add_metric([name], breaker.rejected)
+        yield states
+        yield rejected
+
+    def _concurrency(self) -> Iterator[Metric]:
+        watched = [(name, w.concurrency) for name, w in self.upstreams.items() if w.concurrency is not None]
+        reachable = [(name, w.reachable) for name, w in self.upstreams.items() if w.reachable is not None]
+        if watched:
             families = {
-                field: GaugeMetricFamily(f"lmgate.concurrency.{field}", help_text, labels=["key"])
+                field: GaugeMetricFamily(f"lmgate.concurrency.{field}", help_text, labels=["key", UPSTREAM])
                 for field, help_text in (
                     ("in_flight", "Requests holding a concurrency slot ('*': all models share the limit)."),
                     ("queued", "Requests waiting for a concurrency slot."),
                     ("limit", "The concurrency limit in force."),
                 )
             }
-            for key, snapshot in self.concurrency.snapshot().items():
-                for field, family in families.items():
-                    family.add_metric([key], float(snapshot[field]))
+            for name, concurrency in watched:
+                for key, snapshot in concurrency.snapshot().items():
+                    for field, family in families.items():
+                        family.add_metric([key, name], float(snapshot[field]))
             yield from families.values()
-        yield GaugeMetricFamily("lmgate.draining", "1 while shutting down.", value=1.0 if self.drain.draining else 0.0)
-        in_flight = float(self.drain.in_flight)
-        yield GaugeMetricFamily("lmgate.drain.in_flight", "Requests a drain waits for.", value=in_flight)
+        if reachable:
+            up = GaugeMetricFamily("lmgate.upstream.reachable", "1 while the upstream takes requests (it answered its "
+                                   "latest model-state refresh and no request failed to reach it since).",
+                                   labels=[UPSTREAM])
+            for name, is_reachable in reachable:
+                up.add_metric([name], 1.0 if is_reachable() else 0.0)
+            yield up
+
+    def _routing(self) -> Iterator[Metric]:
+        routing = self.routing
+        if routing is None:
+            return
+        decisions = CounterMetricFamily("lmgate.routing.decisions", "Upstream choices by the routing rule that made "
+                                        "them (each failover is another choice).", labels=["rule"])
+        for rule, count in sorted(routing.chosen.items()):
+            decisions.add_metric([rule], count)
+        yield decisions
+        yield CounterMetricFamily("lmgate.routing.failovers", "Requests moved to another upstream before the first byte.",
+                                  value=routing.failovers)
+        yield CounterMetricFamily("lmgate.routing.second_instances", "Loads of a model already loaded elsewhere "
+                                  "(its upstreams were full for longer than a load takes).", value=routing.second_instances)
 
 
 class CacheCollector:

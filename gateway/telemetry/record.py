@@ -56,6 +56,7 @@ class RequestRecord:
         "admitted_at",
         "model_load_s",
         "model_state",
+        "upstream",
         "span",
     )
 
@@ -85,6 +86,8 @@ class RequestRecord:
         self.model_load_s: float | None = None
         #: "warm", "cold" or "unknown" as the cold-start layer reported it (X-Lmgate-Model-State).
         self.model_state: str | None = None
+        #: The name of the upstream that served the request (set when it ends; None: none did).
+        self.upstream: str | None = None
         self.span: Any = None  # an OpenTelemetry span while tracing, else None
 
     def note_usage(

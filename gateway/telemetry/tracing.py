@@ -82,13 +82,20 @@ def build_tracer_provider(config: TracingConfig, *, resource: Mapping[str, str] 
 class Tracing:
     """Starts and ends the server span of each request; instruments the upstream client."""
 
-    def __init__(self, provider: TracerProvider, *, upstream_url: str, owned: bool = False) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider,
+        *,
+        upstream_url: str,
+        upstream_urls: Mapping[str, str] | None = None,
+        owned: bool = False,
+    ) -> None:
         self.provider = provider
         self.owned = owned
         self.tracer = provider.get_tracer("lmgate", __version__)
-        parts = urlsplit(upstream_url)
-        self.server_address = parts.hostname or ""
-        self.server_port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.server_address, self.server_port = _address(upstream_url)
+        #: Each upstream's address by name: a request's span ends naming the one that served it.
+        self.addresses = {name: _address(url) for name, url in (upstream_urls or {}).items()}
         fields = propagate.get_global_textmap().fields
         self._carrier_headers = frozenset(field.lower().encode("latin-1") for field in fields)
 
@@ -147,6 +154,10 @@ class Tracing:
                 "http.response.status_code": outcome.status,
                 "lmgate.attempts": outcome.attempts,
             }
+            if record.upstream is not None:
+                attributes["lmgate.upstream"] = record.upstream
+                if record.upstream in self.addresses:
+                    attributes["server.address"], attributes["server.port"] = self.addresses[record.upstream]
             optional = {
                 "gen_ai.usage.input_tokens": outcome.tokens_in,
                 "gen_ai.usage.output_tokens": outcome.tokens_out,
@@ -172,6 +183,11 @@ class Tracing:
         """Flush and stop the exporter when this object built the provider (not an injected one)."""
         if self.owned:
             await anyio.to_thread.run_sync(self.provider.shutdown)
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def add_event(record: RequestRecord | None, name: str, attributes: Mapping[str, Any]) -> None:

@@ -122,7 +122,7 @@ async def test_five_concurrent_first_requests_cause_one_load_and_one_instance(cl
         metrics = (await client.get(url + "/metrics")).text
     assert [a.status_code for a in answers] == [200] * 5
     # Telemetry hears of the load once, not once per waiting request.
-    assert 'lmgate_model_load_duration_seconds_count{gen_ai_request_model="cold-8b",outcome="ok"} 1.0' in metrics
+    assert 'lmgate_model_load_duration_seconds_count{gen_ai_request_model="cold-8b",outcome="ok",upstream="default"} 1.0' in metrics
     assert sim.counters.loads_started == 1 and sim.counters.instances == {model.id: 1}
     assert sorted(a.headers["x-lmgate-model-state"] for a in answers) == ["cold"] * 5
 

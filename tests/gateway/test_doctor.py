@@ -264,3 +264,56 @@ async def test_progress_is_reported_after_each_generation() -> None:
 
 def _note(seen: list[tuple[int, int, int]], done: int, total: int, failed: int) -> None:
     seen.append((done, total, failed))
+
+
+# --- several upstreams -----------------------------------------------------------------------------
+
+
+async def test_with_a_config_naming_several_upstreams_it_checks_each_and_reports_lmgates_view(tmp_path: Path) -> None:
+    """Two upstreams answer, one does not: the report shows lmgate's card for each and each one asked
+    directly; the one down is a warning (lmgate routes around it), not an escalation."""
+    async with Simulator(models=[SimModel(id="beta")]) as gone:
+        pass  # its port is closed from here on
+    async with Simulator(models=models()) as a, Simulator(models=[SimModel(id="beta", loaded=True)]) as b:
+        document = {"upstreams": [{"name": "studio-a", "url": a.url}, {"name": "studio-b", "url": b.url},
+                                  {"name": "studio-c", "url": gone.url}]}
+        async with serve_gateway(Config.model_validate(document)) as (url, _):
+            config = tmp_path / "lmgate.yaml"
+            config.write_text(yaml.safe_dump({**document, "listen": {"port": urlsplit(url).port}}))
+            code, out = await doctor("--config", str(config), "-n", "2")
+            json_code, printed = await doctor("--config", str(config), "-n", "2", "--json")
+    assert code == 0, out
+    lines = out.splitlines()
+    seen = lines.index("Upstreams    as lmgate sees them")
+    assert lines[seen + 1].split() == ["studio-a", a.url, "reachable,", "1", "loaded", f"({FAST}),", "0/4", "slots",
+                                       "in", "use,", "circuit", "closed"]
+    assert lines[seen + 2].split()[:4] == ["studio-b", b.url, "reachable,", "1"]
+    assert lines[seen + 3].startswith(f"             studio-c  {gone.url}  not reachable: The upstream could not be")
+    direct = lines.index("Upstreams    asked directly (--config)")
+    assert lines[direct + 1].split() == ["studio-a", a.url, "LM", "Studio,", "answered", "in", *lines[direct + 1].split()[6:8],
+                                         "3", "model(s),", "1", "loaded"]
+    assert "studio-b" in lines[direct + 2] and "not reachable: nothing answered at" in lines[direct + 3]
+    assert "warning  lmgate cannot reach upstream studio-c" in out
+    assert "warning  From here, nothing answers at upstream studio-c" in out
+    assert "ESCALATE" not in out
+    report = json.loads(printed)
+    assert json_code == 0
+    assert [(u["name"], u["seen_by"], u["reachable"]) for u in report["upstreams"]] == [
+        ("studio-a", "lmgate", True), ("studio-b", "lmgate", True), ("studio-c", "lmgate", False),
+        ("studio-a", "direct", True), ("studio-b", "direct", True), ("studio-c", "direct", False),
+    ]
+    assert report["upstreams"][1]["loaded"] == ["beta"] and report["upstreams"][4]["kind"] == "lm-studio"
+
+
+async def test_pointed_at_lmgate_without_config_it_reads_the_upstreams_from_lmgate() -> None:
+    async with Simulator(models=models()) as a, Simulator(models=[SimModel(id="beta", loaded=True)]) as b:
+        document = {"upstreams": [{"name": "a", "url": a.url}, {"name": "b", "url": b.url}]}
+        async with serve_gateway(Config.model_validate(document)) as (url, _):
+            report = await diagnose(DoctorOptions(url=url, requests=2))
+        async with lmgate_in_front(a) as single:
+            alone = await diagnose(DoctorOptions(url=single, requests=2))
+    assert [(u.name, u.url, u.seen_by, u.reachable, u.loaded) for u in report.upstreams] == [
+        ("a", a.url, "lmgate", True, [FAST]), ("b", b.url, "lmgate", True, ["beta"])
+    ]
+    assert report.generations is not None and not report.generations.failures
+    assert alone.upstreams == []  # one upstream: the server's own check says it all, as before

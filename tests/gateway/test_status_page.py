@@ -79,11 +79,66 @@ async def test_status_json_gathers_models_traffic_latency_and_errors(client: htt
     assert status["upstream"]["api"] == "api/v1" and status["ready"] is True and status["draining"] is False
     assert status["concurrency"] == {"*": {"limit": 4, "in_flight": 0, "queued": 0}}
     assert status["breakers"] == {"upstream": "closed"}
+    [card] = status["upstreams"]  # one upstream: one card, under the name it has by default
+    assert card == {
+        "name": "default", "url": sim.url, "reachable": True, "refresh_error": None, "circuit": "closed",
+        "slots": {"limit": 4, "in_flight": 0, "queued": 0}, "loaded": ["warm-1b"], "loading": [],
+    }
     assert status["latency"]["warm-1b"]["count"] == 3 and status["latency"]["warm-1b"]["ttft_ms"] is not None
     assert [point["model"] for point in status["series"]] == ["warm-1b"] * 3
     assert status["errors"]["by_category"] == {"model_not_found": 1}
     assert status["errors"]["recent"][0]["model"] == "no-such-model"
     assert status["cache"]["entries"] == 1 and status["cache"]["lookups"] == {"hit": 1, "miss": 1, "bypass": 0}
+
+
+async def test_status_json_has_one_card_per_upstream(client: httpx.AsyncClient) -> None:
+    """Two simulators: a card each, with the slot a stream holds, the circuit, the models loaded
+    there and the one loading; an upstream that stops answering is reported unreachable."""
+    sims = (
+        Simulator(models=[SimModel(id="alpha", loaded=True, tokens_per_second=20.0)]),
+        Simulator(models=[SimModel(id="beta", loaded=True), SimModel(id="gamma", load_delay_s=1.0)]),
+    )
+    async with sims[0] as a, sims[1] as b:
+        config = Config.model_validate({
+            "upstreams": [{"name": "a", "url": a.url, "concurrency": {"limit": 2}}, {"name": "b", "url": b.url}],
+            "models": {"refresh_s": 0.2},
+        })
+        async with serve_gateway(config) as (url, app), anyio.create_task_group() as tg:
+            body = chat("alpha", stream=True, max_tokens=40)
+            async with client.stream("POST", url + CHAT, json=body) as streaming:
+                assert streaming.headers["x-lmgate-upstream"] == "a"
+                tg.start_soon(partial(client.post, url + "/lmgate/models/gamma/load"))
+                loading = app.collaborators.upstreams[1].models.registry
+                await loading.wait_for(lambda registry: registry.state("gamma") == "loading")
+                status = (await client.get(url + "/lmgate/status.json")).json()
+            tg.cancel_scope.cancel()  # the stream was left unread: the client is gone
+        by_name = {card["name"]: card for card in status["upstreams"]}
+        assert list(by_name) == ["a", "b"]
+        assert by_name["a"] == {
+            "name": "a", "url": a.url, "reachable": True, "refresh_error": None, "circuit": "closed",
+            "slots": {"limit": 2, "in_flight": 1, "queued": 0}, "loaded": ["alpha"], "loading": [],
+        }
+        assert (by_name["b"]["loaded"], by_name["b"]["loading"], by_name["b"]["slots"]["in_flight"]) == (
+            ["beta"], ["gamma"], 0
+        )
+        assert status["concurrency"]["a/*"] == {"limit": 2, "in_flight": 1, "queued": 0}
+        assert status["breakers"] == {"a": "closed", "b": "closed"}
+        assert {(m["id"], m["upstream"]) for m in status["models"]} == {("alpha", "a"), ("beta", "b"), ("gamma", "b")}
+
+
+async def test_an_upstream_that_does_not_answer_is_shown_unreachable(client: httpx.AsyncClient) -> None:
+    async with Simulator(models=[SimModel(id="beta")]) as gone:
+        pass  # its port is closed from here on
+    async with Simulator(models=[SimModel(id="alpha", loaded=True)]) as a:
+        config = Config.model_validate({"upstreams": [{"name": "a", "url": a.url}, {"name": "b", "url": gone.url}]})
+        async with serve_gateway(config) as (url, app):
+            status = (await client.get(url + "/lmgate/status.json")).json()
+            served = await client.post(url + CHAT, json=chat("alpha"))
+    card_a, card_b = status["upstreams"]
+    assert (card_a["name"], card_a["reachable"], card_a["refresh_error"]) == ("a", True, None)
+    assert (card_b["name"], card_b["reachable"], card_b["loaded"]) == ("b", False, [])
+    assert card_b["refresh_error"]
+    assert served.status_code == 200 and served.headers["x-lmgate-upstream"] == "a"
 
 
 async def test_loading_model_reports_elapsed_and_expected_time(client: httpx.AsyncClient) -> None:
@@ -288,6 +343,10 @@ async def test_page_shows_a_model_going_from_loading_to_loaded_without_console_e
         await devtools.call("Page.navigate", url=url + "/lmgate/?interval=150")
         row = 'document.querySelector(\'[data-model="llama-3.1-8b-instruct"]\')'
         assert await devtools.wait_until(f"{row} && {row}.dataset.state") == "not-loaded"
+        # One upstream: one card, as the page always had one upstream.
+        card = 'document.querySelector("#upstreams [data-upstream=default]")'
+        assert await devtools.wait_until(f"{card}?.dataset.reachable") == "true"
+        assert await devtools.wait_until('document.querySelectorAll("#upstreams [data-upstream]").length') == 1
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(client.post, url + CHAT, json=chat("llama-3.1-8b-instruct", stream=True)))
             text = await devtools.wait_until(f'{row} && {row}.dataset.state === "loading" && {row}.textContent')
@@ -301,4 +360,48 @@ async def test_page_shows_a_model_going_from_loading_to_loaded_without_console_e
         (ARTIFACTS / "status-page-loading.png").write_bytes(base64.b64decode(shot["data"]))
         final = await devtools.call("Page.captureScreenshot", format="png")
         (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(final["data"]))
+        assert devtools.console_errors() == []
+
+
+@pytest.mark.slow
+async def test_page_shows_one_card_per_upstream_with_its_slots_and_models(tmp_path: Path, chromium_binary: str) -> None:
+    async with Simulator(models=[SimModel(id="beta")]) as gone:
+        pass  # a third upstream that never answers
+    sims = (
+        Simulator(models=[SimModel(id="alpha", loaded=True, tokens_per_second=20.0)]),
+        Simulator(models=[SimModel(id="beta", loaded=True)]),
+    )
+    async with (
+        sims[0] as a,
+        sims[1] as b,
+        serve_gateway(Config.model_validate({"upstreams": [
+            {"name": "studio-a", "url": a.url}, {"name": "studio-b", "url": b.url}, {"name": "studio-c", "url": gone.url},
+        ]})) as (url, _),
+        chromium(chromium_binary, tmp_path / "profile") as page_ws,
+        httpx.AsyncClient(timeout=30.0, trust_env=False) as client,
+        DevTools.connect(page_ws) as devtools,
+    ):
+        for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
+            await devtools.call(domain)
+        await devtools.call("Page.navigate", url=url + "/lmgate/?interval=150")
+        cards = 'Array.from(document.querySelectorAll("#upstreams [data-upstream]"))'
+        shown = await devtools.wait_until(f"{cards}.length === 3 && {cards}.map((c) => [c.dataset.upstream, "
+                                          "c.dataset.reachable, c.querySelector('.loaded').textContent])")
+        assert shown == [["studio-a", "true", "alpha"], ["studio-b", "true", "beta"], ["studio-c", "false", "–"]]
+        card_a = 'document.querySelector("#upstreams [data-upstream=studio-a]")'
+        assert await devtools.wait_until(f"{card_a}.querySelector('.slots').textContent") == "0 / 4 in use"
+        header = await devtools.wait_until('document.getElementById("upstream").textContent')
+        assert header == "3 upstreams"
+        rows = 'Array.from(document.querySelectorAll("#models [data-model]")).map((r) => r.cells[0].textContent)'
+        assert await devtools.wait_until(f"{rows}.length === 2 && {rows}") == ["alpha · studio-a", "beta · studio-b"]
+        async with anyio.create_task_group() as tg:
+            body = chat("alpha", stream=True, max_tokens=40)  # two seconds at 20 tokens/s
+            tg.start_soon(partial(client.post, url + CHAT, json=body))
+            busy = await devtools.wait_until(f"{card_a}.querySelector('.slots').textContent.startsWith('1 /') && "
+                                             f"{card_a}.textContent")
+            assert "1 / 4 in use" in busy and "circuit closed" in busy
+            shot = await devtools.call("Page.captureScreenshot", format="png")
+            assert await devtools.wait_until(f"{card_a}.querySelector('.slots').textContent === '0 / 4 in use'", timeout=15)
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "status-page-upstreams.png").write_bytes(base64.b64decode(shot["data"]))
         assert devtools.console_errors() == []

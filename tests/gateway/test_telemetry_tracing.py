@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.app import Gateway, build_app
+from gateway.app import Gateway, build_app, serve_gateway
 from gateway.config.settings import Config
 from gateway.proxy.aiohttp_transport import AiohttpTransport
 from gateway.proxy.transport import FramingGuard
@@ -137,6 +137,7 @@ async def test_a_stream_is_one_server_span_with_genai_attributes_under_the_clien
     assert 0 < attributes["gen_ai.response.time_to_first_chunk"] < 5
     assert attributes["http.response.status_code"] == 200
     assert "error.type" not in attributes
+    assert attributes["lmgate.upstream"] == "default"  # one upstream: its name
     # The upstream got the attempt span's context, in the client's trace.
     [sent] = chat_headers(upstream)
     assert sent[b"traceparent"].decode() == f"00-{TRACE_ID}-{attempt.context.span_id:016x}-01"
@@ -218,3 +219,35 @@ def test_the_provider_is_built_from_yaml_and_the_otel_variables(monkeypatch, sec
         assert sampler in provider.sampler.get_description()
     finally:
         provider.shutdown()
+
+
+async def test_the_span_names_the_upstream_that_served_and_its_address(client):
+    """Two simulators: each request's span says which upstream served it (``lmgate.upstream``) and
+    that upstream's address; the attempt under it went to that upstream."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sims = Simulator(models=[SimModel(id="alpha", loaded=True)]), Simulator(models=[SimModel(id="beta", loaded=True)])
+    async with sims[0] as a, sims[1] as b:
+        config = Config.model_validate({"upstreams": [{"name": "a", "url": a.url}, {"name": "b", "url": b.url}]})
+        async with serve_gateway(config, tracer_provider=provider) as (url, app):
+            ended_send, ended = anyio.create_memory_object_stream[RequestOutcome](8)
+            app.telemetry.on_request_end.append(lambda record, outcome: ended_send.send_nowait(outcome))
+            for model in ("beta", "alpha"):
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                assert (await client.post(url + CHAT, json=body)).status_code == 200
+            with ended_send, ended, anyio.fail_after(5):
+                for _ in range(2):
+                    await ended.receive()
+    servers = [span for span in exporter.get_finished_spans() if span.kind is SpanKind.SERVER]
+    seen = [(span.name, dict(span.attributes or {})) for span in servers]
+    assert [(name, attrs["lmgate.upstream"], attrs["server.port"]) for name, attrs in seen] == [
+        ("chat beta", "b", b.port), ("chat alpha", "a", a.port)
+    ]
+    for server, sim in zip(servers, (b, a), strict=True):
+        [attempt] = [
+            span for span in exporter.get_finished_spans()
+            if span.kind is SpanKind.CLIENT and span.parent is not None and span.parent.span_id == server.context.span_id
+            and str(dict(span.attributes or {}).get("http.url")).endswith(CHAT)  # not the model-state refreshes
+        ]
+        assert str(dict(attempt.attributes or {})["http.url"]).startswith(sim.url)

@@ -8,8 +8,11 @@ The JSON gathers what the gateway's parts already know:
 * ``models``: the cold-start service's snapshot; a loading model has ``loading.elapsed_s`` and
   ``loading.expected_s`` (its median load, or one scaled by size from other models), drawn as
   "loading… 23 s / ~40 s";
-* ``concurrency`` (in flight, queued, limit per key), ``breakers`` (each circuit's state),
-  ``draining`` and ``in_flight``;
+* ``upstreams``: one card per upstream (``name``, ``url``, ``reachable``, ``refresh_error``,
+  ``circuit``, ``slots`` in use/queued/limit, models ``loaded`` and ``loading``); one card with
+  a single upstream;
+* ``concurrency`` (in flight, queued, limit per key; ``<upstream>/<key>`` with several upstreams),
+  ``breakers`` (each circuit's state), ``draining`` and ``in_flight``;
 * ``latency``: the telemetry layer's rolling p50/p95/p99 of latency and time to first token per
   model, and ``series``, the latest requests' timings for the chart;
 * ``errors``: counts by category over the last five minutes and the latest errors;
@@ -93,6 +96,7 @@ class StatusPage:
             "draining": drain.draining,
             "in_flight": drain.in_flight,
             "models": snapshot["models"],
+            "upstreams": view.upstreams(),
             "concurrency": view.concurrency(),
             "breakers": view.breakers(),
             "latency": view.latency(),

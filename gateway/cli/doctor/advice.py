@@ -11,7 +11,8 @@ Escalate (the command exits 1) when:
 * nothing answers, or there is no model to test.
 
 Everything else it noticed (disconnects, overload, a stream left silent longer than the heartbeat,
-slow cold loads) is a warning with the setting to change.
+slow cold loads, one of several upstreams down or its circuit open) is a warning with the setting
+to change.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class _Advice(list[Advice]):
 
 def advise(report: Report, *, url: str) -> list[Advice]:
     advice = _Advice()
+    _upstreams(report, advice)
     if not report.server.reachable:
         advice.escalate(f"Nothing answers at {url}: start LM Studio's server (Developer tab, or `lms server start`) "
                         "or check --url.")
@@ -73,6 +75,18 @@ def advise(report: Report, *, url: str) -> list[Advice]:
         advice.insert(0, Advice("ok", "No escalation threshold crossed: under 5% failed, a tiny prompt answered at the "
                                       "first attempt, no context overflow."))
     return advice
+
+
+def _upstreams(report: Report, advice: _Advice) -> None:
+    """An upstream down is a warning: lmgate routes around it, but what only it has is unavailable."""
+    for check in report.upstreams:
+        if not check.reachable:
+            who = "lmgate cannot reach" if check.seen_by == "lmgate" else "From here, nothing answers at"
+            advice.warn(f"{who} upstream {check.name} ({check.url}): {check.error or 'no answer'}. Requests go to "
+                        "the other upstreams; models only it has fail until it answers again.")
+        elif check.circuit == "open":
+            advice.warn(f"lmgate's circuit for upstream {check.name} is open: it failed repeatedly, and lmgate sends "
+                        "its requests elsewhere until a probe succeeds.")
 
 
 def _thresholds(report: Report, generations: Generations, advice: _Advice) -> None:

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per generation (default 32)")
     parser.add_argument("--api-key-env", default="LMSTUDIO_API_KEY", metavar="NAME",
                         help="environment variable holding the key to send (default LMSTUDIO_API_KEY)")
-    parser.add_argument("--config", metavar="FILE", help="lmgate's config file, for its address and heartbeat")
+    parser.add_argument("--config", metavar="FILE", help="lmgate's config file, for its address and heartbeat "
+                                                         "(and, when it names several upstreams, to check each one)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -45,8 +46,16 @@ def options_from(args: argparse.Namespace, config: Config | None, url: str) -> D
     return DoctorOptions(
         url=url, requests=args.requests, concurrency=args.concurrency, model=args.model, cold=args.cold,
         heartbeat_s=heartbeat_s, timeout_s=args.timeout_s, max_tokens=args.max_tokens,
-        api_key=os.environ.get(args.api_key_env) or None,
+        api_key=os.environ.get(args.api_key_env) or None, upstreams=config_upstreams(config),
     )
+
+
+def config_upstreams(config: Config | None) -> tuple[tuple[str, str, str | None], ...]:
+    """The upstreams of a config naming several, to check each one directly (with its own key)."""
+    upstreams = config.upstream_list() if config is not None else ()
+    if len(upstreams) < 2:
+        return ()  # one: lmgate's own check covers it
+    return tuple((u.name, u.url, u.resolved_api_key(os.environ)) for u in upstreams)
 
 
 def check_numbers(args: argparse.Namespace) -> None:

@@ -1,6 +1,7 @@
 """``diagnose(options)``: the troubleshooting guide's "Verifying Fixes" procedure as a report.
 
-In order: who answers and which APIs (``probe``); the models; a cold load if asked (unload, then
+In order: who answers and which APIs (``probe``); an lmgate's upstreams as it sees them, and each
+upstream of the config asked directly (when it names several); the models; a cold load if asked (unload, then
 time the first token); a tiny prompt, twice at most (the "first attempt" check); N streamed
 generations at a concurrency; then a verdict on silences (heartbeats) and the advice. Each step
 is bounded by the per-request timeout, so the whole run is too.
@@ -12,13 +13,15 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+import anyio
 import httpx
 
 from gateway.cli.doctor.advice import advise, judge_heartbeat
 from gateway.cli.doctor.measure import TINY_PROMPT, chat_body, measure_chat, run_batch
-from gateway.cli.doctor.probe import pick_model, probe_server, unload
-from gateway.cli.doctor.report import Attempt, ColdLoad, Generations, Report, ServerInfo, TinyPrompt
+from gateway.cli.doctor.probe import check_upstream, lmgate_upstreams, pick_model, probe_server, unload
+from gateway.cli.doctor.report import Attempt, ColdLoad, Generations, Report, ServerInfo, TinyPrompt, UpstreamCheck
 from gateway.config.settings import CLIENT_ENV
+from gateway.proxy.upstream_errors import describe
 
 Progress = Callable[[int, int, int], None]
 
@@ -36,6 +39,8 @@ class DoctorOptions:
     timeout_s: float = 90.0
     max_tokens: int = 32
     api_key: str | None = None
+    #: lmgate's upstreams from its config when it names several: (name, url, key), each checked directly.
+    upstreams: tuple[tuple[str, str, str | None], ...] = ()
 
 
 async def diagnose(
@@ -48,11 +53,30 @@ async def diagnose(
     async with httpx.AsyncClient(timeout=timeout, headers=headers, trust_env=False) as client:
         server, models = await probe_server(client, url)
         report = Report(server=server, models=models, environment={k: env[k] for k in CLIENT_ENV if k in env})
+        if server.kind == "lmgate":
+            try:
+                report.upstreams = await lmgate_upstreams(client, url)
+            except httpx.HTTPError as exc:  # it stopped answering after the probe: say so, check the rest
+                server.error = server.error or f"its upstreams could not be read: {describe(exc)}"
+        report.upstreams += await _check_upstreams(options)
         model = pick_model(models, options.model) if server.reachable else None
         if model is not None:
             await _examine(client, report, options, model, progress)
     report.advice = advise(report, url=url)
     return report
+
+
+async def _check_upstreams(options: DoctorOptions) -> list[UpstreamCheck]:
+    """Each upstream of the config, asked at once (one that hangs holds up none of the others)."""
+    checks: list[UpstreamCheck | None] = [None] * len(options.upstreams)
+
+    async def check(index: int, name: str, url: str, api_key: str | None) -> None:
+        checks[index] = await check_upstream(name, url, api_key=api_key, timeout_s=options.timeout_s)
+
+    async with anyio.create_task_group() as tg:
+        for index, (name, url, api_key) in enumerate(options.upstreams):
+            tg.start_soon(check, index, name, url, api_key)
+    return [c for c in checks if c is not None]
 
 
 async def _examine(

@@ -10,7 +10,8 @@ gateway itself does not need:
 * ``/v1/models``: ids only (any OpenAI-compatible server).
 
 lmgate is recognised by ``GET /healthz``; in front of a server it also says which models are
-*loading* (``GET /lmgate/models``), which no LM Studio listing can.
+*loading* (``GET /lmgate/models``), which no LM Studio listing can, and, with several upstreams,
+how each one is doing (``GET /lmgate/status.json``'s ``upstreams``, else ``/lmgate/models``').
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from gateway.cli.doctor.report import ModelInfo, ServerInfo
+from gateway.cli.doctor.report import ModelInfo, ServerInfo, UpstreamCheck
 from gateway.proxy.upstream_errors import describe
 
 LISTINGS = {"api/v1": "/api/v1/models", "api/v0": "/api/v0/models", "v1": "/v1/models"}
@@ -115,6 +116,67 @@ def _merge_lmgate_states(models: list[ModelInfo], status: int, document: Any) ->
         state = states.get(model.id)
         if state in ("loading", "failed") or (state is not None and model.state == "unknown"):
             model.state = state
+
+
+async def lmgate_upstreams(client: httpx.AsyncClient, url: str) -> list[UpstreamCheck]:
+    """An lmgate's upstreams as it sees them, when it has several (one: the server itself says it all).
+
+    ``/lmgate/status.json`` has a card per upstream (reachable, circuit, slots, models loaded);
+    an lmgate without it (older) still names them in ``/lmgate/models`` (``upstreams``).
+    """
+    status, document = await _get_json(client, url + "/lmgate/status.json")
+    cards = document.get("upstreams") if status == 200 and isinstance(document, dict) else None
+    if isinstance(cards, list):
+        checks = [_from_card(card) for card in cards if isinstance(card, dict)]
+    else:
+        status, document = await _get_json(client, url + "/lmgate/models")
+        listed = document.get("upstreams") if status == 200 and isinstance(document, dict) else None
+        checks = [_from_models(entry) for entry in listed or () if isinstance(entry, dict)]
+    found = [check for check in checks if check is not None]
+    return found if len(found) > 1 else []
+
+
+def _from_card(card: dict[str, Any]) -> UpstreamCheck | None:
+    name, url = card.get("name"), card.get("url")
+    if not isinstance(name, str) or not isinstance(url, str):
+        return None
+    slots = card.get("slots")
+    loaded = card.get("loaded")
+    return UpstreamCheck(
+        name, url, "lmgate", reachable=card.get("reachable") is True, error=_str(card.get("refresh_error")),
+        loaded=[m for m in loaded if isinstance(m, str)] if isinstance(loaded, list) else [],
+        circuit=_str(card.get("circuit")),
+        slots={k: v for k, v in slots.items() if isinstance(v, int)} if isinstance(slots, dict) else None,
+    )
+
+
+def _from_models(entry: dict[str, Any]) -> UpstreamCheck | None:
+    name, url = entry.get("name"), entry.get("upstream")
+    if not isinstance(name, str) or not isinstance(url, str):
+        return None
+    models = [m for m in entry.get("models") or () if isinstance(m, dict)]
+    error = _str(entry.get("refresh_error"))
+    return UpstreamCheck(
+        name, url, "lmgate", reachable=error is None and entry.get("refreshed_s_ago") is not None, error=error,
+        models=len(models), loaded=sorted(str(m.get("id")) for m in models if m.get("state") == "loaded"),
+    )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+async def check_upstream(name: str, url: str, *, api_key: str | None, timeout_s: float) -> UpstreamCheck:
+    """One upstream of the config, asked directly: does it answer, what is it, what has it loaded."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = httpx.Timeout(connect=5.0, read=timeout_s, write=10.0, pool=timeout_s)
+    async with httpx.AsyncClient(timeout=timeout, headers=headers, trust_env=False) as client:
+        server, models = await probe_server(client, url)
+    return UpstreamCheck(
+        name, url, "direct", reachable=server.reachable, error=server.error, kind=server.kind,
+        latency_ms=server.latency_ms, models=len(models) if server.reachable else None,
+        loaded=[m.id for m in models if m.state == "loaded"],
+    )
 
 
 def pick_model(models: list[ModelInfo], wanted: str | None) -> str | None:

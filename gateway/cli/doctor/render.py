@@ -19,6 +19,7 @@ _MARKS = {"escalate": "ESCALATE", "warn": "warning", "ok": "ok", "info": "note"}
 def render_text(report: Report) -> str:
     lines = [f"lmgate doctor: {report.server.url}", ""]
     _server(report, lines)
+    _upstreams(report, lines)
     if report.cold is not None:
         cold = report.cold
         what = f"first token after {cold.first_token_s:.1f} s" if cold.first_token_s is not None else "no answer"
@@ -57,6 +58,32 @@ def _server(report: Report, lines: list[str]) -> None:
             context = f"{m.context_length or '–'} / {m.max_context_length or '–'}"
             lines.append(f"             {m.id:<{width}}{m.state:<12}{context}")
         lines.append("")
+
+
+def _upstreams(report: Report, lines: list[str]) -> None:
+    if not report.upstreams:
+        return
+    width = max(len(u.name) for u in report.upstreams) + 2
+    for seen_by, title in (("lmgate", "as lmgate sees them"), ("direct", "asked directly (--config)")):
+        checks = [u for u in report.upstreams if u.seen_by == seen_by]
+        if not checks:
+            continue
+        lines.append(f"Upstreams    {title}")
+        for u in checks:
+            if not u.reachable:
+                state = f"not reachable: {u.error or 'no answer'}"
+            elif seen_by == "lmgate":
+                parts = [f"{len(u.loaded)} loaded" + (f" ({', '.join(u.loaded)})" if u.loaded else "")]
+                if u.slots:
+                    parts.append(f"{u.slots.get('in_flight', 0)}/{u.slots.get('limit', 0)} slots in use")
+                if u.circuit:
+                    parts.append(f"circuit {u.circuit}")
+                state = "reachable, " + ", ".join(parts)
+            else:
+                state = f"{_KINDS.get(u.kind or 'unknown', u.kind)}, answered in {u.latency_ms} ms, {u.models} model(s), " \
+                        f"{len(u.loaded)} loaded"
+            lines.append(f"             {u.name:<{width}}{u.url}  {state}")
+    lines.append("")
 
 
 def _generations(summary: dict[str, Any], lines: list[str]) -> None:

@@ -37,6 +37,27 @@ class ModelInfo:
 
 
 @dataclass
+class UpstreamCheck:
+    """One upstream of an lmgate with several: as lmgate reports it, or as the doctor found it."""
+
+    name: str
+    url: str
+    #: "lmgate" (what the lmgate checked says of it) or "direct" (the doctor asked it, from --config).
+    seen_by: str
+    reachable: bool = False
+    error: str | None = None
+    #: Direct checks: "lm-studio", "openai-compatible"... (as ``ServerInfo.kind``) and the answer time.
+    kind: str | None = None
+    latency_ms: int | None = None
+    #: Models it lists, and those loaded there (lmgate's view knows loaded ones only when it says so).
+    models: int | None = None
+    loaded: list[str] = field(default_factory=list)
+    #: lmgate's view: its circuit for the upstream and its slots ({limit, in_flight, queued}).
+    circuit: str | None = None
+    slots: dict[str, int] | None = None
+
+
+@dataclass
 class Attempt:
     """One measured streamed generation."""
 
@@ -146,6 +167,8 @@ class Report:
     heartbeat: HeartbeatCheck | None = None
     advice: list[Advice] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
+    #: An lmgate's upstreams as it reports them, then each one checked directly (``--config``).
+    upstreams: list[UpstreamCheck] = field(default_factory=list)
 
     @property
     def escalate(self) -> bool:
@@ -162,6 +185,7 @@ class Report:
             "advice": [asdict(a) for a in self.advice],
             "escalate": self.escalate,
             "environment": self.environment,
+            "upstreams": [asdict(u) for u in self.upstreams],
         }
 
 
