@@ -255,6 +255,10 @@ class Router:
                 return False
             del self._down[route.name]
             logger.info("upstream %s answers again", route.name, extra={"event": "upstream_up", "upstream": route.name})
+            if route.breaker is not None:
+                # Its circuits opened while it was down; waiting out their cool-down would keep a
+                # server that answers out of rotation (a model only it has: 503 meanwhile). Probe it now.
+                route.breaker.probe_now()
         return True
 
     async def _refresh(self, routes: Sequence[Route]) -> None:
