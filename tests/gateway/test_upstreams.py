@@ -497,7 +497,7 @@ async def test_the_openai_client_streams_through_several_upstreams():
         stream = await sdk.chat.completions.with_raw_response.create(
             model="beta", messages=MESSAGES, stream=True, max_tokens=8  # type: ignore[arg-type]
         )
-        chunks = [chunk async for chunk in await stream.parse()]
+        chunks = [chunk async for chunk in stream.parse()]  # type: ignore[union-attr]
         direct = [chunk async for chunk in await direct_sdk.chat.completions.create(
             model="beta", messages=MESSAGES, stream=True, max_tokens=8  # type: ignore[arg-type]
         )]
