@@ -333,15 +333,21 @@ async def test_a_killed_upstream_loses_no_request_that_had_not_started_streaming
     ):
         wire = Wire(a.port)
         await wires.start(wire.run)
-        async with lmgate({"a": wire.url, "b": b.url, "c": c.url}, models={"refresh_s": 0.3}) as (url, gateway):
+        async with lmgate(
+            {"a": wire.url, "b": b.url, "c": c.url}, limits={"a": {"limit": 8}}, models={"refresh_s": 0.3}
+        ) as (url, gateway):
             router = router_of(gateway)
-            # Three requests on a that have not got a byte yet, and one that is streaming.
-            a.inject_fault("hang_before_headers", count=3, model="alpha")
+            # Four requests on a that have not got a byte from it yet (the last a stream the
+            # heartbeat layer has opened already), and one that is streaming from a.
+            a.inject_fault("hang_before_headers", count=4, model="alpha")
             waiting = [BackgroundStream(client, url + CHAT, chat("alpha")) for _ in range(3)]
+            waiting.append(BackgroundStream(client, url + CHAT, chat("alpha", stream=True)))
             async with anyio.create_task_group() as tg:
                 for request in waiting:
                     tg.start_soon(request.run)
-                await a.wait_for(lambda counters: counters.requests == 3)
+                await a.wait_for(lambda counters: counters.requests == 4)
+                with anyio.fail_after(5):
+                    await waiting[-1].started.wait()  # 200 and heartbeats, nothing from a
                 a.inject_fault("hang_after_headers", model="alpha")
                 streaming = BackgroundStream(client, url + CHAT, chat("alpha", stream=True))
                 tg.start_soon(streaming.run)
@@ -350,17 +356,20 @@ async def test_a_killed_upstream_loses_no_request_that_had_not_started_streaming
                 await wire.cut()  # a dies
                 during = await post_all(client, url, [chat("alpha"), chat("gamma"), chat("alpha")])
 
-            # The three that had not started streaming failed over to b, which loaded alpha once.
-            assert [r.status for r in waiting] == [200] * 3, [(r.raw, r.response_headers) for r in waiting]
-            assert [r.response_headers["x-lmgate-upstream"] for r in waiting] == ["b"] * 3  # type: ignore[index]
-            assert all(r.error is None and b'"content"' in r.raw for r in waiting)
+            # Those that had not started streaming from a failed over to b, which loaded alpha once.
+            assert [r.status for r in waiting] == [200] * 4, [(r.raw, r.response_headers) for r in waiting]
+            assert [r.response_headers["x-lmgate-upstream"] for r in waiting[:3]] == ["b"] * 3  # type: ignore[index]
+            assert all(r.error is None and b'"content"' in r.raw for r in waiting[:3])
+            heartbeats = waiting[-1]
+            assert b": lmgate " in heartbeats.raw and b"x-lmgate-upstream=b" in heartbeats.raw
+            assert heartbeats.raw.endswith(b"data: [DONE]\n\n") and b"event: error" not in heartbeats.raw
             # The one that had started on a is cut, not retried (its first byte was out).
             assert streaming.response_headers is not None and streaming.response_headers["x-lmgate-upstream"] == "a"
             assert b"data: [DONE]" not in streaming.raw
             # Meanwhile the others kept serving.
             assert [r.status_code for r in during] == [200] * 3
             assert [r.headers["x-lmgate-upstream"] for r in during] == ["b", "c", "b"]
-            assert b.counters.loads_started == 1 and b.counters.generations_started == 5
+            assert b.counters.loads_started == 1 and b.counters.generations_started == 6
             assert router.stats.failovers >= 1 and not router.reachable("a")
             # A model only a has: a did not answer, so it may be there.
             gone = await client.post(url + CHAT, json=chat("only-a"))
