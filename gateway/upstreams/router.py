@@ -355,16 +355,31 @@ class Router:
         self, scope: Scope, route: Route, reason: Reason | None, model: str | None, choices: list[tuple[Route, Reason | None]]
     ) -> None:
         self.stats.chosen[reason or "any"] += 1
-        if reason != "spill":
+        if reason == "spill":
+            busy = [r.name for r, why in choices if why == "queue"]
+            why_here = f"the wait on {', '.join(busy) or 'the upstreams where it is loaded'} is longer than a load"
+        elif reason == "load":
+            # A failover that loads the model while an upstream that answers still has it loaded
+            # (it answered 502/503/504, or its circuit is open): a second instance all the same.
+            holding = [r.name for r, why in choices if why in ("warm", "queue") and r is not route and self._reachable(r)]
+            if not holding:
+                return
+            why_here = f"failing over from {', '.join(holding)}, where it is loaded"
+        else:
             return
         self.stats.second_instances += 1
-        busy = [r.name for r, why in choices if why == "queue"]
         logger.warning(
-            "loading a second instance of %s on %s: the wait on %s is longer than a load",
+            "loading a second instance of %s on %s: %s",
             model,
             route.name,
-            ", ".join(busy) or "the upstreams where it is loaded",
-            extra={"event": "model_second_instance", "model": model, "upstream": route.name, "request_id": request_id(scope)},
+            why_here,
+            extra={
+                "event": "model_second_instance",
+                "model": model,
+                "upstream": route.name,
+                "cause": reason,
+                "request_id": request_id(scope),
+            },
         )
 
     def _failed_over(self, scope: Scope, route: Route, error: LmgateError | None, outcome: str, to: Route) -> None:

@@ -321,6 +321,24 @@ async def test_a_full_upstream_spills_a_second_instance_only_when_a_load_is_know
     assert c.counters.requests == 0
 
 
+async def test_a_failover_that_loads_the_model_while_it_is_loaded_elsewhere_is_logged_as_a_second_instance(client, caplog):
+    # a answers 503 (busy, not gone): failing over to b is allowed, but b must load the model while
+    # a still holds it, which doubles its memory: that is a second instance, logged and counted.
+    caplog.set_level(logging.WARNING, logger="lmgate.routing")
+    async with (
+        simulators([model("alpha", loaded=True)], [model("alpha", load_delay_s=0.1)]) as (a, b),
+        lmgate({"a": a.url, "b": b.url}, retry={"max_retries": 1, "backoff_base_s": 0.01}) as (url, gateway),
+    ):
+        a.inject_fault("http_error", count=2, status=503, model="alpha")
+        answer = await client.post(url + CHAT, json=chat("alpha"))
+    assert answer.status_code == 200 and answer.headers["x-lmgate-upstream"] == "b"
+    assert (a.counters.requests, b.counters.loads_started) == (2, 1)  # a: the attempt and its retry
+    router = router_of(gateway)
+    assert router.stats.failovers == 1 and router.stats.second_instances == 1
+    events = [r for r in caplog.records if getattr(r, "event", None) == "model_second_instance"]
+    assert [(r.model, r.upstream, r.cause) for r in events] == [("alpha", "b", "load")]  # type: ignore[attr-defined]
+
+
 # --- 4. an upstream dies mid-run: nothing lost before the first byte; it rejoins ------------------
 
 
@@ -371,6 +389,7 @@ async def test_a_killed_upstream_loses_no_request_that_had_not_started_streaming
             assert [r.headers["x-lmgate-upstream"] for r in during] == ["b", "c", "b"]
             assert b.counters.loads_started == 1 and b.counters.generations_started == 6
             assert router.stats.failovers >= 1 and not router.reachable("a")
+            assert router.stats.second_instances == 0  # a is gone: b's load is the only instance
             # A model only a has: a did not answer, so it may be there.
             gone = await client.post(url + CHAT, json=chat("only-a"))
             assert gone.status_code == 503, gone.text
@@ -514,3 +533,4 @@ async def test_the_openai_client_streams_through_several_upstreams():
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and text == "".join(c.choices[0].delta.content or "" for c in direct if c.choices)
     assert (a.counters.requests, b.counters.generations_started, c.counters.requests) == (0, 2, 0)
+
