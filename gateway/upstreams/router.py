@@ -18,7 +18,8 @@ its own layers below (cold start, concurrency, timeout, retry, circuit breaker, 
    upstream's own retries). After the first byte nothing is retried.
 
 An upstream a request could not reach is considered down (its models unloaded there) until its
-model state is read successfully again. Loads are single flight across upstreams: a request for a
+model state is read successfully again; then its open circuits let a probe through at once
+(rather than after ``circuit_breaker.reset_timeout_s``). Loads are single flight across upstreams: a request for a
 model loaded nowhere joins a load under way anywhere (the upstream's own loader, or a request the
 router has just sent there to load it) rather than start another.
 
