@@ -19,9 +19,11 @@ its own layers below (cold start, concurrency, timeout, retry, circuit breaker, 
 
 An upstream a request could not reach is considered down (its models unloaded there) until its
 model state is read successfully again; then its open circuits let a probe through at once
-(rather than after ``circuit_breaker.reset_timeout_s``). Loads are single flight across upstreams: a request for a
-model loaded nowhere joins a load under way anywhere (the upstream's own loader, or a request the
-router has just sent there to load it) rather than start another.
+(rather than after ``circuit_breaker.reset_timeout_s``). Loads are single flight across
+upstreams: a request for a model loaded nowhere joins a load under way anywhere (the upstream's
+own loader, or a request the router has just sent there to load it) rather than start another.
+A load on another upstream while one that answers still has the model loaded (rule 2's spill,
+or a failover from a 502/503/504) is logged as a second instance (``model_second_instance``).
 
 Requests naming no model (tokenize routes without a body model, for instance) go to the least busy
 upstream that answers; the model lists are merged (:mod:`gateway.upstreams.lists`). Every answer
