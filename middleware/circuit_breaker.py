@@ -159,6 +159,12 @@ class Breaker:
             return Ticket(probe=True, generation=self.generation)
         return None
 
+    def probe_now(self) -> None:
+        """An open circuit lets probes through at once, its cool-down cut short: something else
+        (a router that saw the upstream answer again) says the upstream is back."""
+        if self.state == OPEN:
+            self._move(HALF_OPEN)
+
     def retry_after_s(self) -> float:
         if self._state == OPEN:
             return max(0.0, self.opened_at + self.policy.reset_timeout_s - self.clock())
@@ -276,6 +282,11 @@ class CircuitBreakerMiddleware:
         key = f"{self.name}:{model}" if self.per_model and model is not None else self.name
         breaker = self._breakers.get(key) or self._breakers[self.name]
         return breaker.state
+
+    def probe_now(self) -> None:
+        """Every open circuit lets probes through at once (see :meth:`Breaker.probe_now`)."""
+        for breaker in self._breakers.values():
+            breaker.probe_now()
 
     def breaker(self, key: str) -> Breaker:
         """The circuit for ``key``, created on first use."""

@@ -18,9 +18,12 @@ in ``GET /v1/models/{id}``) the router
    upstream's own retries). After the first byte nothing is retried.
 
 An upstream a request could not reach is considered down (its models unloaded there) until its
-model state is read successfully again. Loads are single flight across upstreams: a request for a
-model loaded nowhere joins a load under way anywhere (the upstream's own loader, or a request the
-router has just sent there to load it) rather than start another.
+model state is read successfully again; then its open circuits let a probe through at once
+(rather than after ``circuit_breaker.reset_timeout_s``). Loads are single flight across
+upstreams: a request for a model loaded nowhere joins a load under way anywhere (the upstream's
+own loader, or a request the router has just sent there to load it) rather than start another.
+A load on another upstream while one that answers still has the model loaded (rule 2's spill,
+or a failover from a 502/503/504) is logged as a second instance (``model_second_instance``).
 
 Requests naming no model (tokenize routes without a body model, for instance) go to the least busy
 upstream that answers; the model lists are merged (:mod:`gateway.upstreams.lists`). Every answer
@@ -267,6 +270,10 @@ class Router:
                 return False
             del self._down[route.name]
             logger.info("upstream %s answers again", route.name, extra={"event": "upstream_up", "upstream": route.name})
+            if route.breaker is not None:
+                # Its circuits opened while it was down; waiting out their cool-down would keep a
+                # server that answers out of rotation (a model only it has: 503 meanwhile). Probe it now.
+                route.breaker.probe_now()
         return True
 
     async def _refresh(self, routes: Sequence[Route]) -> None:
@@ -363,16 +370,31 @@ class Router:
         self, scope: Scope, route: Route, reason: Reason | None, model: str | None, choices: list[tuple[Route, Reason | None]]
     ) -> None:
         self.stats.chosen[reason or "any"] += 1
-        if reason != "spill":
+        if reason == "spill":
+            busy = [r.name for r, why in choices if why == "queue"]
+            why_here = f"the wait on {', '.join(busy) or 'the upstreams where it is loaded'} is longer than a load"
+        elif reason == "load":
+            # A failover that loads the model while an upstream that answers still has it loaded
+            # (it answered 502/503/504, or its circuit is open): a second instance all the same.
+            holding = [r.name for r, why in choices if why in ("warm", "queue") and r is not route and self._reachable(r)]
+            if not holding:
+                return
+            why_here = f"failing over from {', '.join(holding)}, where it is loaded"
+        else:
             return
         self.stats.second_instances += 1
-        busy = [r.name for r, why in choices if why == "queue"]
         logger.warning(
-            "loading a second instance of %s on %s: the wait on %s is longer than a load",
+            "loading a second instance of %s on %s: %s",
             model,
             route.name,
-            ", ".join(busy) or "the upstreams where it is loaded",
-            extra={"event": "model_second_instance", "model": model, "upstream": route.name, "request_id": request_id(scope)},
+            why_here,
+            extra={
+                "event": "model_second_instance",
+                "model": model,
+                "upstream": route.name,
+                "cause": reason,
+                "request_id": request_id(scope),
+            },
         )
 
     def _failed_over(self, scope: Scope, route: Route, error: LmgateError | None, outcome: str, to: Route) -> None:

@@ -121,6 +121,24 @@ async def test_a_failed_probe_reopens_for_a_full_cool_down() -> None:
     assert (await post(breaker)).headers["retry-after"] == "30"
 
 
+def test_probe_now_cuts_an_open_circuits_cool_down_short_and_leaves_others_alone() -> None:
+    # A router that sees a down upstream answer again (gateway/upstreams/router.py) lets it be probed at once.
+    clock, changes = Clock(), []
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout_s=30)
+    opened = Breaker("u", policy, clock=clock, on_change=lambda *change: changes.append(change))
+    closed = Breaker("v", policy, clock=clock, on_change=lambda *change: changes.append(change))
+    opened.record(opened.admit(), Outcome.FAILURE)  # type: ignore[arg-type]
+    assert opened.admit() is None
+    opened.probe_now()
+    closed.probe_now()
+    assert (opened.state, closed.state) == ("half_open", "closed")
+    assert changes == [("u", "closed", "open"), ("u", "open", "half_open")]
+    probe = opened.admit()
+    assert probe is not None and probe.probe
+    opened.record(probe, Outcome.FAILURE)  # a failed probe: a full cool-down again
+    assert opened.state == "open" and opened.retry_after_s() == 30
+
+
 async def test_several_probes_must_all_succeed_to_close() -> None:
     clock = Clock()
     b = Breaker("u", BreakerPolicy(failure_threshold=1, reset_timeout_s=5, half_open_max_probes=2), clock=clock, on_change=lambda *c: None)
