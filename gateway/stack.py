@@ -295,7 +295,7 @@ def _own_routes(config: Config, c: Collaborators, view: GatewayView) -> Layer:
         return (await router.choose(model))[0][0].name if router is not None else c.upstream.name
 
     async def serve_model_routes(scope: Scope, receive: Receive, send: Send) -> None:
-        await serve_models(services, scope, send, choose=choose)
+        await serve_models(services, scope, send, choose=choose, pins=config.models.pin)
 
     admin = AdminRoutes(
         view,

@@ -7,6 +7,9 @@ An attempt is retried when the inner app, before the client has received a byte:
 * starts a response with a status in ``retry_statuses`` (502/503/504), or a 429 that carries
   ``Retry-After``.
 
+With ``scope["state"]["lmgate.failover"]`` set (``FAILOVER_KEY``) by an outer layer that moves a
+failed attempt elsewhere, one attempt is made and its failure handed back at once.
+
 Never retried: other statuses (400 bad request, context overflow, unknown model), lmgate's own
 refusals (``circuit_open``, ``overloaded``, ``draining``: another attempt would be refused too or
 add the load they exist to shed), a client that left, and anything once a byte has been forwarded.
@@ -63,6 +66,7 @@ logger = logging.getLogger("lmgate.retry")
 
 __all__ = [
     "ATTEMPTS_HEADER",
+    "FAILOVER_KEY",
     "Attempt",
     "DecorrelatedJitter",
     "RetryBudget",
@@ -76,6 +80,10 @@ __all__ = [
 
 ATTEMPTS_HEADER = b"x-lmgate-attempts"
 _ATTEMPT_KEY = "lmgate.attempt"
+#: Set truthy in ``scope["state"]`` by an outer layer that will send a failed attempt elsewhere (the
+#: router, with another upstream left to try): this layer then makes one attempt and hands its
+#: failure back at once, instead of retrying in place with backoff.
+FAILOVER_KEY = "lmgate.failover"
 # A held (retryable) response is an error document; past this size it is forwarded instead.
 _HELD_LIMIT_BYTES = 64 * 1024
 
@@ -186,7 +194,7 @@ class RetryMiddleware:
             return
         self.stats.requests += 1
         max_attempts = 1
-        if self.max_retries:
+        if self.max_retries and not (scope.get("state") or {}).get(FAILOVER_KEY):
             receive, replayable = await _buffer_body(scope, receive, self.body_limit_bytes)
             max_attempts = self.max_retries + 1 if replayable else 1
         exchange = _Exchange(self, scope, receive, send, max_attempts=max_attempts)

@@ -209,7 +209,8 @@ _ERRORS: dict[int, str] = {
     404: "`not_found`: no such route, or no such model.",
     405: "`method_not_allowed`; `Allow` lists the methods.",
     408: "`request_timeout`: the body stalled (`limits.body_idle_s`, `limits.body_total_s`); the connection closes.",
-    409: "`model_busy`: requests are using the model; add `?force=true`.",
+    409: "`model_busy`: requests are using the model; add `?force=true`. `model_pinned`: `models.pin` keeps "
+         "the model off the upstream named.",
     413: "`payload_too_large`: the body is over `limits.body_bytes`.",
     414: "`uri_too_long`: path and query over `limits.url_bytes`.",
     415: "`unsupported_media_type`: the body is not sent as JSON.",
@@ -384,7 +385,7 @@ def _several_upstreams(paths: dict[str, Any], schemas: dict[str, Schema], names:
     for action in ("load", "unload"):
         operation = paths[f"/lmgate/models/{{id}}/{action}"]["post"]
         operation["parameters"] = [*operation["parameters"], upstream]
-        operation["responses"] = {**operation["responses"], **_errors(404)}
+        operation["responses"] = {**operation["responses"], **_errors(404, 409)}
 
 
 def openapi_document(config: Config) -> dict[str, Any]:

@@ -15,7 +15,7 @@ lmgate has client keys, the POST routes are for the admin key only.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -40,6 +40,11 @@ _ACTIONS = ("load", "unload")
 class MethodNotAllowed(ClientError):
     status, code, type = 405, "method_not_allowed", "invalid_request_error"
     default_message = "This route does not accept that method."
+
+
+class ModelPinned(ClientError):
+    status, code, type = 409, "model_pinned", "invalid_request_error"
+    default_message = "models.pin keeps this model off that upstream."
 
 
 class ModelBusy(ClientError):
@@ -73,7 +78,12 @@ def merged_snapshot(snapshots: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 async def serve_models(
-    services: Mapping[str, ModelService], scope: Scope, send: Send, *, choose: Choose | None = None
+    services: Mapping[str, ModelService],
+    scope: Scope,
+    send: Send,
+    *,
+    choose: Choose | None = None,
+    pins: Mapping[str, Collection[str]] | None = None,
 ) -> None:
     """Answer one request under ``/lmgate/models``, for one upstream or several (by name).
 
@@ -106,6 +116,11 @@ async def serve_models(
     if named is not None and named not in services:
         raise NotFound(f"no upstream is called {named!r}; the upstreams are {', '.join(services)}.")
     if action == "load":
+        pinned = (pins or {}).get(model)
+        if named is not None and pinned is not None and named not in pinned:
+            raise ModelPinned(
+                f'The model "{model}" is pinned to {", ".join(pinned)} (models.pin); it is not loaded on {named}.'
+            )
         name = named or (await choose(model) if choose is not None else next(iter(services)))
         job = await services[name].load(model)
         status = "already_loaded" if job is None else "loaded"

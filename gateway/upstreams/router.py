@@ -14,8 +14,10 @@ in ``GET /v1/models/{id}``) the router
 3. orders them by the routing rules (:func:`gateway.upstreams.choice.rank`), open circuits last;
 4. hands the request to the first one's layers. Before the first byte reaches the client, a
    connect error or reset, a timeout of the upstream, a 502/503/504 (``retry.retry_statuses``),
-   an open circuit, a full queue or a failed load there moves it to the next one (after that
-   upstream's own retries). After the first byte nothing is retried.
+   an open circuit, a full queue or a failed load there moves it to the next one at once (the
+   upstream's own retry layer makes one attempt while another upstream is left to try:
+   ``middleware.retry.FAILOVER_KEY``; the last one retries as usual). After the first byte
+   nothing is retried.
 
 An upstream a request could not reach is considered down (its models unloaded there) until its
 model state is read successfully again; then its open circuits let a probe through at once
@@ -55,7 +57,7 @@ from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware, Pressure
 from middleware.errors import CircuitOpen, LmgateError, Overloaded, UpstreamUnavailable
 from middleware.request_id import request_id
-from middleware.retry import run_attempt
+from middleware.retry import FAILOVER_KEY, run_attempt
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["UPSTREAM_HEADER", "Route", "Router", "chosen_upstream", "upstream_headers"]
@@ -312,6 +314,7 @@ class Router:
         for number, (route, reason) in enumerate(choices, start=1):
             final = number == len(choices)
             state[_UPSTREAM_KEY] = route.name
+            state[FAILOVER_KEY] = not final  # the upstream's own retry layer leaves a failure to us
             self._note_choice(scope, route, reason, model, choices)
             placing = model is not None and reason in ("load", "spill", "join")
             if placing:

@@ -332,7 +332,8 @@ async def test_a_failover_that_loads_the_model_while_it_is_loaded_elsewhere_is_l
         a.inject_fault("http_error", count=2, status=503, model="alpha")
         answer = await client.post(url + CHAT, json=chat("alpha"))
     assert answer.status_code == 200 and answer.headers["x-lmgate-upstream"] == "b"
-    assert (a.counters.requests, b.counters.loads_started) == (2, 1)  # a: the attempt and its retry
+    # a: one attempt, no retry in place (its retry layer leaves the failure to the router), then b.
+    assert (a.counters.requests, b.counters.loads_started) == (1, 1)
     router = router_of(gateway)
     assert router.stats.failovers == 1 and router.stats.second_instances == 1
     events = [r for r in caplog.records if getattr(r, "event", None) == "model_second_instance"]
@@ -456,12 +457,15 @@ async def test_a_pinned_model_is_served_and_loaded_only_on_its_upstreams(client)
         answers = await post_all(client, url, [chat("shared")] * 3)
         free = await client.post(url + CHAT, json=chat("free"))
         loaded = await client.post(url + "/lmgate/models/shared/load")  # the admin's load follows the pin too
+        refused = await client.post(url + "/lmgate/models/shared/load?upstream=b")  # and may not break it
 
     assert [r.status_code for r in answers] == [200] * 3
     assert {r.headers["x-lmgate-upstream"] for r in answers} == {"c"}  # warm on a, but pinned to c
     assert (a.counters.generations_started, b.counters.requests, c.counters.loads_started) == (1, 0, 1)
     assert free.headers["x-lmgate-upstream"] == "a"  # unpinned models go anywhere
     assert loaded.json() == {"model": "shared", "upstream": "c", "status": "already_loaded", "load_s": None}
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_pinned"
+    assert b.counters.loads_started == 0
 
 
 async def test_a_model_no_upstream_lists_is_404_naming_the_upstreams_asked(client):
