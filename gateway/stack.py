@@ -210,7 +210,11 @@ def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
     else:
         for upstream in c.upstreams:
             stack.upstreams[upstream.name] = Stack().build(*per_upstream(upstream), app=upstream.proxy)
-        stack.router = _router(config, c, stack)
+        stack.router = router = _router(config, c, stack)
+        health = c.telemetry.llm_health  # each model checked where a request for it would go
+        for upstream in c.upstreams[1:]:
+            health.add_target(upstream.name, upstream.client, upstream.url, api_key=upstream.api_key)
+        health.place = router.first_choice
         stack.build(*shared, app=stack.router)  # Router: where the model is warm (gateway/upstreams/router.py)
     _watch(stack, c)
     return stack
@@ -292,7 +296,7 @@ def _own_routes(config: Config, c: Collaborators, view: GatewayView) -> Layer:
     async def choose(model: str) -> str:
         # A load the admin asked for goes where a request for the model would (built by then).
         router = view.router if isinstance(view, GatewaySnapshot) else None
-        return (await router.choose(model))[0][0].name if router is not None else c.upstream.name
+        return await router.first_choice(model) if router is not None else c.upstream.name
 
     async def serve_model_routes(scope: Scope, receive: Receive, send: Send) -> None:
         await serve_models(services, scope, send, choose=choose, pins=config.models.pin)

@@ -30,7 +30,8 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -39,6 +40,7 @@ from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 
 from gateway.models.upstream import ModelApiError, UpstreamModels
 from gateway.proxy.upstream_errors import describe
+from middleware.errors import LmgateError
 from middleware.types import Clock
 
 _PING = [{"role": "user", "content": "Reply with one word: ok"}]
@@ -165,16 +167,22 @@ class LlmHealth:
         timeout_s: float,
         windows: LatencyWindows,
         clock: Clock = time.monotonic,
+        name: str = "default",
     ) -> None:
-        self.client = client
-        self.url = upstream_url.rstrip("/") + "/v1/chat/completions"
-        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.models = tuple(models)
         self.timeout_s = timeout_s
         self.windows = windows
         self.clock = clock
-        self.listing = UpstreamModels(client, upstream_url, api_key=api_key, request_timeout_s=timeout_s)
+        self.targets: dict[str, _Target] = {}
+        self.add_target(name, client, upstream_url, api_key=api_key)
+        #: With several upstreams: the upstream a request for a model would go to (the router's choice).
+        self.place: Callable[[str], Awaitable[str]] | None = None
         self._cache = _Cached(ttl_s, clock)
+
+    def add_target(self, name: str, client: httpx.AsyncClient, upstream_url: str, *, api_key: str | None) -> None:
+        """Another upstream models may be probed on (see :attr:`place`)."""
+        listing = UpstreamModels(client, upstream_url, api_key=api_key, request_timeout_s=self.timeout_s)
+        self.targets[name] = _Target(client, upstream_url.rstrip("/") + "/v1/chat/completions", listing)
 
     async def report(self) -> tuple[int, dict[str, Any]]:
         """(200 or 503, the report document)."""
@@ -189,15 +197,18 @@ class LlmHealth:
 
     async def _check_all(self) -> tuple[int, dict[str, Any]]:
         models = self.models or tuple(self.windows.models())
-        types = await self._types() if models else {}
         checks: dict[str, dict[str, Any]] = {}
+        placed: dict[str, list[str]] = {}
+        for model in models:
+            try:
+                where = await self.place(model) if self.place is not None else next(iter(self.targets))
+            except LmgateError as exc:  # no upstream has it, or none answered: that is the finding
+                checks[model] = _outcome("failed", None, exc.message)
+                continue
+            placed.setdefault(where, []).append(model)
         async with anyio.create_task_group() as tg:
-            for model in models:
-                cannot_chat = _cannot_chat(types.get(model))
-                if cannot_chat is not None:
-                    checks[model] = _outcome("skipped", None, cannot_chat)
-                else:
-                    tg.start_soon(self._check, model, checks)
+            for where, placed_models in placed.items():
+                tg.start_soon(self._check_on, where, placed_models, checks)
         by_outcome: dict[str, list[str]] = {"ok": [], "failed": [], "skipped": []}
         for model in models:
             by_outcome[checks[model]["status"]].append(f"{model}: {checks[model]['reason']}")
@@ -222,27 +233,52 @@ class LlmHealth:
             document["reason"] = "no model that can chat to check: " + "; ".join(by_outcome["skipped"])
         return (503 if status == "unhealthy" else 200), document
 
-    async def _types(self) -> dict[str, str | None]:
+    async def _check_on(self, where: str, models: list[str], checks: dict[str, dict[str, Any]]) -> None:
+        target = self.targets[where]
+        types = await self._types(target)
+        several = len(self.targets) > 1
+        async with anyio.create_task_group() as tg:
+            for model in models:
+                cannot_chat = _cannot_chat(types.get(model))
+                if cannot_chat is not None:
+                    checks[model] = _outcome("skipped", None, cannot_chat)
+                else:
+                    tg.start_soon(self._check, target, model, checks)
+        if several:
+            for model in models:
+                checks[model]["upstream"] = where
+
+    async def _types(self, target: _Target) -> dict[str, str | None]:
         """Each listed model's (and loaded instance's) type; empty when the listing is unavailable."""
         with suppress_http_instrumentation():
             try:
-                listed = await self.listing.listing()
+                listed = await target.listing.listing()
             except ModelApiError:
                 return {}  # the probes will tell what is wrong, if anything
         return {name: entry.type for entry in listed for name in (entry.id, *entry.instances)}
 
-    async def _check(self, model: str, checks: dict[str, dict[str, Any]]) -> None:
+    async def _check(self, target: _Target, model: str, checks: dict[str, dict[str, Any]]) -> None:
         started = self.clock()
         body = {"model": model, "messages": _PING, "max_tokens": 1, "temperature": 0, "stream": False}
         reason: str | None
+        headers = target.listing.headers
         with suppress_http_instrumentation():
             try:
-                response = await self.client.post(self.url, json=body, headers=self.headers, timeout=self.timeout_s)
+                response = await target.client.post(target.url, json=body, headers=headers, timeout=self.timeout_s)
             except httpx.HTTPError as exc:
                 outcome, reason = "failed", describe(exc)
             else:
                 outcome, reason = _judge(response)
         checks[model] = _outcome(outcome, round((self.clock() - started) * 1000), reason)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One upstream the 1-token checks can be sent to."""
+
+    client: httpx.AsyncClient
+    url: str  # its chat completions URL
+    listing: UpstreamModels
 
 
 def _outcome(status: str, latency_ms: int | None, reason: str | None) -> dict[str, Any]:

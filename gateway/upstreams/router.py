@@ -211,6 +211,10 @@ class Router:
         ranked.sort(key=lambda choice: self._circuit_open(self.by_name[choice.name], model))
         return [(self.by_name[choice.name], choice.reason) for choice in ranked]
 
+    async def first_choice(self, model: str) -> str:
+        """The name of the upstream a request for ``model`` would be sent to first."""
+        return (await self.choose(model))[0][0].name
+
     def _candidate(self, route: Route, model: str, record: ModelRecord) -> Candidate:
         registry, loader = route.registry, route.upstream.models.loader
         state = registry.state(model)

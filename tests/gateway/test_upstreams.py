@@ -538,3 +538,28 @@ async def test_the_openai_client_streams_through_several_upstreams():
     assert text and text == "".join(c.choices[0].delta.content or "" for c in direct if c.choices)
     assert (a.counters.requests, b.counters.generations_started, c.counters.requests) == (0, 2, 0)
 
+
+
+# --- the LLM health check: each model where a request for it would go ----------------------------
+
+
+async def test_the_llm_health_check_probes_each_model_on_the_upstream_that_serves_it(client):
+    async with (
+        simulators([model("alpha", loaded=True)], [model("beta", loaded=True)], [model("alpha"), model("beta")]) as (
+            a,
+            b,
+            c,
+        ),
+        lmgate(named(a, b, c), health={"models": ["alpha", "beta", "nowhere"]}) as (url, _),
+    ):
+        answer = await client.get(url + "/lmgate/health/llm")
+    document = answer.json()
+    checks = document["models"]
+    assert (checks["alpha"]["status"], checks["alpha"]["upstream"]) == ("ok", "a")
+    assert (checks["beta"]["status"], checks["beta"]["upstream"]) == ("ok", "b")
+    # A model no upstream lists is the finding itself, named with the upstreams asked.
+    assert checks["nowhere"]["status"] == "failed" and "asked: a, b, c" in checks["nowhere"]["reason"]
+    assert answer.status_code == 503 and document["status"] == "unhealthy"
+    # Nothing was loaded to answer the check: each probe went where its model is warm.
+    assert [s.counters.loads_started for s in (a, b, c)] == [0, 0, 0]
+    assert c.counters.requests == 0
