@@ -152,7 +152,7 @@ async def test_metrics_and_logs_name_the_upstream_that_served(caplog: pytest.Log
                 for _ in range(6):
                     await ended.receive()
             scrape = await client.get(url + "/metrics")
-    assert (a.counters.requests, b.counters.requests, c.counters.requests) == (2, 3, 2)
+    assert (a.counters.requests, b.counters.requests, c.counters.requests) == (2, 2, 2)
     parsed = samples(scrape.text)
     duration = "gen_ai_client_operation_duration_seconds_count"
     ok = {"gen_ai_operation_name": "chat", "http_route": CHAT, "http_response_status_code": "200", "error_type": ""}
@@ -167,10 +167,11 @@ async def test_metrics_and_logs_name_the_upstream_that_served(caplog: pytest.Log
     assert value(parsed, loads, gen_ai_request_model="gamma", outcome="ok", upstream="c") == 1
     assert value(parsed, loads, gen_ai_request_model="beta", outcome="ok", upstream="c") == 1
     assert not [labels for name, labels in parsed.items() if name == loads and ("upstream", "c") not in labels]
-    # Each upstream's own layers: b retried once, then the router moved the request to c.
-    assert {name: value(parsed, "lmgate_retries_total", upstream=name) for name in "abc"} == {"a": 0, "b": 1, "c": 0}
+    # Each upstream's own layers: with c left to try, b made one attempt (no retry in place) and
+    # the router moved the request to c at once.
+    assert {name: value(parsed, "lmgate_retries_total", upstream=name) for name in "abc"} == {"a": 0, "b": 0, "c": 0}
     assert {name: value(parsed, "lmgate_upstream_attempts_total", upstream=name) for name in "abc"} == {
-        "a": 2, "b": 3, "c": 2
+        "a": 2, "b": 2, "c": 2
     }
     for name in "abc":
         assert value(parsed, "lmgate_circuit_state", circuit=name, state="closed", upstream=name) == 1
@@ -181,7 +182,8 @@ async def test_metrics_and_logs_name_the_upstream_that_served(caplog: pytest.Log
     assert value(parsed, "lmgate_routing_decisions_total", rule="warm") == 4
     assert value(parsed, "lmgate_routing_decisions_total", rule="load") == 2
     assert value(parsed, "lmgate_routing_failovers_total") == 1
-    assert value(parsed, "lmgate_routing_second_instances_total") == 0
+    # b answered 503 but still has beta loaded: loading it on c as well is a second instance.
+    assert value(parsed, "lmgate_routing_second_instances_total") == 1
     # The log lines say the same.
     lines = [(r.model, getattr(r, "upstream", None)) for r in caplog.records if getattr(r, "event", None) == "gen_success"]
     assert lines == [("alpha", "a"), ("alpha", "a"), ("beta", "b"), ("gamma", "c"), ("beta", "c")]
