@@ -336,6 +336,13 @@ class ConcurrencyMiddleware:
         """Return holding a shared slot, None when the shared store cannot decide (then decide
         locally), or raise ``Overloaded``/``RateLimited``/``ClientDisconnected``."""
         assert self.shared is not None
+        name = _key_name(key)
+        try:  # a free slot nobody waits for: one round trip, no watch (max_queue=0: never queued)
+            return self._holding(limiter, await self.shared.acquire(name, limit=limiter.limit, max_queue=0))
+        except SlotsUnavailable:
+            return None
+        except SlotsRefused:
+            pass  # busy: queue, watching the client
         # With the body cached, the server's receive can only deliver http.disconnect now.
         await read_body(scope, receive)
         lease: SlotLease | None = None
@@ -344,7 +351,7 @@ class ConcurrencyMiddleware:
             async with watch:
                 with anyio.move_on_after(self.max_wait_s):
                     lease = await self.shared.acquire(
-                        _key_name(key), limit=limiter.limit, max_queue=self.max_queue if self.max_wait_s > 0 else 0
+                        name, limit=limiter.limit, max_queue=self.max_queue if self.max_wait_s > 0 else 0
                     )
         except SlotsUnavailable:
             return None
@@ -356,9 +363,12 @@ class ConcurrencyMiddleware:
                     await lease.release(0.0)
             raise ClientDisconnected()
         if lease is None:
-            raise self._refusal(limiter, f"no slot came free within {self.max_wait_s:g} s",
-                                shared=self.shared.pressure(_key_name(key)))
-        limiter.shared_held += 1
+            raise self._refusal(limiter, f"no slot came free within {self.max_wait_s:g} s", shared=self.shared.pressure(name))
+        return self._holding(limiter, lease)
+
+    @staticmethod
+    def _holding(limiter: _Limiter, lease: SlotLease) -> SlotLease:
+        limiter.shared_held += 1  # counts against the fallback share, should the store go away
         return lease
 
     async def _admit(self, limiter: _Limiter, scope: Scope, receive: Receive, *, max_wait_s: float | None = None) -> None:
