@@ -109,6 +109,7 @@ def render(run: Run, *, command: str) -> str:
         out.append(f"- **{leg} skipped**: {why}")
     out += ["", *disturbance(run), *failures(run), ""]
     out += targets(run)
+    out += shared_state_target(run)
     out += ["", *cost_section(run), "", "## Results", ""]
     out += latency_section(run) + throughput_section(run) + stream_sections(run) + long_section(run) + cancel_section(run)
     out += harness_section(run)
@@ -188,9 +189,8 @@ def targets(run: Run) -> list[str]:
         nginx_left = max(series(run, "cancel_500", "nginx", get("left_over_streams")), default=None)
         rows.append(["No connection left over after the storm (worst round)", fmt(left, "{:.0f}"), fmt(nginx_left, "{:.0f}"), "",
                      "n/a" if left is None else ("**met**" if left == 0 else "**not met**")])
-    out = ["## Targets (issue 9; the proxy on one core, ratios within this run)", "",
-           *table(["target", "lmgate", "NGINX", "ratio / difference", "verdict"], rows)]
-    return out + shared_state_target(run)
+    return ["## Targets (issue 9; the proxy on one core, ratios within this run)", "",
+            *table(["target", "lmgate", "NGINX", "ratio / difference", "verdict"], rows)]
 
 
 def shared_state_target(run: Run) -> list[str]:
