@@ -6,6 +6,8 @@
 * ``lmgate``: ``python -m gateway serve`` with the default middleware stack.
 * ``lmgate-all``: every optional layer on (tracing to the mock's OTLP sink, adaptive and per-model
   concurrency, per-model breaker with a failure ratio).
+* ``lmgate-redis``: ``lmgate`` with its concurrency slots shared on a redis-server of its own
+  (``state.redis_url``, not pinned): what the Redis round trips add to a request.
 
 lmgate is driven only through its command line and config file, never its internals. Both lmgate
 legs size the upstream pool and the concurrency limit for the bench's 1,000 streams (the defaults,
@@ -28,7 +30,7 @@ from bench.procs import Process, free_port, wait_line, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 
-LEG_NAMES = ("direct", "nginx", "litellm", "lmgate", "lmgate-all")
+LEG_NAMES = ("direct", "nginx", "litellm", "lmgate", "lmgate-all", "lmgate-redis")
 # Diagnostic legs (bench/relay.py): "relay" or "lmgate", then any of hypercorn|uvicorn, uvloop,
 # httpx2 (relay only), e.g. relay-uvicorn-uvloop, relay-hypercorn-httpx2, lmgate-uvicorn-uvloop.
 DIAGNOSTIC_LEGS = ("relay-hypercorn", "relay-hypercorn-httpx2", "relay-hypercorn-uvloop", "relay-uvicorn-uvloop",
@@ -200,10 +202,12 @@ def lmgate_config(mock_url: str, *, everything: bool) -> dict[str, object]:
 
 
 class Lmgate(Leg):
-    def __init__(self, name: str, *, everything: bool) -> None:
+    def __init__(self, name: str, *, everything: bool, redis: bool = False) -> None:
         super().__init__()
         self.name = name
         self.everything = everything
+        self.redis = redis
+        self.redis_process: Process | None = None
         out = subprocess.run([sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, cwd=REPO)
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway", "middleware"],
@@ -211,9 +215,17 @@ class Lmgate(Leg):
         self.version = f"{out.stdout.strip().removeprefix('lmgate ')} ({rev.stdout.strip()}" + (
             ", uncommitted changes in gateway/ middleware/)" if dirty.stdout.strip() else ")")
 
+    @staticmethod
+    def redis_available() -> str | None:
+        """Why the lmgate-redis leg cannot run here, or None."""
+        return None if shutil.which("redis-server") else "redis-server is not installed (apt-get install -y redis-server)"
+
     def start(self, mock_url: str, work: Path, cpus: Sequence[int] | None) -> None:
         config = work / f"{self.name}.yaml"
-        config.write_text(json.dumps(lmgate_config(mock_url, everything=self.everything), indent=1))  # JSON is YAML
+        settings = lmgate_config(mock_url, everything=self.everything)
+        if self.redis:
+            settings["state"] = {"redis_url": self._start_redis(work, cpus)}
+        config.write_text(json.dumps(settings, indent=1))  # JSON is YAML
         env = dict(os.environ)
         for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
             env.pop(key, None)
@@ -223,6 +235,25 @@ class Lmgate(Leg):
         )
         match = wait_line(self.process.err, r"lmgate listening on (http://[^\s,]+)", 30, self.process.popen)
         self.url = match.group(1)
+
+    def _start_redis(self, work: Path, cpus: Sequence[int] | None) -> str:
+        """A redis-server beside lmgate, persisting nothing; its URL. Not pinned: a Redis shared by
+        replicas runs beside them, not inside one replica's CPU budget."""
+        port = free_port()
+        self.redis_process = Process(
+            f"{self.name}-redis-server",
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(work)],
+            cpus=None, log_dir=work,
+        )  # fmt: skip
+        wait_port(port, 10, self.redis_process.popen)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def stop(self) -> None:
+        super().stop()
+        if self.redis_process is not None:
+            self.redis_process.stop()
+            self.redis_process = None
 
 
 class Diagnostic(Leg):
@@ -278,6 +309,12 @@ def make_legs(names: Sequence[str], *, litellm_venv: Path, alt_python: str = sys
             legs.append(Lmgate("lmgate", everything=False))
         elif name == "lmgate-all":
             legs.append(Lmgate("lmgate-all", everything=True))
+        elif name == "lmgate-redis":
+            reason = Lmgate.redis_available()
+            if reason:
+                skipped[name] = reason
+            else:
+                legs.append(Lmgate("lmgate-redis", everything=False, redis=True))
         elif is_diagnostic(name):
             leg = Diagnostic(name, alt_python)
             if leg.problem:

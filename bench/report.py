@@ -42,6 +42,14 @@ def added(run: Run, scenario: str, leg: str, getter: Getter) -> float | None:
     return statistics.median(pairs) if pairs else None
 
 
+def paired(run: Run, scenario: str, leg: str, other: str, getter: Getter) -> float | None:
+    """Median over rounds of (leg - other) in the same round."""
+    mine = [getter(r) for r in run.results.get(scenario, {}).get(leg, [])]
+    base = [getter(r) for r in run.results.get(scenario, {}).get(other, [])]
+    pairs = [a - b for a, b in zip(mine, base, strict=False) if a is not None and b is not None]
+    return statistics.median(pairs) if pairs else None
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -101,6 +109,7 @@ def render(run: Run, *, command: str) -> str:
         out.append(f"- **{leg} skipped**: {why}")
     out += ["", *disturbance(run), *failures(run), ""]
     out += targets(run)
+    out += shared_state_target(run)
     out += ["", *cost_section(run), "", "## Results", ""]
     out += latency_section(run) + throughput_section(run) + stream_sections(run) + long_section(run) + cancel_section(run)
     out += harness_section(run)
@@ -182,6 +191,21 @@ def targets(run: Run) -> list[str]:
                      "n/a" if left is None else ("**met**" if left == 0 else "**not met**")])
     return ["## Targets (issue 9; the proxy on one core, ratios within this run)", "",
             *table(["target", "lmgate", "NGINX", "ratio / difference", "verdict"], rows)]
+
+
+def shared_state_target(run: Run) -> list[str]:
+    """Issue 16: the Redis round trips of shared slots add under 1 ms per request at p50."""
+    if "lmgate-redis" not in run.legs or "lmgate" not in run.legs:
+        return []
+    lat = get("latency_ms", "p50")
+    extra = paired(run, "latency_c1", "lmgate-redis", "lmgate", lat)
+    verdict = "n/a" if extra is None else ("**met**" if extra < 1 else "**not met**")
+    return ["", "Shared state (issue 16): lmgate-redis takes and gives back a shared slot on Redis for every request.", "",
+            *table(["target", "lmgate-redis p50", "lmgate p50", "difference", "verdict"],
+                   [["Redis round trips add < 1 ms per request at c=1 (p50)",
+                     fmt(median(run, "latency_c1", "lmgate-redis", lat), "{:.3f}") + " ms",
+                     fmt(median(run, "latency_c1", "lmgate", lat), "{:.3f}") + " ms",
+                     fmt(extra, "{:+.3f}") + " ms", verdict]])]
 
 
 def cost_section(run: Run) -> list[str]:

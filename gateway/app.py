@@ -73,8 +73,10 @@ class Gateway:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """The background work of every upstream's model service (loads, state refresh, preload,
-        keep-warm) and of the router, for the block."""
+        keep-warm), of the router and of the shared state (Redis probe, lease renewals), for the block."""
         async with AsyncExitStack() as background:
+            if self.collaborators.state is not None:  # first: shared decisions are probed before traffic
+                await background.enter_async_context(self.collaborators.state.running())
             for upstream in self.collaborators.upstreams:
                 await background.enter_async_context(upstream.models.running())
             if self.stack.router is not None:

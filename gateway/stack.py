@@ -36,6 +36,7 @@ from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbe
 from gateway.proxy.relay import Proxy
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
+from gateway.state import RedisSlots, SharedState
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.telemetry.metrics import WatchedUpstream
 from gateway.upstreams.router import Route, Router, chosen_upstream, upstream_headers
@@ -70,6 +71,7 @@ class Collaborators:
     telemetry: Telemetry
     board: RequestBoard  # the status page's memory of recent requests
     routes: RouteTable
+    state: SharedState | None = None  # Redis shared by the replicas (state.redis_url); None: this process alone
 
     @property
     def upstream(self) -> Upstream:
@@ -109,7 +111,10 @@ def build_collaborators(
             telemetry.instrument(upstream.client)
     board = RequestBoard()
     telemetry.on_request_end.append(board.observe)
-    return Collaborators(upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes)
+    return Collaborators(
+        upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes,
+        state=SharedState.from_config(config.state),
+    )  # fmt: skip
 
 
 # -- the stack ---------------------------------------------------------------------------------
@@ -198,7 +203,7 @@ def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
     def per_upstream(upstream: Upstream) -> tuple[Layer | None, ...]:
         return (
             _cold_start(config, upstream),  # ColdStartMiddleware: loads a cold model first (single flight)
-            _concurrency(config, upstream),  # ConcurrencyMiddleware: the limit and a bounded FIFO queue
+            _concurrency(config, c, upstream),  # ConcurrencyMiddleware: the limit and a bounded FIFO queue (shared on Redis)
             _admission_mark(c),  # AdmissionMark: notes the queue wait for telemetry
             _timeout(config),  # TimeoutMiddleware: first token / idle / total (retries included)
             _retry(config),  # RetryMiddleware: only before the first byte reaches the client
@@ -226,6 +231,8 @@ def _watch(stack: Stack, c: Collaborators) -> None:
     cache = stack.cache
     if cache is not None and metrics is not None:
         metrics.watch_cache(cache.store)
+    if c.state is not None and metrics is not None:
+        metrics.registry.register(c.state.collector())
     router = stack.router
     watched = {
         upstream.name: WatchedUpstream(
@@ -421,10 +428,13 @@ def _cold_start(config: Config, upstream: Upstream) -> Layer | None:
     )
 
 
-def _concurrency(config: Config, upstream: Upstream) -> Layer | None:
+def _concurrency(config: Config, collaborators: Collaborators, upstream: Upstream) -> Layer | None:
     c = config.concurrency_for(upstream.config)
     if not c.enabled:
         return None
+    # With Redis, every replica counts against the same slots and queue (docs/shared-state.md).
+    state = collaborators.state
+    shared = RedisSlots(state, scope=upstream.name) if state is not None else None
     return Layer(
         "concurrency",
         lambda app: ConcurrencyMiddleware(
@@ -437,6 +447,8 @@ def _concurrency(config: Config, upstream: Upstream) -> Layer | None:
             min_limit=min(c.min_limit, c.limit),
             max_limit=max(c.max_limit, c.limit),
             latency_threshold_s=c.latency_threshold_s,
+            shared=shared,
+            fallback_limit_share=config.state.fallback_limit_share,
         ),
     )
 
@@ -562,6 +574,7 @@ class GatewaySnapshot:
             preloaded=c.telemetry.preloaded,
             circuit=_overall_circuit(circuits),
             unreachable=None if len(unreachable) < len(c.upstreams) else "; ".join(unreachable),
+            shared_state=None if c.state is None else ("available" if c.state.available else "unavailable"),
         )
 
     async def models(self) -> dict[str, Any]:

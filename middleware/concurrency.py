@@ -14,6 +14,11 @@ Each key (the whole upstream, or each ``model`` with ``per_model=True``, optiona
 client key) has its own limiter. All limiter bookkeeping is synchronous, so between "a slot is
 free" and "this waiter has it" nothing can interleave: a slot is handed over by ``release`` itself,
 and a waiter that gives up after being handed one passes it straight on.
+
+With ``shared`` (a :class:`~middleware.slots.SharedSlots`, e.g. Redis through gateway/state), the
+slots and the FIFO queue are counted across every replica instead, and the local limiter stands by:
+while the shared store cannot decide, each replica admits ``fallback_limit_share`` of the limit on
+its own (at least one slot), counting the requests that still hold shared slots.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from middleware.errors import (
     raise_or_render,
 )
 from middleware.response import ResponseState
+from middleware.slots import SharedPressure, SharedSlots, SlotLease, SlotsRefused, SlotsUnavailable
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
 
 __all__ = ["ConcurrencyMiddleware", "Pressure"]
@@ -81,12 +87,16 @@ class _Waiter:
 class _Limiter:
     """One key's slots, FIFO queue and service-rate estimate. No method awaits."""
 
-    __slots__ = ("fixed_limit", "adaptive", "in_flight", "waiters", "hold_s")
+    __slots__ = ("fixed_limit", "adaptive", "in_flight", "waiters", "hold_s", "share", "shared_held")
 
-    def __init__(self, limit: int, adaptive: AimdLimit | None) -> None:
+    def __init__(self, limit: int, adaptive: AimdLimit | None, share: float = 1.0) -> None:
         self.fixed_limit = limit
         self.adaptive = adaptive
         self.in_flight = 0
+        # With shared slots: the share of the limit admitted locally while the store is down, and
+        # the requests of this replica holding shared slots (they count against that share).
+        self.share = share
+        self.shared_held = 0
         self.waiters: deque[_Waiter] = deque()
         # Average time a slot stays taken; with the limit it gives the service rate (Little's law).
         self.hold_s = Ewma(0.2)
@@ -96,12 +106,21 @@ class _Limiter:
         return self.adaptive.limit if self.adaptive is not None else self.fixed_limit
 
     @property
+    def local_limit(self) -> int:
+        """The slots admitted locally: the limit, or its fallback share (at least 1) with shared slots."""
+        return self.limit if self.share >= 1 else max(1, int(self.limit * self.share))
+
+    @property
+    def busy_slots(self) -> int:
+        return self.in_flight + self.shared_held
+
+    @property
     def idle(self) -> bool:
-        return self.in_flight == 0 and not self.waiters
+        return self.busy_slots == 0 and not self.waiters
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free and nobody is queued ahead (FIFO, no barging)."""
-        if self.waiters or self.in_flight >= self.limit:
+        if self.waiters or self.busy_slots >= self.local_limit:
             return False
         self.in_flight += 1
         return True
@@ -118,37 +137,44 @@ class _Limiter:
         else:
             self.waiters.remove(waiter)
 
-    def release(self, held_s: float | None = None) -> None:
-        self.in_flight -= 1
+    def release(self, held_s: float | None = None, *, shared: bool = False) -> None:
+        if shared:
+            self.shared_held -= 1
+        else:
+            self.in_flight -= 1
         if held_s is not None:
             self.hold_s.add(held_s)
         self._grant()
 
     def observe_latency(self, latency_s: float) -> None:
         if self.adaptive is not None:
-            self.adaptive.observe(latency_s, self.in_flight)
+            self.adaptive.observe(latency_s, self.busy_slots)
             self._grant()  # the limit may have grown
 
     def _grant(self) -> None:
-        while self.waiters and self.in_flight < self.limit:
+        while self.waiters and self.busy_slots < self.local_limit:
             waiter = self.waiters.popleft()
             waiter.granted = True
             self.in_flight += 1
             waiter.event.set()
 
-    def retry_after_s(self, default_s: float, *, bounded: bool = True) -> float:
+    def retry_after_s(self, default_s: float, *, bounded: bool = True, shared: SharedPressure | None = None) -> float:
         """Seconds until a newcomer would likely get a slot: everyone queued, plus itself, served
-        at ``limit / average hold time`` per second (``bounded``: within 1-60 s, for Retry-After)."""
-        if self.hold_s.value is None:
+        at ``limit / average hold time`` per second (``bounded``: within 1-60 s, for Retry-After).
+        With ``shared``, the queue and hold time of every replica."""
+        hold_s, queued, limit = self.hold_s.value, len(self.waiters), self.local_limit
+        if shared is not None:
+            hold_s, queued, limit = shared.hold_s if shared.hold_s is not None else hold_s, shared.queued, self.limit
+        if hold_s is None:
             return default_s
-        estimate = (len(self.waiters) + 1) * self.hold_s.value / max(self.limit, 1)
+        estimate = (queued + 1) * hold_s / max(limit, 1)
         if not bounded:
             return estimate
         low, high = _RETRY_AFTER_BOUNDS_S
         return min(max(estimate, low), high)
 
     def snapshot(self) -> dict[str, int]:
-        return {"limit": self.limit, "in_flight": self.in_flight, "queued": len(self.waiters)}
+        return {"limit": self.local_limit, "in_flight": self.busy_slots, "queued": len(self.waiters)}
 
 
 class ConcurrencyMiddleware:
@@ -166,6 +192,9 @@ class ConcurrencyMiddleware:
             key *name*, not a secret: it appears in ``snapshot()``.
         default_retry_after_s: ``Retry-After`` before any request has finished on that key.
         exempt_paths: paths never limited (health, metrics, model lists).
+        shared: slots counted across replicas (``middleware.slots.SharedSlots``); None: this process alone.
+        fallback_limit_share: with ``shared``, the share of each limit admitted locally while the
+            shared store cannot decide (at least one slot).
         clock: monotonic seconds; injected in tests.
     """
 
@@ -184,6 +213,8 @@ class ConcurrencyMiddleware:
         client_key: Callable[[Scope], str | None] | None = None,
         default_retry_after_s: float = 5.0,
         exempt_paths: Collection[str] = (),
+        shared: SharedSlots | None = None,
+        fallback_limit_share: float = 0.5,
         clock: Clock = time.monotonic,
     ) -> None:
         if limit < 1:
@@ -194,6 +225,8 @@ class ConcurrencyMiddleware:
             raise ValueError(f"max_wait_s must not be negative, not {max_wait_s!r}")
         if not default_retry_after_s > 0:
             raise ValueError(f"default_retry_after_s must be positive, not {default_retry_after_s!r}")
+        if not 0 < fallback_limit_share <= 1:
+            raise ValueError(f"fallback_limit_share must be above 0 and at most 1, not {fallback_limit_share!r}")
         if adaptive:
             if not min_limit <= limit <= max_limit:
                 raise ValueError(f"adaptive needs min_limit <= limit <= max_limit, got {min_limit}, {limit}, {max_limit}")
@@ -211,6 +244,8 @@ class ConcurrencyMiddleware:
         self.client_key = client_key
         self.default_retry_after_s = default_retry_after_s
         self.exempt_paths = frozenset(exempt_paths)
+        self.shared = shared
+        self.fallback_limit_share = fallback_limit_share
         self.clock = clock
         self._limiters: dict[Key, _Limiter] = {}
         if not per_model and client_key is None:
@@ -226,29 +261,53 @@ class ConcurrencyMiddleware:
         limiter = self._limiters.get(key)
         if limiter is None:
             return Pressure(limit=self.limit, in_flight=0, queued=0, wait_s=0.0)
-        free = not limiter.waiters and limiter.in_flight < limiter.limit
+        shared = self._shared_pressure(key)
+        if shared is not None:
+            free = shared.queued == 0 and shared.in_flight < limiter.limit
+            wait_s = 0.0 if free else limiter.retry_after_s(self.default_retry_after_s, bounded=False, shared=shared)
+            return Pressure(limit=limiter.limit, in_flight=shared.in_flight, queued=shared.queued, wait_s=wait_s)
+        free = not limiter.waiters and limiter.busy_slots < limiter.local_limit
         wait_s = 0.0 if free else limiter.retry_after_s(self.default_retry_after_s, bounded=False)
-        return Pressure(limit=limiter.limit, in_flight=limiter.in_flight, queued=len(limiter.waiters), wait_s=wait_s)
+        return Pressure(limit=limiter.local_limit, in_flight=limiter.busy_slots, queued=len(limiter.waiters), wait_s=wait_s)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        """Per key: ``limit``, ``in_flight`` and ``queued``, for metrics, health and the status page."""
-        return {_key_name(key): limiter.snapshot() for key, limiter in self._limiters.items()}
+        """Per key: ``limit``, ``in_flight`` and ``queued``, for metrics, health and the status page
+        (with shared slots: across every replica, as last seen, while the shared store answers)."""
+        out = {}
+        for key, limiter in self._limiters.items():
+            shared = self._shared_pressure(key)
+            out[_key_name(key)] = limiter.snapshot() if shared is None else {
+                "limit": limiter.limit, "in_flight": shared.in_flight, "queued": shared.queued
+            }
+        return out
+
+    def _shared_pressure(self, key: Key) -> SharedPressure | None:
+        """The key's slots across replicas while they are shared (None: decided locally now)."""
+        if self.shared is None or not self.shared.available:
+            return None
+        return self.shared.pressure(_key_name(key))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
             await self.app(scope, receive, send)
             return
         outside = error_layer_outside(scope)
+        lease: SlotLease | None = None
         try:
-            limiter = self._limiter(await self._key(scope, receive))
-            await self._admit(limiter, scope, receive)
+            key = await self._key(scope, receive)
+            limiter = self._limiter(key)
+            started = self.clock()
+            if self.shared is not None and self.shared.available:
+                lease = await self._admit_shared(key, limiter, scope, receive)
+            if lease is None:  # no shared store, or it cannot decide now: this replica alone
+                await self._admit(limiter, scope, receive, max_wait_s=self.max_wait_s - (self.clock() - started))
         except ClientDisconnected:
             return
         except LmgateError as error:
             # Nothing has been sent: raised to the error layer, or rendered here when used alone.
             await raise_or_render(error, send, ResponseState(), outside=outside)
             return
-        await self._serve(limiter, scope, replaying_receive(scope, receive), send)
+        await self._serve(limiter, lease, scope, replaying_receive(scope, receive), send)
 
     async def _key(self, scope: Scope, receive: Receive) -> Key:
         client = self.client_key(scope) if self.client_key is not None else None
@@ -269,11 +328,52 @@ class ConcurrencyMiddleware:
                     max_limit=self.max_limit,
                     latency_threshold_s=self.latency_threshold_s,
                 )
-            limiter = self._limiters[key] = _Limiter(self.limit, adaptive)
+            share = self.fallback_limit_share if self.shared is not None else 1.0
+            limiter = self._limiters[key] = _Limiter(self.limit, adaptive, share)
         return limiter
 
-    async def _admit(self, limiter: _Limiter, scope: Scope, receive: Receive) -> None:
+    async def _admit_shared(self, key: Key, limiter: _Limiter, scope: Scope, receive: Receive) -> SlotLease | None:
+        """Return holding a shared slot, None when the shared store cannot decide (then decide
+        locally), or raise ``Overloaded``/``RateLimited``/``ClientDisconnected``."""
+        assert self.shared is not None
+        name = _key_name(key)
+        try:  # a free slot nobody waits for: one round trip, no watch (max_queue=0: never queued)
+            return self._holding(limiter, await self.shared.acquire(name, limit=limiter.limit, max_queue=0))
+        except SlotsUnavailable:
+            return None
+        except SlotsRefused:
+            pass  # busy: queue, watching the client
+        # With the body cached, the server's receive can only deliver http.disconnect now.
+        await read_body(scope, receive)
+        lease: SlotLease | None = None
+        watch = cancel_on_disconnect(replaying_receive(scope, receive))
+        try:
+            async with watch:
+                with anyio.move_on_after(self.max_wait_s):
+                    lease = await self.shared.acquire(
+                        name, limit=limiter.limit, max_queue=self.max_queue if self.max_wait_s > 0 else 0
+                    )
+        except SlotsUnavailable:
+            return None
+        except SlotsRefused as refused:
+            raise self._refusal(limiter, "the queue is full", shared=refused.pressure) from None
+        if watch.disconnected:
+            if lease is not None:  # granted just as the client left
+                with anyio.CancelScope(shield=True):
+                    await lease.release(0.0)
+            raise ClientDisconnected()
+        if lease is None:
+            raise self._refusal(limiter, f"no slot came free within {self.max_wait_s:g} s", shared=self.shared.pressure(name))
+        return self._holding(limiter, lease)
+
+    @staticmethod
+    def _holding(limiter: _Limiter, lease: SlotLease) -> SlotLease:
+        limiter.shared_held += 1  # counts against the fallback share, should the store go away
+        return lease
+
+    async def _admit(self, limiter: _Limiter, scope: Scope, receive: Receive, *, max_wait_s: float | None = None) -> None:
         """Return holding a slot, or raise ``Overloaded``/``RateLimited``/``ClientDisconnected``."""
+        max_wait_s = self.max_wait_s if max_wait_s is None else max(max_wait_s, 0.0)
         if limiter.try_acquire():
             return
         if not self._queue_has_room(limiter):
@@ -288,7 +388,7 @@ class ConcurrencyMiddleware:
         watch = cancel_on_disconnect(replaying_receive(scope, receive))  # the cached body first, then the server
         try:
             async with watch:
-                with anyio.move_on_after(self.max_wait_s):
+                with anyio.move_on_after(max_wait_s):
                     await waiter.event.wait()
         except BaseException:
             limiter.abandon(waiter)
@@ -302,16 +402,16 @@ class ConcurrencyMiddleware:
     def _queue_has_room(self, limiter: _Limiter) -> bool:
         return self.max_wait_s > 0 and len(limiter.waiters) < self.max_queue
 
-    def _refusal(self, limiter: _Limiter, why: str) -> LmgateError:
-        retry_after_s = limiter.retry_after_s(self.default_retry_after_s)
+    def _refusal(self, limiter: _Limiter, why: str, *, shared: SharedPressure | None = None) -> LmgateError:
+        retry_after_s = limiter.retry_after_s(self.default_retry_after_s, shared=shared)
         if self.client_key is not None:
             return RateLimited(f"Too many concurrent requests for this key and {why}; try again later.",
                                retry_after_s=retry_after_s)
         return Overloaded(f"The upstream is at its concurrency limit and {why}; try again later.",
                           retry_after_s=retry_after_s)
 
-    async def _serve(self, limiter: _Limiter, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the inner app holding the slot; feed the adaptive limit its latency sample."""
+    async def _serve(self, limiter: _Limiter, lease: SlotLease | None, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the inner app holding the slot (``lease``: a shared one); feed the adaptive limit its latency sample."""
         granted_at = self.clock()
         sampled = False
         # A client that left before the first byte tells nothing about latency (censored sample).
@@ -335,7 +435,10 @@ class ConcurrencyMiddleware:
             held_s = self.clock() - granted_at
             if not sampled and not client_left:
                 limiter.observe_latency(held_s)  # e.g. a timeout before the first byte: slow
-            limiter.release(held_s)
+            limiter.release(held_s, shared=lease is not None)
+            if lease is not None:
+                with anyio.CancelScope(shield=True):  # bounded by the store's own deadline
+                    await lease.release(held_s)
 
 
 def _key_name(key: Key) -> str:

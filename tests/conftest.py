@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import pytest
@@ -184,3 +191,103 @@ async def _read_request(reader: asyncio.StreamReader, connection: int) -> RawReq
 async def raw_upstream() -> AsyncIterator[RawUpstream]:
     async with RawUpstream() as raw:
         yield raw
+
+
+# --- a real redis-server (Debian's package) for the shared-state tests -------------------------------
+
+
+@dataclass
+class RedisServer:
+    """``redis-server`` on 127.0.0.1 with nothing persisted, in the test's temp directory.
+
+    ``stop()`` and ``start()`` again on the same port stand for an outage and a restart (its data
+    is gone, as with a Redis without persistence); ``url`` stays the same.
+    """
+
+    binary: str
+    directory: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        for _ in range(3):  # a free port may be taken before redis-server binds it
+            self.port = self.port or _free_port()
+            self.process = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            if self._answers():
+                return
+            self.stop()
+            self.port = 0
+        raise RuntimeError(f"redis-server did not start:\n{(self.directory / 'redis.log').read_text(errors='replace')}")
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung or swapping Redis)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a paused one too
+            self.process.kill()
+            self.process.wait(timeout=5)
+            self.process = None
+
+    def _answers(self, timeout: float = 10.0) -> bool:
+        """Bounded poll until the server answers PING; False if it exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise TimeoutError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_bin() -> str:
+    binary = shutil.which("redis-server") or next(
+        (path for path in ("/usr/bin/redis-server", "/usr/local/bin/redis-server") if os.access(path, os.X_OK)), None
+    )
+    if binary is None:
+        reason = "redis-server is not installed (CI installs it: apt-get install -y redis-server)"
+        if os.environ.get("CI") or os.environ.get("LMGATE_REQUIRE_REDIS"):
+            pytest.fail(reason + "; CI/LMGATE_REQUIRE_REDIS is set, so it is required", pytrace=False)
+        pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture
+def redis_server(redis_bin: str, tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server for the test (stopped after it)."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(redis_bin, directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

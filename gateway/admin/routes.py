@@ -110,15 +110,13 @@ class AdminRoutes:
         if facts.preload_pending:  # models.preload still loading
             await send_json(send, 503, {"status": "preloading", "models": sorted(facts.preload_pending)})
             return
-        await send_json(
-            send,
-            *readiness(
-                draining=facts.draining,
-                preloaded=facts.preloaded,
-                circuit=facts.circuit,
-                unreachable=facts.unreachable,
-            ),
+        status, body = readiness(
+            draining=facts.draining, preloaded=facts.preloaded, circuit=facts.circuit, unreachable=facts.unreachable
         )
+        if facts.shared_state is not None:
+            # Redis down degrades (local limits), it does not stop serving: still ready.
+            body = {**body, "shared_state": facts.shared_state}
+        await send_json(send, status, body)
 
     def _exposition(self, scope: Scope) -> tuple[bytes, str] | None:
         accept = header_value(scope.get("headers", ()), b"accept")

@@ -26,6 +26,9 @@ class ReadinessFacts:
     circuit: str | None
     #: Why the latest model refresh could not reach the upstream, while that is current.
     unreachable: str | None
+    #: Redis shared by the replicas: "available", "unavailable" (deciding locally: degraded, still
+    #: ready), or None when not configured.
+    shared_state: str | None = None
 
 
 @dataclass(frozen=True)

@@ -449,6 +449,64 @@ class CacheConfig(Section):
     ttl_s: float = Field(3600.0, gt=0, description="How long an answer is served from the cache.")
 
 
+class StateConfig(Section):
+    """Shared state for several replicas (docs/shared-state.md); without ``redis_url`` each replica decides alone."""
+
+    redis_url: str | None = Field(
+        None,
+        description="Redis that replicas share decisions through (redis://, rediss:// or unix://); null: all state "
+        "in memory, as for a single lmgate.",
+    )
+    timeout_ms: float = Field(
+        50.0, gt=0, description="Deadline of each Redis call; past it the replica decides alone until Redis answers."
+    )
+    lease_s: float = Field(
+        10.0,
+        gt=0,
+        description="Lease of a shared slot, renewed while its request runs: a replica that dies frees its slots "
+        "within this long.",
+    )
+    fallback_limit_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="While Redis is unavailable, the share of each concurrency limit a replica uses alone "
+        "(at least 1 slot).",
+    )
+    key_prefix: str = Field("lmgate", description="Prefix of every Redis key lmgate writes (one per deployment).")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL, like redis://127.0.0.1:6379/0")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("expected a host in the URL, like redis://127.0.0.1:6379/0")
+        if parts.scheme == "unix" and not parts.path:
+            raise ValueError("expected a socket path, like unix:///run/redis/redis.sock")
+        try:
+            parts.port  # noqa: B018 - a port that is not a number raises here
+        except ValueError:
+            raise ValueError("expected a numeric port, like redis://127.0.0.1:6379/0") from None
+        if parts.scheme != "unix" and not re.fullmatch(r"(/\d*)?", parts.path):
+            raise ValueError("expected a database number as the path, like redis://127.0.0.1:6379/0")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", value):
+            raise ValueError("expected 1-64 letters, digits, '.', '_', ':' or '-'")
+        return value
+
+    @property
+    def shared(self) -> bool:
+        return self.redis_url is not None
+
+
 class Config(Section):
     listen: ListenConfig = Field(default_factory=ListenConfig, description="Where lmgate listens.")
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig, description="The server lmgate forwards to.")
@@ -471,6 +529,9 @@ class Config(Section):
     health: HealthConfig = Field(default_factory=HealthConfig, description="Readiness and LLM health checks.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Client keys and admin keys.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache for deterministic requests.")
+    state: StateConfig = Field(
+        default_factory=StateConfig, description="State shared by several replicas through Redis (docs/shared-state.md)."
+    )
 
     @model_validator(mode="after")
     def _one_way_to_name_upstreams(self) -> Config:
@@ -592,7 +653,12 @@ class Config(Section):
 
     def redacted(self) -> dict[str, Any]:
         """The effective config as plain data, secrets masked (for ``config check`` and logs)."""
-        return self.model_dump(mode="json")
+        document = self.model_dump(mode="json")
+        # A Redis URL may carry a password (redis://:secret@host, unix://...?password=secret).
+        url = document["state"]["redis_url"]
+        if url is not None:
+            document["state"]["redis_url"] = re.sub(r"([?&]password=)[^&]*", r"\1***", _without_userinfo(url))
+        return document
 
     def digest(self) -> str:
         """A short hash of the effective config, stamped on log lines to tell configs apart."""
