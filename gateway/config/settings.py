@@ -458,7 +458,10 @@ class StateConfig(Section):
         "in memory, as for a single lmgate.",
     )
     timeout_ms: float = Field(
-        50.0, gt=0, description="Deadline of each Redis call; past it the replica decides alone until Redis answers."
+        250.0,
+        gt=0,
+        description="Deadline of each Redis call; past it the replica decides alone until Redis answers. Far above "
+        "a loopback or LAN round trip (under 1 ms), so that an event-loop stall is not taken for an outage.",
     )
     lease_s: float = Field(
         10.0,

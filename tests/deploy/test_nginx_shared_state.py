@@ -28,7 +28,9 @@ LIMIT = 4
 
 def shared_settings(redis_url: str, **concurrency: Any) -> dict[str, Any]:
     return {
-        "state": {"redis_url": redis_url, "lease_s": 1.0, "fallback_limit_share": 0.25},
+        # A generous call deadline: these tests are about sharing, and a busy CI machine's stall must
+        # not be taken for an outage (which leaves one replica on its fallback share).
+        "state": {"redis_url": redis_url, "lease_s": 1.0, "fallback_limit_share": 0.25, "timeout_ms": 1000},
         "concurrency": {"limit": LIMIT, "max_queue": 16, "max_wait_s": 30, **concurrency},
         "retry": {"enabled": False},
     }
