@@ -36,6 +36,7 @@ from gateway.proxy.relay import Proxy
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.state import RedisSlots, SharedState
+from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.upstreams.router import Route, Router
 from gateway.upstreams.upstream import Upstream, build_upstreams, make_upstream_client
@@ -107,9 +108,12 @@ def build_collaborators(
             telemetry.instrument(upstream.client)
     board = RequestBoard()
     telemetry.on_request_end.append(board.observe)
+    state = SharedState.from_config(config.state)
+    if state is not None:  # with Redis, one load per model across replicas (docs/shared-state.md)
+        for upstream in upstreams:
+            upstream.models.loader.shared = RedisLoads(state, scope=upstream.name)
     return Collaborators(
-        upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes,
-        state=SharedState.from_config(config.state),
+        upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes, state=state,
     )  # fmt: skip
 
 
@@ -604,7 +608,7 @@ class GatewaySnapshot:
                         "limit": pressure.limit, "in_flight": pressure.in_flight, "queued": pressure.queued
                     },
                     "loaded": sorted(r.id for r in registry.records.values() if r.state == "loaded"),
-                    "loading": sorted(upstream.models.loader.jobs),
+                    "loading": upstream.models.loader.loading,  # other replicas' loads too (shared state)
                 }
             )
         return cards
