@@ -36,6 +36,7 @@ from gateway.proxy.relay import Proxy
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.state import RedisSlots, SharedState
+from gateway.state.breakers import RedisCircuits
 from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.upstreams.router import Route, Router
@@ -488,6 +489,8 @@ def _circuit_breaker(config: Config, c: Collaborators, upstream: Upstream) -> La
     cb = config.circuit_breaker
     if not cb.enabled:
         return None
+    # With Redis, every replica opens and half-opens together (docs/shared-state.md).
+    shared = RedisCircuits(c.state, scope=upstream.name) if c.state is not None else None
     return Layer(
         "circuit_breaker",
         lambda app: CircuitBreakerMiddleware(
@@ -503,6 +506,7 @@ def _circuit_breaker(config: Config, c: Collaborators, upstream: Upstream) -> La
             on_state_change=c.telemetry.circuit_changed,
             # One upstream keeps the name its circuit always had; several are told apart by theirs.
             name="upstream" if len(c.upstreams) == 1 else upstream.name,
+            shared=shared,
         ),
     )
 
