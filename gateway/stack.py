@@ -37,13 +37,14 @@ from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.state import RedisSlots, SharedState
 from gateway.state.breakers import RedisCircuits
+from gateway.state.cache import RedisCacheStore
 from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.upstreams.router import Route, Router
 from gateway.upstreams.upstream import Upstream, build_upstreams, make_upstream_client
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.body import BodyDeadlines
-from middleware.cache import CacheMiddleware, MemoryStore
+from middleware.cache import CacheMiddleware, CacheStore, MemoryStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainMiddleware, DrainState
@@ -348,11 +349,15 @@ def _cache(config: Config, c: Collaborators) -> Layer | None:
     cache, metrics = config.cache, c.telemetry.metrics
     if not cache.enabled:
         return None
+    memory = MemoryStore(max_entries=cache.max_entries, max_bytes=cache.max_bytes)
+    store: CacheStore = memory
+    if c.state is not None:  # with Redis, every replica's hits (the memory store while Redis cannot answer)
+        store = RedisCacheStore(c.state, fallback=memory, max_entry_bytes=cache.max_entry_bytes)
     return Layer(
         "cache",
         lambda app: CacheMiddleware(
             app,
-            store=MemoryStore(max_entries=cache.max_entries, max_bytes=cache.max_bytes),
+            store=store,
             ttl_s=cache.ttl_s,
             max_entry_bytes=cache.max_entry_bytes,
             on_result=metrics.cache_result if metrics is not None else None,
