@@ -195,7 +195,7 @@ def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
         _own_routes(config, c, GatewaySnapshot(config, c, stack)),  # OwnRoutes -> AdminRoutes: /healthz, /lmgate/...
         _telemetry(c),  # TelemetryMiddleware: logs, metrics and the span of each forwarded request, once
         _request_validation(config, c),  # RequestValidation: 4xx for what the upstream cannot serve
-        _per_key_concurrency(config),  # ConcurrencyMiddleware per client key (auth.per_key_limit): 429
+        _per_key_concurrency(config, c),  # ConcurrencyMiddleware per client key (auth.per_key_limit): 429
         _drain(config, c),  # DrainMiddleware: 503 draining once shutdown began
         _cache(config, c),  # CacheMiddleware: repeated deterministic requests answered from memory
         _base64_embeddings(config),  # Base64EmbeddingsMiddleware: float embeddings encoded for base64 clients
@@ -322,12 +322,14 @@ def _request_validation(config: Config, c: Collaborators) -> Layer:
     )
 
 
-def _per_key_concurrency(config: Config) -> Layer | None:
+def _per_key_concurrency(config: Config, c: Collaborators) -> Layer | None:
     # 429 for one key over its share, before the shared queue.
     auth = config.auth
     if auth.per_key_limit is None:
         return None
     limit = auth.per_key_limit
+    # With Redis, a key's requests are counted across every replica ("@keys": no upstream has that name).
+    shared = RedisSlots(c.state, scope="@keys") if c.state is not None else None
     return Layer(
         "per_key_concurrency",
         lambda app: ConcurrencyMiddleware(
@@ -336,6 +338,8 @@ def _per_key_concurrency(config: Config) -> Layer | None:
             max_queue=auth.per_key_queue,
             max_wait_s=config.concurrency.max_wait_s,
             client_key=client_identity,
+            shared=shared,
+            fallback_limit_share=config.state.fallback_limit_share,
         ),
     )
 
