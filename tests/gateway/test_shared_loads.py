@@ -178,17 +178,21 @@ async def test_a_load_that_fails_on_one_gateway_fails_the_requests_of_all_with_i
 
 async def test_every_gateway_lists_a_load_under_way_on_another(redis_server):
     model = SimModel(id=MODEL, load_delay_s=30.0, tokens_per_second=float("inf"), ttft_base_s=0.0)
-    async with Simulator(models=[model]) as sim, gateways(sim.url, redis_server.url, 2) as ((a_url, _), (b_url, b)):
-        async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client, anyio.create_task_group() as tg:
-            tg.start_soon(lambda: client.post(a_url + "/lmgate/models/" + MODEL + "/load"))
-            await sim.counters.wait_for(lambda c: c.loads_started == 1)
-            loads = b.models.loader.shared
-            assert loads is not None
-            with anyio.fail_after(5):  # b reads the shared loads on its heartbeat (lease_s / 3)
-                while MODEL not in loads.elsewhere():
-                    await anyio.sleep(0.05)
-            listing = (await client.get(b_url + "/lmgate/models")).json()
-            entry = next(m for m in listing["models"] if m["id"] == MODEL)
-            assert entry["state"] == "loading" and entry["loading"]["replica"]
-            assert listing["loads"]["in_progress"] == [MODEL]
-            tg.cancel_scope.cancel()
+    async with (
+        Simulator(models=[model]) as sim,
+        gateways(sim.url, redis_server.url, 2) as ((a_url, _), (b_url, b)),
+        httpx.AsyncClient(timeout=30.0, trust_env=False) as client,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(lambda: client.post(a_url + "/lmgate/models/" + MODEL + "/load"))
+        await sim.counters.wait_for(lambda c: c.loads_started == 1)
+        loads = b.models.loader.shared
+        assert loads is not None
+        with anyio.fail_after(5):  # b reads the shared loads on its heartbeat (lease_s / 3)
+            while MODEL not in loads.elsewhere():
+                await anyio.sleep(0.05)
+        listing = (await client.get(b_url + "/lmgate/models")).json()
+        entry = next(m for m in listing["models"] if m["id"] == MODEL)
+        assert entry["state"] == "loading" and entry["loading"]["replica"]
+        assert listing["loads"]["in_progress"] == [MODEL]
+        tg.cancel_scope.cancel()
