@@ -37,13 +37,16 @@ from gateway.proxy.relay import Proxy
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.state import RedisSlots, SharedState
+from gateway.state.breakers import RedisCircuits
+from gateway.state.cache import RedisCacheStore
+from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.telemetry.metrics import WatchedUpstream
 from gateway.upstreams.router import Route, Router, chosen_upstream, upstream_headers
 from gateway.upstreams.upstream import Upstream, build_upstreams, make_upstream_client
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
 from middleware.body import BodyDeadlines
-from middleware.cache import CacheMiddleware, MemoryStore
+from middleware.cache import CacheMiddleware, CacheStore, MemoryStore
 from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainMiddleware, DrainState
@@ -111,9 +114,12 @@ def build_collaborators(
             telemetry.instrument(upstream.client)
     board = RequestBoard()
     telemetry.on_request_end.append(board.observe)
+    state = SharedState.from_config(config.state)
+    if state is not None:  # with Redis, one load per model across replicas (docs/shared-state.md)
+        for upstream in upstreams:
+            upstream.models.loader.shared = RedisLoads(state, scope=upstream.name)
     return Collaborators(
-        upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes,
-        state=SharedState.from_config(config.state),
+        upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes, state=state,
     )  # fmt: skip
 
 
@@ -193,7 +199,7 @@ def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
         _own_routes(config, c, GatewaySnapshot(config, c, stack)),  # OwnRoutes -> AdminRoutes: /healthz, /lmgate/...
         _telemetry(c),  # TelemetryMiddleware: logs, metrics and the span of each forwarded request, once
         _request_validation(config, c),  # RequestValidation: 4xx for what the upstream cannot serve
-        _per_key_concurrency(config),  # ConcurrencyMiddleware per client key (auth.per_key_limit): 429
+        _per_key_concurrency(config, c),  # ConcurrencyMiddleware per client key (auth.per_key_limit): 429
         _drain(config, c),  # DrainMiddleware: 503 draining once shutdown began
         _cache(config, c),  # CacheMiddleware: repeated deterministic requests answered from memory
         _base64_embeddings(config),  # Base64EmbeddingsMiddleware: float embeddings encoded for base64 clients
@@ -335,12 +341,14 @@ def _request_validation(config: Config, c: Collaborators) -> Layer:
     )
 
 
-def _per_key_concurrency(config: Config) -> Layer | None:
+def _per_key_concurrency(config: Config, c: Collaborators) -> Layer | None:
     # 429 for one key over its share, before the shared queue.
     auth = config.auth
     if auth.per_key_limit is None:
         return None
     limit = auth.per_key_limit
+    # With Redis, a key's requests are counted across every replica ("@keys": no upstream has that name).
+    shared = RedisSlots(c.state, scope="@keys") if c.state is not None else None
     return Layer(
         "per_key_concurrency",
         lambda app: ConcurrencyMiddleware(
@@ -349,6 +357,8 @@ def _per_key_concurrency(config: Config) -> Layer | None:
             max_queue=auth.per_key_queue,
             max_wait_s=config.concurrency.max_wait_s,
             client_key=client_identity,
+            shared=shared,
+            fallback_limit_share=config.state.fallback_limit_share,
         ),
     )
 
@@ -362,11 +372,15 @@ def _cache(config: Config, c: Collaborators) -> Layer | None:
     cache, metrics = config.cache, c.telemetry.metrics
     if not cache.enabled:
         return None
+    memory = MemoryStore(max_entries=cache.max_entries, max_bytes=cache.max_bytes)
+    store: CacheStore = memory
+    if c.state is not None:  # with Redis, every replica's hits (the memory store while Redis cannot answer)
+        store = RedisCacheStore(c.state, fallback=memory, max_entry_bytes=cache.max_entry_bytes)
     return Layer(
         "cache",
         lambda app: CacheMiddleware(
             app,
-            store=MemoryStore(max_entries=cache.max_entries, max_bytes=cache.max_bytes),
+            store=store,
             ttl_s=cache.ttl_s,
             max_entry_bytes=cache.max_entry_bytes,
             on_result=metrics.cache_result if metrics is not None else None,
@@ -512,6 +526,8 @@ def _circuit_breaker(config: Config, c: Collaborators, upstream: Upstream) -> La
     cb = config.circuit_breaker
     if not cb.enabled:
         return None
+    # With Redis, every replica opens and half-opens together (docs/shared-state.md).
+    shared = RedisCircuits(c.state, scope=upstream.name) if c.state is not None else None
     return Layer(
         "circuit_breaker",
         lambda app: CircuitBreakerMiddleware(
@@ -527,6 +543,7 @@ def _circuit_breaker(config: Config, c: Collaborators, upstream: Upstream) -> La
             on_state_change=c.telemetry.circuit_observer(upstream.name),
             # One upstream keeps the name its circuit always had; several are told apart by theirs.
             name="upstream" if len(c.upstreams) == 1 else upstream.name,
+            shared=shared,
         ),
     )
 
@@ -632,7 +649,7 @@ class GatewaySnapshot:
                         "limit": pressure.limit, "in_flight": pressure.in_flight, "queued": pressure.queued
                     },
                     "loaded": sorted(r.id for r in registry.records.values() if r.state == "loaded"),
-                    "loading": sorted(upstream.models.loader.jobs),
+                    "loading": upstream.models.loader.loading,  # other replicas' loads too (shared state)
                 }
             )
         return cards

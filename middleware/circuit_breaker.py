@@ -44,6 +44,7 @@ import anyio
 
 from middleware._deadline import deadline_expired
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive
+from middleware.circuits import BreakerPolicy, CircuitVerdict, SharedCircuits
 from middleware.errors import CircuitOpen, LmgateError, error_layer_outside, with_error_layer
 from middleware.response import ResponseState
 from middleware.types import ASGIApp, Clock, Message, Receive, Scope, Send
@@ -63,24 +64,6 @@ class Outcome(enum.Enum):
     SUCCESS = "success"
     FAILURE = "failure"
     NEUTRAL = "neutral"  # says nothing about the upstream: the client left, a shutdown
-
-
-@dataclass(frozen=True)
-class BreakerPolicy:
-    failure_threshold: int = 5
-    failure_ratio: float | None = None
-    window_s: float = 60.0
-    min_requests: int = 10
-    reset_timeout_s: float = 30.0
-    half_open_max_probes: int = 1
-
-    def __post_init__(self) -> None:
-        if self.failure_threshold < 1 or self.min_requests < 1 or self.half_open_max_probes < 1:
-            raise ValueError("failure_threshold, min_requests and half_open_max_probes must be >= 1")
-        if self.failure_ratio is not None and not 0 < self.failure_ratio <= 1:
-            raise ValueError(f"failure_ratio must be in (0, 1], got {self.failure_ratio!r}")
-        if not self.window_s > 0 or not self.reset_timeout_s > 0:
-            raise ValueError("window_s and reset_timeout_s must be above 0")
 
 
 class _Window:
@@ -148,6 +131,14 @@ class Breaker:
     def pristine(self) -> bool:
         """Indistinguishable from a new circuit (so it may be forgotten)."""
         return self.state == CLOSED and self.consecutive_failures == 0 and not self.window.buckets
+
+    def follow(self, state: str, retry_after_s: float) -> None:
+        """Take the state every replica shares (a transition here is logged and reported as usual);
+        for an open circuit, ``retry_after_s`` is its cool-down left."""
+        if state != self._state:
+            self._move(state)
+        if state == OPEN:
+            self.opened_at = self.clock() + retry_after_s - self.policy.reset_timeout_s
 
     def admit(self) -> Ticket | None:
         """A ticket for a request that may go to the upstream, or None to shed it."""
@@ -247,6 +238,7 @@ class CircuitBreakerMiddleware:
         name: str = "upstream",
         body_limit_bytes: int = DEFAULT_LIMIT_BYTES,
         max_keys: int = 256,
+        shared: SharedCircuits | None = None,
     ) -> None:
         self.app = app
         self.policy = BreakerPolicy(
@@ -266,6 +258,7 @@ class CircuitBreakerMiddleware:
         self.body_limit_bytes = body_limit_bytes
         self.max_keys = max_keys
         self.rejected = 0
+        self.shared = shared
         self._breakers: dict[str, Breaker] = {}
         self.breaker(name)
 
@@ -315,12 +308,13 @@ class CircuitBreakerMiddleware:
             if model is not None:
                 key = f"{self.name}:{model}"
         breaker = self.breaker(key)
-        ticket = breaker.admit()
-        if ticket is None:
+        verdict = await self._admit_shared(breaker)
+        ticket = breaker.admit() if verdict is None else None
+        if ticket is None and (verdict is None or not verdict.admitted):
             self.rejected += 1
             raise CircuitOpen(
                 f"Circuit {breaker.key!r} is open after repeated upstream failures; lmgate is not sending it requests for now.",
-                retry_after_s=breaker.retry_after_s(),
+                retry_after_s=breaker.retry_after_s() if verdict is None else verdict.retry_after_s,
             )
 
         response = ResponseState()
@@ -343,7 +337,27 @@ class CircuitBreakerMiddleware:
             outcome = Outcome.FAILURE
             raise
         finally:
-            breaker.record(ticket, outcome)
+            if verdict is not None:
+                await self._record_shared(breaker, verdict, outcome)
+            elif ticket is not None:
+                breaker.record(ticket, outcome)
+
+    async def _admit_shared(self, breaker: Breaker) -> CircuitVerdict | None:
+        """The shared circuit's verdict (followed by the local one); None: decide locally."""
+        if self.shared is None or not self.shared.available:
+            return None
+        verdict = await self.shared.admit(breaker.key, self.policy)
+        if verdict is not None:
+            breaker.follow(verdict.state, verdict.retry_after_s)
+        return verdict
+
+    async def _record_shared(self, breaker: Breaker, verdict: CircuitVerdict, outcome: Outcome) -> None:
+        assert self.shared is not None
+        failed = None if outcome is Outcome.NEUTRAL else outcome is Outcome.FAILURE
+        with anyio.CancelScope(shield=True):  # bounded by the store's own deadline
+            after = await self.shared.record(breaker.key, verdict, failed, self.policy)
+        if after is not None:
+            breaker.follow(after.state, after.retry_after_s)
 
 
 def judge_error(error: LmgateError) -> Outcome:

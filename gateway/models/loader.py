@@ -18,6 +18,12 @@ upstream refuses, fails every waiting request with the upstream's message (``mod
 Just before loading, the upstream's listing is re-read: a model loaded meanwhile (by another client,
 or LM Studio's own JIT) is not loaded twice, since a second ``/api/v1/models/load`` would add an
 instance.
+
+With ``shared`` (a :class:`~gateway.models.shared.SharedLoads`, Redis through gateway/state), a
+job first claims the model's load across every replica: the replica that wins it loads as above
+and publishes the outcome; the others follow that load (the job stays ``loading``, its requests
+get their heartbeats) and end with its outcome: loaded, or failed with the same message. While
+the store cannot decide, each replica loads on its own, as without it.
 """
 
 from __future__ import annotations
@@ -30,10 +36,16 @@ import anyio
 from anyio.abc import TaskGroup
 
 from gateway.models.registry import ModelRegistry
+from gateway.models.shared import Claim, SharedLoads
 from gateway.models.upstream import Listed, LoadError, UpstreamModels
 from gateway.proxy.upstream_errors import describe
 
 logger = logging.getLogger("lmgate.models")
+
+#: Pauses between the questions of a replica following another's load: short at first (a load
+#: that was nearly done), growing to a bound (one question per half second for a long load).
+_FOLLOW_MIN_S = 0.05
+_FOLLOW_MAX_S = 0.5
 
 
 @dataclass(eq=False)
@@ -47,8 +59,9 @@ class LoadJob:
     error: str | None = None  # the upstream's message, or why lmgate gave up
     seconds: float | None = None  # the load's duration (LM Studio's own figure when it gives one)
     instance: str | None = None  # the instance id the upstream reported
-    loaded_here: bool = False  # False when the model turned out to be loaded already
+    loaded_here: bool = False  # False when the model turned out to be loaded already (by ``owner`` too)
     in_background: bool = False  # runs in the gateway's task group, else its creator runs it
+    owner: str | None = None  # the replica that ran the load, when another one did (shared loads)
 
     @property
     def finished(self) -> bool:
@@ -67,6 +80,7 @@ class Loader:
         timeout_s: float = 300.0,
         ttl_for: Callable[[str], float | None] = lambda model: None,
         on_finished: Callable[[LoadJob], None] | None = None,
+        shared: SharedLoads | None = None,
     ) -> None:
         self.registry = registry
         self.on_finished = on_finished
@@ -75,6 +89,7 @@ class Loader:
         self.timeout_s = timeout_s
         self.ttl_for = ttl_for
         self.jobs: dict[str, LoadJob] = {}
+        self.shared = shared  # loads claimed across replicas; None: this process alone
         self._turns = anyio.Semaphore(max_concurrent)
         self._task_group: TaskGroup | None = None
 
@@ -124,8 +139,20 @@ class Loader:
         await self.wait(job, runner=created)
         return job
 
+    @property
+    def loading(self) -> list[str]:
+        """Models loading now: this replica's jobs, and loads under way on other replicas."""
+        elsewhere = self.shared.elsewhere() if self.shared is not None else {}
+        return sorted({*self.jobs, *elsewhere})
+
     async def _run(self, job: LoadJob) -> None:
+        claim: Claim | None = None
         try:
+            if self.shared is not None:
+                with anyio.fail_after(self.timeout_s):
+                    claim = await self._follow(job)
+                if job.owner is not None:
+                    return  # another replica loaded it (or failed to): its outcome is the job's
             async with self._turns:
                 job.began_at = anyio.current_time()
                 with anyio.fail_after(self.timeout_s):
@@ -143,7 +170,46 @@ class Loader:
         finally:
             if job.error is None and job.seconds is None:
                 job.error = "lmgate stopped before the model finished loading."
+            if claim is not None and self.shared is not None:
+                with anyio.CancelScope(shield=True):  # bounded by the store's own deadline
+                    seconds = job.seconds if job.loaded_here else None  # None: found loaded, nothing to learn
+                    await self.shared.finish(claim, error=job.error, instance=job.instance, seconds=seconds)
             self._finish(job)
+
+    async def _follow(self, job: LoadJob) -> Claim | None:
+        """Claim the model's load across replicas, or follow another replica's to its outcome.
+
+        Returns the claim when this replica is to load (None: the store cannot decide, load
+        alone). After following, ``job.owner`` names the replica that loaded, and the job holds
+        its outcome.
+        """
+        assert self.shared is not None
+        following: str | None = None
+        pause_s = _FOLLOW_MIN_S
+        while True:
+            claim = await self.shared.claim(job.model, expected_s=self.registry.expected_load_s(job.model), following=following)
+            if claim is None or claim.mine:
+                return claim
+            load = claim.load
+            if load.state == "loading":
+                if following != load.token:
+                    following = load.token
+                    job.began_at = anyio.current_time() - load.elapsed_s  # for the ETA in heartbeats
+                    logger.info(
+                        "model %s is loading on another replica; waiting for it", job.model,
+                        extra={"event": "model_load_follow", "model": job.model, "replica": load.owner},
+                    )  # fmt: skip
+                await anyio.sleep(pause_s)
+                pause_s = min(pause_s * 1.5, _FOLLOW_MAX_S)
+                continue
+            job.owner = load.owner
+            if load.state == "failed":
+                job.error = load.error or f'Loading the model "{job.model}" failed on another lmgate replica.'
+            else:
+                # A real load there (not "found loaded already") teaches this replica its duration.
+                job.loaded_here = load.seconds is not None
+                job.seconds, job.instance = load.seconds if load.seconds is not None else 0.0, load.instance
+            return None
 
     async def _load(self, job: LoadJob) -> None:
         await self.registry.refresh(force=True)
@@ -166,7 +232,12 @@ class Loader:
             seconds=job.seconds if job.loaded_here else None,
             error=job.error,
         )
-        if job.error is not None:
+        if job.owner is not None:
+            logger.info(
+                "model %s %s on another replica", job.model, "failed to load" if job.error else "loaded",
+                extra={"event": "model_load_followed", "model": job.model, "replica": job.owner, "error": job.error},
+            )  # fmt: skip
+        elif job.error is not None:
             logger.warning(
                 "loading model %s failed: %s", job.model, job.error,
                 extra={"event": "model_load_failed", "model": job.model},
@@ -177,5 +248,6 @@ class Loader:
                 extra={"event": "model_load_end", "model": job.model, "load_s": job.seconds},
             )
         job.done.set()
-        if self.on_finished is not None and (job.loaded_here or job.error is not None):
+        # Counted once, by the replica that loaded (telemetry's loads and failures).
+        if self.on_finished is not None and job.owner is None and (job.loaded_here or job.error is not None):
             self.on_finished(job)

@@ -11,6 +11,7 @@ and :meth:`unload` on ``/lmgate/models``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -159,6 +160,7 @@ class ModelService:
             )
             for record in sorted(registry.records.values(), key=lambda r: r.id)
         ]
+        self._show_elsewhere(models)
         return {
             "upstream": self.upstream.url,
             "api": self.upstream.api,
@@ -167,12 +169,22 @@ class ModelService:
             "ready": self.ready,
             "preload_pending": sorted(self.warmer.pending),
             "loads": {
-                "in_progress": sorted(self.loader.jobs),
+                "in_progress": self.loader.loading,  # other replicas' loads too (shared state)
                 "max_concurrent": self.loader.max_concurrent,
                 "timeout_s": self.loader.timeout_s,
             },
             "models": models,
         }
+
+    def _show_elsewhere(self, models: list[dict[str, Any]]) -> None:
+        """Mark the models another replica is loading (shared state) as loading here too."""
+        elsewhere = self.loader.shared.elsewhere() if self.loader.shared is not None else {}
+        for entry in models:
+            load = elsewhere.get(entry["id"])
+            if load is not None and entry["loading"] is None:
+                eta = max(0, math.ceil(load.expected_s - load.elapsed_s)) if load.expected_s is not None else None
+                entry["state"] = "loading"
+                entry["loading"] = {"elapsed_s": round(load.elapsed_s, 1), "eta_s": eta, "replica": load.owner}
 
     async def load(self, model: str) -> LoadJob | None:
         """Load ``model`` unless it is loaded (None then); raises ``ModelLoadFailed``."""
