@@ -9,6 +9,7 @@ then shares again once Redis is back.
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +18,7 @@ import anyio
 import httpx
 import pytest
 
-from gateway.simulator import SimModel, Simulator
+from gateway.simulator import SimModel, SimSettings, Simulator
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -36,11 +37,12 @@ def shared_settings(redis_url: str, **concurrency: Any) -> dict[str, Any]:
     }
 
 
-def simulator() -> Simulator:
+def simulator(*, answer_tokens: int = 24) -> Simulator:
     # LM Studio with room for every stream at once: only lmgate's limit can hold them back.
+    # ``answer_tokens``: the natural answer length (max_tokens only cuts it shorter).
     model = SimModel(id=MODEL, loaded=True, parallel=64, tokens_per_second=50.0, ttft_base_s=0.01,
                      ttft_per_prompt_token_s=0.0)
-    return Simulator(models=[model])
+    return Simulator(models=[model], settings=SimSettings(completion_tokens=answer_tokens))
 
 
 def chat(max_tokens: int) -> dict[str, Any]:
@@ -67,7 +69,7 @@ async def shared_state_of(client: httpx.AsyncClient, url: str) -> str | None:
 async def queued_on(client: httpx.AsyncClient, url: str, count: int) -> bool:
     """Whether the replica at ``url`` sees ``count`` requests in the shared queue (its /metrics)."""
     metrics = (await client.get(url + "/metrics")).text
-    return f'lmgate_concurrency_queued{{key="*"}} {float(count)}' in metrics
+    return re.search(rf'^lmgate_concurrency_queued{{[^}}]*key="\*"[^}}]*}} {float(count)}$', metrics, re.MULTILINE) is not None
 
 
 def served_or_refused(results: list[tuple[int, dict[str, str], bytes]]) -> tuple[int, int]:
@@ -101,7 +103,7 @@ async def test_thirty_streams_over_two_replicas_never_exceed_the_one_shared_limi
 
 async def test_a_replica_killed_while_holding_slots_gives_them_back_within_the_lease(redis_server, lmgate_process):
     async with (
-        simulator() as sim,
+        simulator(answer_tokens=100_000) as sim,  # A's streams run until A dies, however slow the machine
         lmgate_process(sim.url, shared_settings(redis_server.url)) as a,
         lmgate_process(sim.url, shared_settings(redis_server.url)) as b,
         httpx.AsyncClient(timeout=60.0, trust_env=False) as client,
