@@ -53,8 +53,9 @@ class ListenConfig(Section):
     )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto",
-        description="Event loop lmgate serves on: uvloop (libuv; about a third less CPU per request and per chunk), "
-        "or asyncio's own. auto: uvloop where it is installed (it is a dependency except on Windows), else asyncio.",
+        description="Event loop lmgate serve runs on: uvloop (libuv, in C: less CPU per request and per chunk, "
+        "docs/performance.md) or asyncio's own. auto: uvloop where it can be imported (a dependency except on "
+        "Windows), else asyncio.",
     )
 
 

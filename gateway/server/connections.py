@@ -36,8 +36,9 @@ Running out of descriptors is seen differently on each loop:
   accepts and at once closes every connection waiting in the listen queue, and takes the reserve
   back (its "EMFILE trick"): silent, and those clients see a reset. lmgate notices earlier, from
   the number of each new connection's descriptor: POSIX hands out the lowest free number, so a
-  descriptor within ``DESCRIPTOR_HEADROOM`` of the limit means at most that many are left, and
-  the two longest idle connections are closed for each such new one.
+  descriptor within ``DESCRIPTOR_HEADROOM`` of the limit means at most that many are left. The
+  cap then comes down to keep that many free (closing the longest idle connections), until
+  connections have been quiet for ``QUIET_S``.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ RESERVED_DESCRIPTORS = 64
 MIN_CONNECTIONS = 16
 #: Idle connections closed at once when asyncio's ``accept()`` fails for lack of descriptors.
 EVICTION_BURST = 16
-#: A new connection whose descriptor is this close to the open-files limit (at most this many
-#: left, since descriptors are numbered lowest free first) closes the two longest idle connections.
+#: Descriptors kept free: a new connection whose descriptor is this close to the open-files limit
+#: (at most this many left, since descriptors are numbered lowest free first) lowers the cap.
 DESCRIPTOR_HEADROOM = 16
 #: How long nothing must have been evicted, refused or failed before connections count as recovered.
 QUIET_S = 5.0
@@ -203,7 +204,7 @@ class ConnectionLimiter:
         if self._last_descriptor is not None and descriptor > self._last_descriptor:
             self._short_of_descriptors(descriptor)
         cap = self.cap
-        if cap is not None and self.open >= cap:
+        if cap is not None and self._staying() >= cap:
             if cap == self.max_connections:
                 self._trouble("max_connections")
             else:
@@ -246,7 +247,7 @@ class ConnectionLimiter:
         assert self._last_descriptor is not None
         left = self._last_descriptor + DESCRIPTOR_HEADROOM - descriptor
         self._trouble("open_files", descriptors_left=left)
-        self._descriptor_cap = max(self.open + 1 - (DESCRIPTOR_HEADROOM - left), 1)
+        self._descriptor_cap = max(self._staying() + 1 - (DESCRIPTOR_HEADROOM - left), 1)
 
     def out_of_descriptors(self, code: int) -> None:
         """``accept()`` failed with ``code`` (EMFILE...): free descriptors held by idle connections."""

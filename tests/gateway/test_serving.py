@@ -216,6 +216,26 @@ async def test_reaching_the_cap_and_recovering_are_logged_once_each(connection_e
     assert connection_events.events == ["connections_exhausted", "connections_recovered"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX")
+async def test_a_descriptor_near_the_open_files_limit_lowers_the_cap_to_keep_sixteen_free() -> None:
+    # uvloop never reports EMFILE (libuv sheds the queued connections itself), so the number of
+    # a new connection's descriptor is what tells lmgate how few are left: all below it are taken.
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft < 1000:
+        pytest.skip(f"needs a finite open-files limit of 1,000 or more, not {soft}")
+    limiter, closed = ConnectionLimiter(), []
+    for key in range(40):
+        assert limiter.admit(key, lambda key=key: closed.append(key), descriptor=100 + key)
+    assert closed == []  # far from the limit: no cap
+    assert limiter.admit("near", lambda: closed.append("near"), descriptor=soft - 5)  # 4 left
+    assert closed == list(range(12))  # the 12 longest idle: 16 free again
+    assert limiter.cap == 29
+    assert limiter.admit("next", lambda: None, descriptor=150)  # one out for one in, now
+    assert closed == list(range(13))
+
+
 # A server on a 64-descriptor limit and without a cap: only running out of descriptors guards it.
 # argv[1]: the event loop.
 EXHAUSTED_CHILD = """
