@@ -3,7 +3,8 @@
 * ``direct``: no proxy; the generator talks to the mock (the harness's own ceiling).
 * ``nginx``: Debian's NGINX as a plain reverse proxy, one worker, unbuffered, upstream keep-alive.
 * ``litellm``: LiteLLM's proxy, one worker, in its own virtual environment (optional).
-* ``lmgate``: ``python -m gateway serve`` with the default middleware stack.
+* ``lmgate``: ``python -m gateway serve`` with the default middleware stack (on uvloop, its default).
+* ``lmgate-asyncio`` (diagnostic): the same on asyncio's own event loop (``listen.event_loop``).
 * ``lmgate-all``: every optional layer on (tracing to the mock's OTLP sink, adaptive and per-model
   concurrency, per-model breaker with a failure ratio).
 * ``lmgate-redis``: ``lmgate`` with its concurrency slots shared on a redis-server of its own
@@ -35,7 +36,7 @@ LEG_NAMES = ("direct", "nginx", "litellm", "lmgate", "lmgate-all", "lmgate-redis
 # httpx2 (relay only), e.g. relay-uvicorn-uvloop, relay-hypercorn-httpx2, lmgate-uvicorn-uvloop.
 DIAGNOSTIC_LEGS = ("relay-hypercorn", "relay-hypercorn-httpx2", "relay-hypercorn-uvloop", "relay-uvicorn-uvloop",
                    "relay-uvicorn-uvloop-httpx2", "relay-hypercorn-uvloop-aiohttpx", "relay-hypercorn-uvloop-aiohttp",
-                   "relay-uvicorn-uvloop-aiohttp", "lmgate-hypercorn-uvloop", "lmgate-uvicorn-uvloop")
+                   "relay-uvicorn-uvloop-aiohttp", "lmgate-hypercorn-uvloop", "lmgate-uvicorn-uvloop", "lmgate-asyncio")
 # The relay's upstream client: httpx (default), Pydantic's fork, httpx over aiohttp's I/O, aiohttp itself.
 _CLIENTS = ("httpx2", "aiohttpx", "aiohttp")
 
@@ -182,9 +183,9 @@ class LiteLLM(Leg):
         self.url = f"http://127.0.0.1:{port}"
 
 
-def lmgate_config(mock_url: str, *, everything: bool) -> dict[str, object]:
+def lmgate_config(mock_url: str, *, everything: bool, event_loop: str = "auto") -> dict[str, object]:
     config: dict[str, object] = {
-        "listen": {"host": "127.0.0.1", "port": 0},
+        "listen": {"host": "127.0.0.1", "port": 0, "event_loop": event_loop},
         # The pool's size follows concurrency.limit (derived); only the idle connections kept are raised.
         "upstream": {"url": mock_url, "pool": {"max_keepalive_connections": POOL_KEEPALIVE}},
         "concurrency": {"limit": POOL_CONNECTIONS, "max_queue": POOL_CONNECTIONS},
@@ -202,12 +203,13 @@ def lmgate_config(mock_url: str, *, everything: bool) -> dict[str, object]:
 
 
 class Lmgate(Leg):
-    def __init__(self, name: str, *, everything: bool, redis: bool = False) -> None:
+    def __init__(self, name: str, *, everything: bool, redis: bool = False, event_loop: str = "auto") -> None:
         super().__init__()
         self.name = name
         self.everything = everything
         self.redis = redis
         self.redis_process: Process | None = None
+        self.event_loop = event_loop
         out = subprocess.run([sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, cwd=REPO)
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway", "middleware"],
@@ -222,7 +224,7 @@ class Lmgate(Leg):
 
     def start(self, mock_url: str, work: Path, cpus: Sequence[int] | None) -> None:
         config = work / f"{self.name}.yaml"
-        settings = lmgate_config(mock_url, everything=self.everything)
+        settings = lmgate_config(mock_url, everything=self.everything, event_loop=self.event_loop)
         if self.redis:
             settings["state"] = {"redis_url": self._start_redis(work, cpus)}
         config.write_text(json.dumps(settings, indent=1))  # JSON is YAML
@@ -309,12 +311,17 @@ def make_legs(names: Sequence[str], *, litellm_venv: Path, alt_python: str = sys
             legs.append(Lmgate("lmgate", everything=False))
         elif name == "lmgate-all":
             legs.append(Lmgate("lmgate-all", everything=True))
+<<<<<<< HEAD
         elif name == "lmgate-redis":
             reason = Lmgate.redis_available()
             if reason:
                 skipped[name] = reason
             else:
                 legs.append(Lmgate("lmgate-redis", everything=False, redis=True))
+=======
+        elif name == "lmgate-asyncio":
+            legs.append(Lmgate("lmgate-asyncio", everything=False, event_loop="asyncio"))
+>>>>>>> uvloop
         elif is_diagnostic(name):
             leg = Diagnostic(name, alt_python)
             if leg.problem:

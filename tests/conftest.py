@@ -28,6 +28,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def lmgate_loop(request: pytest.FixtureRequest) -> str:
+    """Each event loop ``lmgate serve`` runs on (``listen.event_loop``), for tests that must hold on both.
+
+    A subprocess test passes it as ``LMGATE_LISTEN__EVENT_LOOP``; an in-process module overrides
+    ``anyio_backend`` to ``("asyncio", {"use_uvloop": lmgate_loop == "uvloop"})``.
+    """
+    return str(request.param)
+
+
 class ScriptedUpstream:
     """A stand-in upstream whose behaviour each test scripts with ``handler``.
 

@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server.run import serve
+    from gateway.server.run import event_loop_options, serve
     from gateway.telemetry.logs import configure_logging
 
     config = load_config(
@@ -122,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
             ("upstream", "url"): args.upstream,
         },
     )
+    loop = event_loop_options(config.listen.event_loop)  # a uvloop that cannot be had fails here, exit 2
     configure_logging(
         level=config.logging.level,
         fmt=config.logging.format,
@@ -136,7 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
     def announce(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    return anyio.run(lambda: serve(config, simulate=args.simulate, announce=announce))
+    return anyio.run(lambda: serve(config, simulate=args.simulate, announce=announce), backend_options=loop)
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -51,6 +51,12 @@ class ListenConfig(Section):
         "or the new one is closed when none is idle. null: the open-files limit less upstream.pool.max_connections "
         "and 64 (docs/production.md).",
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="Event loop lmgate serve runs on: uvloop (libuv, in C: less CPU per request and per chunk, "
+        "docs/performance.md) or asyncio's own. auto: uvloop where it can be imported (a dependency except on "
+        "Windows), else asyncio.",
+    )
 
 
 class PoolConfig(Section):

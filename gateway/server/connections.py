@@ -17,13 +17,28 @@ So lmgate:
   as NGINX does with its keep-alive connections. A health check on a fresh connection is answered
   however many idle connections a client holds open. When no connection is idle, the new one is
   closed at once, so the client can go elsewhere instead of waiting in the listen queue;
-* if ``accept()`` still fails for lack of descriptors (they went to something else), closes idle
-  connections and lets asyncio pause accepting for a second, without its tracebacks;
+* when descriptors run short all the same (they went to something else), closes idle connections
+  to make room, and keeps the event loop from flooding the log;
 * logs one JSON line when connections run out (``connections_exhausted``) and one when they
   have been quiet for a few seconds (``connections_recovered``), never one per connection.
 
-:class:`GuardedListener` is the listening socket hypercorn serves on; :func:`track_connections`
-teaches hypercorn's connection class to report itself to a :class:`ConnectionLimiter`.
+The decision is taken where hypercorn starts a connection (:func:`track_connections` patches its
+``TCPServer.run``), the one place both event loops reach: asyncio's loop calls ``accept()`` on the
+Python socket object, but uvloop's libuv accepts in C and never does. A connection is admitted
+just after its ``accept()``, at most a turn or two of the loop later.
+
+Running out of descriptors is seen differently on each loop:
+
+* asyncio: ``accept()`` fails with ``EMFILE``. :class:`GuardedListener` (the listening socket
+  hypercorn serves) closes idle connections and hands asyncio the error once, which pauses
+  accepting for a second, without asyncio's tracebacks.
+* uvloop: libuv never reports it. On ``EMFILE`` it closes a descriptor it keeps in reserve,
+  accepts and at once closes every connection waiting in the listen queue, and takes the reserve
+  back (its "EMFILE trick"): silent, and those clients see a reset. lmgate notices earlier, from
+  the number of each new connection's descriptor: POSIX hands out the lowest free number, so a
+  descriptor within ``DESCRIPTOR_HEADROOM`` of the limit means at most that many are left. The
+  cap then comes down to keep that many free (closing the longest idle connections), until
+  connections have been quiet for ``QUIET_S``.
 """
 
 from __future__ import annotations
@@ -49,14 +64,16 @@ except ImportError:  # Windows: no RLIMIT_NOFILE, and its event loop accepts dif
 logger = logging.getLogger("lmgate.connections")
 
 #: Descriptors kept for lmgate itself beyond upstream connections: the listening socket, the event
-#: loop's own, standard streams, an OTLP exporter, files read at run time, and idle connections
-#: closed to make room (up to ``EVICTION_BURST`` a turn, their descriptors free the turn after).
+#: loop's own, standard streams, an OTLP exporter, files read at run time, and connections over the
+#: cap between their ``accept()`` and their admission (refused, or let in by closing an idle one).
 RESERVED_DESCRIPTORS = 64
 #: Fewer client connections than this is a limit lmgate cannot serve under.
 MIN_CONNECTIONS = 16
-#: Idle connections closed per event-loop turn to admit new ones; further new connections wait in
-#: the listen queue for the next turn, when the closed ones' descriptors are free.
+#: Idle connections closed at once when asyncio's ``accept()`` fails for lack of descriptors.
 EVICTION_BURST = 16
+#: Descriptors kept free: a new connection whose descriptor is this close to the open-files limit
+#: (at most this many left, since descriptors are numbered lowest free first) lowers the cap.
+DESCRIPTOR_HEADROOM = 16
 #: How long nothing must have been evicted, refused or failed before connections count as recovered.
 QUIET_S = 5.0
 # accept() errors that mean "no descriptor or memory for a new socket" (asyncio's list).
@@ -141,10 +158,10 @@ def connection_cap(config: Config, *, simulate: bool = False) -> int | None:
 class ConnectionLimiter:
     """The client connections of one listener: how many are open, which are idle, and the cap.
 
-    ``admit()`` is asked at ``accept()``; a connection then reports ``opened``, ``busy``/``idle``
-    as requests start and end, and ``closed``. Keys are the connection objects; ``close`` is what
-    ends one that is evicted. ``max_connections`` None: no cap (only running out of descriptors
-    is handled).
+    ``admit()`` is asked when hypercorn starts a connection; an admitted connection then reports
+    ``busy``/``idle`` as requests start and end, and ``closed``. Keys are the connection objects;
+    the ``close`` given to ``admit`` is what ends one that is evicted. ``max_connections`` None: no
+    cap (only running out of descriptors is handled).
     """
 
     def __init__(
@@ -158,10 +175,14 @@ class ConnectionLimiter:
         self.quiet_s = quiet_s
         self.clock = clock
         self.open = 0
+        # Read once: connection_cap() has raised the soft limit before the limiter is made.
+        limit = _soft_limit()
+        finite = limit is not None and limit != resource.RLIM_INFINITY
+        self._last_descriptor = limit - 1 - DESCRIPTOR_HEADROOM if finite and limit else None
+        self._descriptor_cap: int | None = None  # set while descriptors are short (_short_of_descriptors)
         self._close: dict[Hashable, Callable[[], None]] = {}
         self._idle: dict[Hashable, None] = {}  # insertion order: longest idle first
         self._evicting: set[Hashable] = set()
-        self._evicted_this_turn = 0
         self._exhausted_at: float | None = None
         self._last_trouble = 0.0
         self._evicted = 0
@@ -175,27 +196,58 @@ class ConnectionLimiter:
     def exhausted(self) -> bool:
         return self._exhausted_at is not None
 
-    def ready(self) -> bool:
-        """Whether to accept a connection now; False: leave it queued until the next turn.
+    def admit(self, key: Hashable, close: Callable[[], None], descriptor: int = -1) -> bool:
+        """A connection is starting: True, it is registered; False, the caller closes it at once.
 
-        Only at the cap, with idle connections left but this turn's evictions used up: the next
-        turn has their descriptors back. A new connection is never refused while one is idle.
+        ``descriptor`` is its socket's number (-1: unknown), which tells how many are left.
         """
-        at_cap = self.max_connections is not None and self.open >= self.max_connections
-        return not (at_cap and self._idle and self._evicted_this_turn >= EVICTION_BURST)
+        if self._last_descriptor is not None and descriptor > self._last_descriptor:
+            self._short_of_descriptors(descriptor)
+        cap = self.cap
+        if cap is not None and self._staying() >= cap:
+            if cap == self.max_connections:
+                self._trouble("max_connections")
+            else:
+                self._last_trouble = self.clock()
+            # One out for one in at the cap; more when the descriptors' cap has just come down.
+            while self._staying() >= cap and self._evict_longest_idle():
+                pass
+            if self._staying() >= cap:
+                self._refused += 1
+                self.refused_total += 1
+                return False
+        self.open += 1
+        self._close[key] = close
+        self._idle[key] = None  # idle until its first request has arrived whole
+        return True
 
-    def admit(self) -> bool:
-        """Whether a connection just accepted may stay (else the caller closes it)."""
-        if self.max_connections is None or self.open < self.max_connections:
-            self.open += 1
-            return True
-        self._trouble("max_connections")
-        if self._evict_longest_idle():
-            self.open += 1
-            return True
-        self._refused += 1
-        self.refused_total += 1
-        return False
+    def _staying(self) -> int:
+        """Connections open and not being closed to make room."""
+        return self.open - len(self._evicting)
+
+    @property
+    def cap(self) -> int | None:
+        """The cap in force: ``max_connections``, or lower while descriptors are short."""
+        if self._descriptor_cap is None:
+            return self.max_connections
+        if self.max_connections is None:
+            return self._descriptor_cap
+        return min(self.max_connections, self._descriptor_cap)
+
+    def _short_of_descriptors(self, descriptor: int) -> None:
+        """A new connection got ``descriptor``, inside the headroom: cap connections below it.
+
+        Every number below it is taken, so at most ``left`` are free. The cap is set to leave
+        ``DESCRIPTOR_HEADROOM`` free, counting this connection: without one, the next connections
+        would fill the rest and libuv would shed every one after them, unseen. In a burst accepted
+        in one turn, later descriptors were numbered before the evictions for earlier ones, so the
+        cap may come down by up to ``DESCRIPTOR_HEADROOM`` more than needed; it is lifted once
+        connections have been quiet for ``quiet_s``.
+        """
+        assert self._last_descriptor is not None
+        left = self._last_descriptor + DESCRIPTOR_HEADROOM - descriptor
+        self._trouble("open_files", descriptors_left=left)
+        self._descriptor_cap = max(self._staying() + 1 - (DESCRIPTOR_HEADROOM - left), 1)
 
     def out_of_descriptors(self, code: int) -> None:
         """``accept()`` failed with ``code`` (EMFILE...): free descriptors held by idle connections."""
@@ -203,10 +255,6 @@ class ConnectionLimiter:
         for _ in range(EVICTION_BURST):
             if not self._evict_longest_idle():
                 break
-
-    def opened(self, key: Hashable, close: Callable[[], None]) -> None:
-        self._close[key] = close
-        self._idle[key] = None  # idle until its first request has arrived whole
 
     def busy(self, key: Hashable) -> None:
         self._idle.pop(key, None)
@@ -223,21 +271,15 @@ class ConnectionLimiter:
         self.open -= 1
 
     def _evict_longest_idle(self) -> bool:
-        if not self._idle or self._evicted_this_turn >= EVICTION_BURST:
+        if not self._idle:
             return False
-        if self._evicted_this_turn == 0:
-            asyncio.get_running_loop().call_soon(self._new_turn)
-        self._evicted_this_turn += 1
         key = next(iter(self._idle))
         del self._idle[key]
         self._evicting.add(key)
         self._evicted += 1
         self.evicted_total += 1
-        self._close[key]()  # the transport closes its socket early in the next turn
+        self._close[key]()  # the transport closes its socket (uvloop: now; asyncio: early next turn)
         return True
-
-    def _new_turn(self) -> None:
-        self._evicted_this_turn = 0
 
     def _trouble(self, reason: str, **fields: Any) -> None:
         now = self.clock()
@@ -251,7 +293,7 @@ class ConnectionLimiter:
                 "admit new ones, and new ones are refused while none is idle"
             )
         else:
-            message = "out of file descriptors: idle connections are closed and accepting pauses for a second"
+            message = "out of file descriptors, or nearly: the longest idle connections are closed to make room"
         logger.warning(
             message,
             extra={
@@ -274,7 +316,8 @@ class ConnectionLimiter:
             return
         now = self.clock()
         quiet_for = now - self._last_trouble
-        below_cap = self.max_connections is None or self.open < self.max_connections
+        cap = self.cap
+        below_cap = cap is None or self._staying() < cap
         if quiet_for < self.quiet_s or not below_cap:
             self._check_later(max(self.quiet_s - quiet_for, self.quiet_s / 10))
             return
@@ -291,6 +334,7 @@ class ConnectionLimiter:
         )
         self._exhausted_at = None
         self._evicted = self._refused = 0
+        self._descriptor_cap = None
 
 
 def _soft_limit() -> int | None:
@@ -298,13 +342,14 @@ def _soft_limit() -> int | None:
 
 
 class GuardedListener(socket.socket):
-    """A listening socket whose ``accept()`` applies a :class:`ConnectionLimiter`.
+    """A listening socket whose ``accept()`` keeps asyncio calm when descriptors run out.
 
-    asyncio's event loop calls ``accept()`` on the socket object it serves, so the policy lives
-    here, before hypercorn sees a connection. Connections over the cap are closed at once. When
-    ``accept()`` fails for lack of descriptors, the error goes to asyncio once, which stops
-    watching the socket for a second (its ``ACCEPT_RETRY_DELAY``); the calls asyncio makes after
-    it in the same turn are told there is nothing to accept, so no retry is scheduled twice.
+    asyncio's event loop calls ``accept()`` on the socket object it serves (uvloop does not: it
+    only uses the descriptor). When ``accept()`` fails for lack of descriptors, idle connections
+    are closed and the error goes to asyncio once, which stops watching the socket for a second
+    (its ``ACCEPT_RETRY_DELAY``); the calls asyncio makes after it in the same turn are told there
+    is nothing to accept, so no retry is scheduled twice. The cap itself is applied when hypercorn
+    starts the connection (:func:`track_connections`).
     """
 
     connections: ConnectionLimiter
@@ -320,16 +365,6 @@ class GuardedListener(socket.socket):
         return listener
 
     def accept(self) -> tuple[socket.socket, Any]:
-        for _ in range(EVICTION_BURST):
-            if not self.connections.ready():
-                raise BlockingIOError(errno.EAGAIN, "at the cap: more idle connections are closed next turn")
-            conn, address = self._accept_unless_backing_off()
-            if self.connections.admit():
-                return conn, address
-            conn.close()  # over the cap with nothing idle to close: refused, the client may go elsewhere
-        raise BlockingIOError(errno.EAGAIN, "connections refused over the cap; more on the next turn")
-
-    def _accept_unless_backing_off(self) -> tuple[socket.socket, Any]:
         if self._backing_off:
             raise BlockingIOError(errno.EAGAIN, "accepting is paused: out of descriptors")
         try:
@@ -363,12 +398,13 @@ def quiet_asyncio_accept_errors() -> None:
 
 
 def track_connections() -> None:
-    """Make hypercorn's asyncio connections report to their server's ``ConnectionLimiter`` (idempotent).
+    """Make hypercorn's asyncio connections ask their server's ``ConnectionLimiter`` (idempotent).
 
-    A connection registers when it starts and leaves when it ends; hypercorn's own ``Updated``
-    events (``idle=False`` once a request's headers are in, ``idle=True`` once its response is
-    done and the connection is kept alive) say whether it may be evicted. Servers whose hypercorn
-    config has no ``lmgate_connections`` are untouched.
+    A connection is admitted (or closed at once) when it starts and leaves when it ends; hypercorn's
+    own ``Updated`` events (``idle=False`` once a request's headers are in, ``idle=True`` once its
+    response is done and the connection is kept alive) say whether it may be evicted. This runs on
+    asyncio's loop and on uvloop alike. Servers whose hypercorn config has no
+    ``lmgate_connections`` are untouched.
     """
     from hypercorn.asyncio.tcp_server import TCPServer
     from hypercorn.events import Updated
@@ -382,8 +418,14 @@ def track_connections() -> None:
         if limiter is None:
             await run(self)
             return
+        sock = self.writer.get_extra_info("socket")
+        descriptor = sock.fileno() if sock is not None else -1
         # Closing the transport ends the read loop with an EOF, and hypercorn closes as usual.
-        limiter.opened(self, self.writer.close)
+        if not limiter.admit(self, self.writer.close, descriptor):
+            # Over the cap with nothing idle to close: refused before a byte is read, so the
+            # client can go elsewhere at once.
+            self.writer.transport.abort()
+            return
         try:
             await run(self)
         finally:

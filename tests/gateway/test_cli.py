@@ -142,8 +142,11 @@ def test_a_closed_stdout_ends_quietly_like_other_unix_tools(command: list[str]) 
 
 
 @pytest.mark.anyio
-async def test_serve_simulate_prints_one_line_saying_where_lmgate_listens_and_what_it_forwards_to() -> None:
-    process = await anyio.open_process(lmgate("serve", "--simulate", "--port", "0"), env=ENV)
+async def test_serve_simulate_prints_one_line_saying_where_lmgate_listens_and_what_it_forwards_to(
+    lmgate_loop: str,
+) -> None:
+    env = {**ENV, "LMGATE_LISTEN__EVENT_LOOP": lmgate_loop}
+    process = await anyio.open_process(lmgate("serve", "--simulate", "--port", "0"), env=env)
     assert process.stdout is not None and process.stderr is not None
     stdout = b""
     try:

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from anyio.abc import ByteReceiveStream, Process, TaskGroup
 
+from gateway.config.settings import ConfigError
+from gateway.server.run import event_loop_options
 from gateway.simulator import SimModel, Simulator
 from gateway.simulator.testing import parse_sse
 
@@ -49,9 +51,12 @@ async def discard(stream: ByteReceiveStream) -> None:
 
 
 @asynccontextmanager
-async def lmgate_process(*args: str, log: Path | None = None) -> AsyncIterator[tuple[Process, str]]:
-    """``lmgate serve --port 0 ARGS``; its JSON log lines (stdout) go to ``log``, or are dropped."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+async def lmgate_process(
+    *args: str, log: Path | None = None, loop: str = "auto"
+) -> AsyncIterator[tuple[Process, str]]:
+    """``lmgate serve --port 0 ARGS`` on event loop ``loop``; its JSON log lines (stdout) go to
+    ``log``, or are dropped."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMGATE_LISTEN__EVENT_LOOP": loop}
     with open(log, "wb") if log is not None else open(os.devnull, "wb") as stdout:
         process = await anyio.open_process(lmgate("serve", "--port", "0", *args), env=env, stdout=stdout)
     try:
@@ -99,13 +104,13 @@ class LiveStreams:
 
 
 @pytest.mark.slow
-async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0(tmp_path):
+async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0(tmp_path, lmgate_loop):
     model = SimModel(id="m", loaded=True, tokens_per_second=20.0, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0,
                      parallel=16)
     config = tmp_path / "lmgate.yaml"
     config.write_text(yaml.safe_dump({"concurrency": {"limit": 16}}))
     async with Simulator(models=[model]) as sim, lmgate_process(
-        "--upstream", sim.url, "--config", str(config)
+        "--upstream", sim.url, "--config", str(config), loop=lmgate_loop
     ) as (process, url):
         async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
             streams = LiveStreams(client, url, 10)
@@ -129,7 +134,7 @@ async def test_sigterm_lets_ten_live_streams_finish_refuses_new_work_and_exits_0
 
 
 @pytest.mark.slow
-async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_error_frame_and_stops_lm_studio(tmp_path):
+async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_error_frame_and_stops_lm_studio(tmp_path, lmgate_loop):
     streams = 20
     model = SimModel(id="m", loaded=True, parallel=streams, tokens_per_second=4.0, ttft_base_s=0.0,
                      ttft_per_prompt_token_s=0.0)
@@ -137,7 +142,7 @@ async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_er
     config.write_text(yaml.safe_dump({"concurrency": {"limit": streams}, "drain": {"timeout_s": 0.5}}))
     log = tmp_path / "lmgate.log"
     async with Simulator(models=[model]) as sim, lmgate_process(
-        "--upstream", sim.url, "--config", str(config), log=log
+        "--upstream", sim.url, "--config", str(config), log=log, loop=lmgate_loop
     ) as (process, url):
         async with httpx.AsyncClient(trust_env=False, timeout=15) as client:
             live = LiveStreams(client, url, streams)
@@ -154,8 +159,20 @@ async def test_sigterm_under_load_ends_streams_that_outlive_the_drain_with_an_er
         assert len(errors) == 1 and errors[0]["code"] == "draining"
     assert sim.counters.generations_completed == 0
     events = {line["event"]: line for line in map(json.loads, log.read_text().splitlines())}
+    assert events["config_loaded"]["event_loop"] == lmgate_loop
     assert events["drain_start"]["in_flight"] == streams
     assert events["drain_end"]["completed"] is False and events["drain_end"]["aborted"] == streams
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop does not run on Windows")
+def test_the_event_loop_is_uvloop_where_installed_and_asking_for_a_missing_one_fails_naming_the_key(monkeypatch):
+    assert event_loop_options("auto") == {"use_uvloop": True}
+    assert event_loop_options("uvloop") == {"use_uvloop": True}
+    assert event_loop_options("asyncio") == {}
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: the import fails
+    assert event_loop_options("auto") == {}
+    with pytest.raises(ConfigError, match="listen.event_loop: .*got uvloop: it cannot be imported"):
+        event_loop_options("uvloop")
 
 
 def test_a_bad_config_exits_2_before_binding_and_names_the_key(tmp_path):

@@ -21,6 +21,13 @@ from middleware.types import Receive, Scope, Send
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture
+def anyio_backend(lmgate_loop: str) -> tuple[str, dict[str, bool]]:
+    # Every test here on both loops lmgate serves on: asyncio's calls accept() on the listening
+    # socket object, uvloop's libuv accepts in C; the connection cap must hold on both.
+    return "asyncio", {"use_uvloop": lmgate_loop == "uvloop"}
+
+
 async def hello(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "http":
         return
@@ -209,7 +216,28 @@ async def test_reaching_the_cap_and_recovering_are_logged_once_each(connection_e
     assert connection_events.events == ["connections_exhausted", "connections_recovered"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX")
+async def test_a_descriptor_near_the_open_files_limit_lowers_the_cap_to_keep_sixteen_free() -> None:
+    # uvloop never reports EMFILE (libuv sheds the queued connections itself), so the number of
+    # a new connection's descriptor is what tells lmgate how few are left: all below it are taken.
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft < 1000:
+        pytest.skip(f"needs a finite open-files limit of 1,000 or more, not {soft}")
+    limiter, closed = ConnectionLimiter(), []
+    for key in range(40):
+        assert limiter.admit(key, lambda key=key: closed.append(key), descriptor=100 + key)
+    assert closed == []  # far from the limit: no cap
+    assert limiter.admit("near", lambda: closed.append("near"), descriptor=soft - 5)  # 4 left
+    assert closed == list(range(12))  # the 12 longest idle: 16 free again
+    assert limiter.cap == 29
+    assert limiter.admit("next", lambda: None, descriptor=150)  # one out for one in, now
+    assert closed == list(range(13))
+
+
 # A server on a 64-descriptor limit and without a cap: only running out of descriptors guards it.
+# argv[1]: the event loop.
 EXHAUSTED_CHILD = """
 import resource, sys, anyio
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
@@ -225,19 +253,21 @@ async def main():
         print(server.port, flush=True)
         await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes stdin
 
-anyio.run(main)
+anyio.run(main, backend_options={"use_uvloop": sys.argv[1] == "uvloop"})
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX")
-async def test_out_of_descriptors_logs_one_line_and_idle_connections_make_room(tmp_path) -> None:
+async def test_out_of_descriptors_logs_one_line_and_idle_connections_make_room(tmp_path, lmgate_loop) -> None:
     # Before: asyncio logged a traceback per failed accept() (130 MB of stderr in 30 s here) and
-    # the fresh connection was never answered while the idle ones held every descriptor.
+    # the fresh connection was never answered while the idle ones held every descriptor. uvloop
+    # logs nothing, but libuv's EMFILE trick closed every new connection (the fresh one with it)
+    # for as long as the idle ones held the descriptors.
     stderr_path = tmp_path / "stderr"
     with stderr_path.open("wb") as stderr:
         process = await anyio.open_process(
-            [sys.executable, "-c", EXHAUSTED_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
+            [sys.executable, "-c", EXHAUSTED_CHILD, lmgate_loop], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
         )
     idle: list[anyio.abc.SocketStream] = []
     try:
