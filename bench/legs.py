@@ -311,17 +311,14 @@ def make_legs(names: Sequence[str], *, litellm_venv: Path, alt_python: str = sys
             legs.append(Lmgate("lmgate", everything=False))
         elif name == "lmgate-all":
             legs.append(Lmgate("lmgate-all", everything=True))
-<<<<<<< HEAD
         elif name == "lmgate-redis":
             reason = Lmgate.redis_available()
             if reason:
                 skipped[name] = reason
             else:
                 legs.append(Lmgate("lmgate-redis", everything=False, redis=True))
-=======
         elif name == "lmgate-asyncio":
             legs.append(Lmgate("lmgate-asyncio", everything=False, event_loop="asyncio"))
->>>>>>> uvloop
         elif is_diagnostic(name):
             leg = Diagnostic(name, alt_python)
             if leg.problem:
