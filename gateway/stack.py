@@ -39,6 +39,7 @@ from gateway.request.validation import RequestValidation
 from gateway.state import RedisSlots, SharedState
 from gateway.state.breakers import RedisCircuits
 from gateway.state.cache import RedisCacheStore
+from gateway.state.listings import RedisListings
 from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.telemetry.metrics import WatchedUpstream
@@ -115,9 +116,10 @@ def build_collaborators(
     board = RequestBoard()
     telemetry.on_request_end.append(board.observe)
     state = SharedState.from_config(config.state)
-    if state is not None:  # with Redis, one load per model across replicas (docs/shared-state.md)
+    if state is not None:  # with Redis, one load per model and one listing reader across replicas (docs/shared-state.md)
         for upstream in upstreams:
             upstream.models.loader.shared = RedisLoads(state, scope=upstream.name)
+            upstream.models.registry.shared = RedisListings(state, scope=upstream.name, refresh_s=config.models.refresh_s)
     return Collaborators(
         upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes, state=state,
     )  # fmt: skip
