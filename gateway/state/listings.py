@@ -165,8 +165,8 @@ class RedisListings:
             return None
         text = _text(body)
         copy = decode(text, age_s=float(age_ms) / 1000) if text else None
-        if kind == 0 and copy is None:
-            return ListingTurn(copy=None, mine=True, token=None)  # an unreadable copy: read it anew, no lease to give back
+        if kind == 0 and copy is None:  # an unreadable copy: read it anew (no lease to give back)
+            return ListingTurn(copy=None, mine=True, token=None)
         return ListingTurn(copy=copy, mine=kind == 1, token=token if kind == 1 else None)
 
     async def publish(self, listing: SharedListing, *, turn: ListingTurn | None) -> None:

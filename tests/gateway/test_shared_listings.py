@@ -59,7 +59,11 @@ def test_a_listing_survives_the_trip_through_json():
     assert copy.models == LISTED.models and copy.api == "api/v1" and copy.took_s == 0.004 and copy.age_s == 1.5
     failed = SharedListing(models=(), api=None, error="The upstream could not be reached: refused", unreachable=True)
     assert decode(encode(failed), age_s=0.0) == failed
-    for damaged in (b"{", b'{"v": 2}', b'{"v": 1, "api": "v9", "error": null, "unreachable": false, "took_s": 0, "models": []}'):
+    for damaged in (
+        b"{",
+        b'{"v": 2}',
+        b'{"v": 1, "api": "v9", "error": null, "unreachable": false, "took_s": 0, "models": []}',
+    ):
         assert decode(damaged, age_s=0.0) is None
 
 
@@ -121,7 +125,9 @@ def gateway_config(sim_url: str, redis_url: str, *, refresh_s: float) -> Config:
 
 
 @asynccontextmanager
-async def gateways(sim_url: str, redis_url: str, count: int, *, refresh_s: float) -> AsyncIterator[list[tuple[str, Gateway]]]:
+async def gateways(
+    sim_url: str, redis_url: str, count: int, *, refresh_s: float
+) -> AsyncIterator[list[tuple[str, Gateway]]]:
     async with AsyncExitStack() as stack:
         config = gateway_config(sim_url, redis_url, refresh_s=refresh_s)
         yield [await stack.enter_async_context(serve_gateway(config)) for _ in range(count)]
