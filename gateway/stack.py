@@ -664,8 +664,19 @@ class GatewaySnapshot:
         cache = self.stack.cache
         if cache is None:
             return None
-        stats = cache.store.stats()
-        return {"entries": stats.entries, "bytes": stats.bytes, "evictions": stats.evictions, "lookups": dict(cache.results)}
+        store = cache.store
+        stats = store.stats()
+        document: dict[str, Any] = {
+            "entries": stats.entries, "bytes": stats.bytes, "evictions": stats.evictions, "lookups": dict(cache.results),
+        }  # fmt: skip
+        if isinstance(store, RedisCacheStore):  # the numbers above are then the local fallback store's
+            shared = store.shared_stats()
+            document["shared"] = None if shared is None else {"entries": shared.entries, "bytes": shared.bytes}
+        return document
+
+    def shared_state(self) -> dict[str, Any] | None:
+        state = self.collaborators.state
+        return None if state is None else state.snapshot()
 
     def metrics(self, accept: str | None) -> tuple[bytes, str] | None:
         metrics = self.collaborators.telemetry.metrics
