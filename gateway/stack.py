@@ -39,6 +39,7 @@ from gateway.request.validation import RequestValidation
 from gateway.state import RedisSlots, SharedState
 from gateway.state.breakers import RedisCircuits
 from gateway.state.cache import RedisCacheStore
+from gateway.state.listings import RedisListings
 from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.telemetry.metrics import WatchedUpstream
@@ -115,9 +116,10 @@ def build_collaborators(
     board = RequestBoard()
     telemetry.on_request_end.append(board.observe)
     state = SharedState.from_config(config.state)
-    if state is not None:  # with Redis, one load per model across replicas (docs/shared-state.md)
+    if state is not None:  # with Redis, one load per model and one listing reader across replicas (docs/shared-state.md)
         for upstream in upstreams:
             upstream.models.loader.shared = RedisLoads(state, scope=upstream.name)
+            upstream.models.registry.shared = RedisListings(state, scope=upstream.name, refresh_s=config.models.refresh_s)
     return Collaborators(
         upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes, state=state,
     )  # fmt: skip
@@ -662,8 +664,19 @@ class GatewaySnapshot:
         cache = self.stack.cache
         if cache is None:
             return None
-        stats = cache.store.stats()
-        return {"entries": stats.entries, "bytes": stats.bytes, "evictions": stats.evictions, "lookups": dict(cache.results)}
+        store = cache.store
+        stats = store.stats()
+        document: dict[str, Any] = {
+            "entries": stats.entries, "bytes": stats.bytes, "evictions": stats.evictions, "lookups": dict(cache.results),
+        }  # fmt: skip
+        if isinstance(store, RedisCacheStore):  # the numbers above are then the local fallback store's
+            shared = store.shared_stats()
+            document["shared"] = None if shared is None else {"entries": shared.entries, "bytes": shared.bytes}
+        return document
+
+    def shared_state(self) -> dict[str, Any] | None:
+        state = self.collaborators.state
+        return None if state is None else state.snapshot()
 
     def metrics(self, accept: str | None) -> tuple[bytes, str] | None:
         metrics = self.collaborators.telemetry.metrics

@@ -176,6 +176,8 @@ _SCHEMAS: dict[str, Schema] = {
         errors=_object("window_s", "by_category", "recent", window_s=_NUMBER, by_category=_ANY_OBJECT,
                        recent={"type": "array", "items": _ANY_OBJECT}),
         cache=_nullable(_ANY_OBJECT),
+        shared_state=_nullable(_object("available", "for_s", "last_error", available=_BOOL, for_s=_NUMBER,
+                                       last_error=_nullable(_STRING))),
     ),
     "Event": {**_object(
         "data",

@@ -69,7 +69,13 @@ class GatewayView(Protocol):
         ...
 
     def cache(self) -> dict[str, Any] | None:
-        """The response cache's size and lookups (None: the cache is off)."""
+        """The response cache's size and lookups (None: the cache is off); with Redis, ``shared``:
+        the answers every replica shares, as last counted (the other numbers are this process's)."""
+        ...
+
+    def shared_state(self) -> dict[str, Any] | None:
+        """Whether Redis answers (``available``), for how long (``for_s``), its ``last_error``;
+        None: no ``state.redis_url``, this process decides alone."""
         ...
 
     def metrics(self, accept: str | None) -> tuple[bytes, str] | None:

@@ -11,7 +11,9 @@ it failed and it is not loaded), ``unknown`` (the upstream does not say: a plain
 server, or a model it does not list).
 
 The listing is re-read every ``refresh_s`` and on demand when a request finds it older than that.
-Concurrent refreshes are merged into one.
+Concurrent refreshes are merged into one. With ``shared`` (replicas sharing state on Redis), one
+replica at a time reads it and the others take its copy (``gateway.models.shared.SharedListings``);
+what lmgate saw itself (loads, durations, requests) stays local to each replica.
 
 Records of models the upstream does not list are bounded: an admin can ask to load any name, and
 each failed load leaves a record with its error. The newest ``UNLISTED_KEPT`` such records that
@@ -32,6 +34,7 @@ from typing import Any, Literal
 import anyio
 
 from gateway.models.clock import Clock
+from gateway.models.shared import ListingTurn, SharedListing, SharedListings
 from gateway.models.upstream import Listed, ModelApiError, ModelFacts, UpstreamModels, UpstreamUnreachable
 
 logger = logging.getLogger("lmgate.models")
@@ -42,6 +45,12 @@ DURATIONS_KEPT = 20
 #: Records of models the upstream does not list (heard of only through lmgate's own failed loads,
 #: an admin load of any name) kept for ``/lmgate/models``; older ones are forgotten.
 UNLISTED_KEPT = 16
+#: A replica that finds another reading the shared listing keeps the older copy and asks again after this long.
+SHARED_RETRY_S = 0.1
+#: A replica with no shared copy at all polls for the one another replica is reading, with pauses
+#: growing from the first to the last (bounded by ``refresh_s`` in all; then it reads the listing itself).
+SHARED_WAIT_FIRST_S = 0.02
+SHARED_WAIT_MAX_S = 0.2
 
 
 @dataclass(eq=False)
@@ -55,6 +64,7 @@ class ModelRecord:
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=DURATIONS_KEPT))
     load_count: int = 0
     last_used: float | None = None  # registry clock: the end of the last request or warm-up
+    loaded_at: float | None = None  # registry clock: lmgate's own load of it ended (a listing older says too little)
     in_flight: int = 0  # requests through the cold-start layer now (waiting for a load included)
     waiting: int = 0  # requests waiting for a load now
 
@@ -88,6 +98,8 @@ class ModelRegistry:
         self.refreshed_at: float | None = None
         self.refresh_error: str | None = None
         self.refresh_unreachable = False  # the last refresh got no HTTP answer at all (readiness)
+        self.fresh_until: float | None = None  # no refresh needed before then (registry clock)
+        self.shared: SharedListings | None = None  # the listing shared with other replicas (Redis)
         self._refreshing: anyio.Event | None = None
         self._changed: anyio.Event | None = None
 
@@ -149,13 +161,18 @@ class ModelRegistry:
 
     @property
     def fresh(self) -> bool:
-        return self.refreshed_at is not None and self.clock.now() - self.refreshed_at < self.refresh_s
+        return self.fresh_until is not None and self.clock.now() < self.fresh_until
 
     async def refresh(self, *, force: bool = False) -> None:
         """Re-read the listing if it is older than ``refresh_s`` (always with ``force``).
 
         Callers that arrive during a refresh wait for it instead of starting another. A failure
         keeps the previous knowledge and is reported in ``refresh_error``.
+
+        With ``shared``, a refresh takes the other replicas' copy when it is younger than
+        ``refresh_s``; else this replica reads the listing if it gets the lease, and publishes
+        it. ``force`` (before a load, after an unload) always asks the upstream, and publishes
+        what it heard. Without an answer from the store, the refresh is this replica's own.
         """
         if self._refreshing is not None:
             await self._refreshing.wait()
@@ -165,31 +182,95 @@ class ModelRegistry:
             return
         done = self._refreshing = anyio.Event()
         try:
-            listed = await self.upstream.listing()
-        except ModelApiError as exc:
-            if self.refresh_error != str(exc):
-                logger.warning("model state refresh failed: %s", exc, extra={"event": "models_refresh_failed"})
-            self.refresh_error = str(exc)
-            self.refresh_unreachable = isinstance(exc, UpstreamUnreachable)
-            self.refreshed_at = self.clock.now()
-        else:
-            self._apply(listed)
-            self.refresh_error = None
-            self.refresh_unreachable = False
-            self.refreshed_at = self.clock.now()
+            turn = None
+            if self.shared is not None and not force:
+                turn = await self._from_shared(self.shared)
+                if turn is not None and not turn.mine:
+                    return  # the shared copy was taken
+            await self._from_upstream(turn)
         finally:
             # Also when cancelled (the requester that refreshed left): the waiters try again.
             self._refreshing = None
             done.set()
             self.changed()
 
-    def _apply(self, listed: list[Listed]) -> None:
+    async def _from_upstream(self, turn: ListingTurn | None) -> None:
+        """Ask the upstream; then publish what it said, giving ``turn``'s lease back."""
+        started = self.clock.now()
+        listed: list[Listed] = []
+        try:
+            listed = await self.upstream.listing()
+        except ModelApiError as exc:
+            self._failed(str(exc), unreachable=isinstance(exc, UpstreamUnreachable))
+        else:
+            self._apply(listed, taken_at=started)
+            self.refresh_error = None
+            self.refresh_unreachable = False
+        self.refreshed_at = self.clock.now()
+        self.fresh_until = self.refreshed_at + self.refresh_s
+        if self.shared is not None:
+            listing = SharedListing(
+                models=tuple(listed),
+                api=self.upstream.api,
+                error=self.refresh_error,
+                unreachable=self.refresh_unreachable,
+                took_s=self.refreshed_at - started,
+            )
+            await self.shared.publish(listing, turn=turn)
+
+    async def _from_shared(self, shared: SharedListings) -> ListingTurn | None:
+        """Take the shared copy (the turn returned is not ``mine``), or the turn to read the listing
+        (``mine``: publish it with this turn); None: read it alone (no store, or no copy in time)."""
+        deadline = anyio.current_time() + self.refresh_s  # a lease holder that died has lost it by then
+        pause = SHARED_WAIT_FIRST_S
+        while True:
+            turn = await shared.turn(fresh_s=self.refresh_s)
+            if turn is None or turn.mine:
+                return turn
+            if turn.copy is not None:
+                self._take(turn.copy)
+                return turn
+            # Another replica is reading it and there is no copy yet (a start, an expired one): wait.
+            if anyio.current_time() + pause > deadline:
+                return None
+            await anyio.sleep(pause)
+            pause = min(pause * 2, SHARED_WAIT_MAX_S)
+
+    def _take(self, copy: SharedListing) -> None:
+        """Know what another replica's listing says, as if this replica had read it ``age_s`` ago."""
+        now = self.clock.now()
+        if copy.api is not None and self.upstream.api is None:
+            self.upstream.api = copy.api  # loads go through the API that replica found (REST or not)
+        if copy.error is None:
+            self._apply(list(copy.models), taken_at=now - copy.age_s - copy.took_s)
+            self.refresh_error = None
+            self.refresh_unreachable = False
+        else:
+            self._failed(copy.error, unreachable=copy.unreachable)
+        self.refreshed_at = now - copy.age_s
+        # A copy past refresh_s is what another replica is replacing now: ask again shortly.
+        fresh = copy.age_s < self.refresh_s
+        self.fresh_until = self.refreshed_at + self.refresh_s if fresh else now + min(self.refresh_s, SHARED_RETRY_S)
+
+    def _failed(self, error: str, *, unreachable: bool) -> None:
+        if self.refresh_error != error:
+            logger.warning("model state refresh failed: %s", error, extra={"event": "models_refresh_failed"})
+        self.refresh_error = error
+        self.refresh_unreachable = unreachable
+
+    def _apply(self, listed: list[Listed], *, taken_at: float) -> None:
+        """Take ``listed`` as the upstream's word, as of ``taken_at`` (registry clock)."""
         seen = set()
         for entry in listed:
             seen.add(entry.id)
             record = self.records.get(entry.id)
             if record is None:
                 record = self.records[entry.id] = ModelRecord(entry.id)
+            own = record.listed
+            behind = record.loaded_at is not None and record.loaded_at > taken_at
+            if entry.loaded is False and own is not None and own.loaded and behind:
+                # lmgate's own load ended after this listing was read: the listing is behind.
+                entry = replace(entry, loaded=True, instances=own.instances)
             record.listed = entry
             if entry.loaded:
                 record.load_error = None
@@ -235,7 +316,7 @@ class ModelRegistry:
             if seconds is not None:
                 record.durations.append(seconds)
                 record.load_count += 1
-            record.last_used = self.clock.now()
+            record.last_used = record.loaded_at = self.clock.now()
             listed = record.listed or Listed(model, loaded=None)
             if listed.loaded is not None or self.upstream.api in ("api/v1", "api/v0"):
                 instances = listed.instances if instance is None or instance in listed.instances else (*listed.instances, instance)

@@ -1,4 +1,5 @@
-"""Model loads shared with other replicas: what the :class:`~gateway.models.loader.Loader` asks of them.
+"""Model state shared with other replicas: loads (for the :class:`~gateway.models.loader.Loader`) and
+listings (for the :class:`~gateway.models.registry.ModelRegistry`).
 
 Two replicas that each get a cold request for the same model must not both load it: LM Studio
 would keep two instances, the very failure lmgate exists to prevent. :class:`SharedLoads` is the
@@ -8,6 +9,10 @@ publish the outcome, and say which loads run on other replicas (for ``/lmgate/mo
 
 A store that cannot decide answers None: the loader then loads as a lone lmgate does (its own
 single flight, after re-reading the upstream's listing). Nothing here raises for a store failure.
+
+Listings: one replica at a time reads an upstream's listing and publishes it; the others read that
+copy instead of asking the upstream (:class:`SharedListings`). A store that cannot answer makes
+each replica read the listing itself, as a lone lmgate does.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-__all__ = ["Claim", "SharedLoad", "SharedLoads"]
+from gateway.models.upstream import Api, Listed
+
+__all__ = ["Claim", "ListingTurn", "SharedListing", "SharedListings", "SharedLoad", "SharedLoads"]
 
 LoadState = Literal["loading", "loaded", "failed"]
 
@@ -67,4 +74,44 @@ class SharedLoads(Protocol):
 
     def elsewhere(self) -> Mapping[str, SharedLoad]:
         """Loads under way on other replicas, by model, as last seen (no request to the store)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SharedListing:
+    """One upstream's listing as a replica read it, for the others (``models`` is empty after an error)."""
+
+    models: tuple[Listed, ...]
+    api: Api | None  # the listing API that answered (the loader uses it: REST loads or not)
+    error: str | None = None  # the refresh failed: the models are not known
+    unreachable: bool = False  # the upstream gave no HTTP answer at all (readiness)
+    took_s: float = 0.0  # how long the upstream took to answer
+    age_s: float = 0.0  # read back: since it was published (the store's clock)
+
+
+@dataclass(frozen=True)
+class ListingTurn:
+    """The answer to :meth:`SharedListings.turn`.
+
+    ``copy``: the shared copy, if one is kept (younger than ``fresh_s``, or older but still allowed).
+    ``mine``: this replica holds the lease: it reads the listing now and publishes it with this turn.
+    Neither: another replica is reading it, and no copy is kept yet.
+    """
+
+    copy: SharedListing | None
+    mine: bool = False
+    token: str | None = None
+
+
+class SharedListings(Protocol):
+    """One upstream's listing read by one replica at a time (a short lease) and kept for all."""
+
+    async def turn(self, *, fresh_s: float) -> ListingTurn | None:
+        """The shared copy if it is younger than ``fresh_s``; else the lease to refresh it, unless
+        another replica holds it. None: the store cannot say (read the listing alone)."""
+        ...
+
+    async def publish(self, listing: SharedListing, *, turn: ListingTurn | None) -> None:
+        """Keep ``listing`` for the other replicas and give back ``turn``'s lease (if it is one).
+        Bounded in time and never raises: a copy that cannot be written is read again by the others."""
         ...

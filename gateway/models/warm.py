@@ -86,7 +86,7 @@ class Warmer:
     async def _refresh_forever(self) -> None:
         while True:
             await self.registry.refresh()
-            await self.clock.sleep_until((self.registry.refreshed_at or self.clock.now()) + self.registry.refresh_s)
+            await self.clock.sleep_until(self.registry.fresh_until or self.clock.now() + self.registry.refresh_s)
 
     async def _preload(self, model: str) -> None:
         await self._ensure_loaded(model, load_unknown=True)

@@ -20,7 +20,7 @@ from gateway.app import serve_gateway
 from gateway.config.settings import Config
 from gateway.simulator import SimModel, Simulator
 from gateway.simulator.testing import parse_sse, unstamped
-from gateway.state import SharedState
+from gateway.state import SharedState, StateUnavailable
 from gateway.state.cache import RedisCacheStore
 from middleware.cache import CachedResponse, CacheMiddleware, MemoryStore
 
@@ -142,3 +142,28 @@ async def test_a_hit_on_one_gateway_for_an_answer_another_cached(redis_server, s
         assert unstamped(second.content) == unstamped(first.content)
         if stream:
             assert parse_sse(second.content)[-1].data == "[DONE]"
+
+
+async def test_the_shared_answers_are_counted_for_every_replica_until_they_expire(redis_server):
+    async with replicas(redis_server.url) as (a, b):
+        assert b.shared_stats() is None  # not counted yet
+        await a.put(KEY, stream_answer(), ttl_s=60)
+        await a.put(KEY, stream_answer(), ttl_s=60)  # the same answer again: still one
+        await a.put("1e" * 32, stream_answer(), ttl_s=60)
+        await b.count()
+        counted = b.shared_stats()
+        assert counted is not None and counted.entries == 2
+        both = [len(await a.state.run(lambda r, key=key: r.get(a.key(key)))) for key in (KEY, "1e" * 32)]
+        assert counted.bytes == sum(both)  # as stored (the storing time's digits vary)
+        assert b.stats().entries == 0  # its own store holds nothing: the numbers are the shared ones
+        await a.put("2d" * 32, stream_answer(), ttl_s=0.05)
+        with anyio.fail_after(5):  # once its TTL runs out, a count drops it, and its bytes
+            while True:
+                await b.count()
+                if b.shared_stats() == type(counted)(entries=2, bytes=sum(both), evictions=0):
+                    break
+                await anyio.sleep(0.02)
+        redis_server.stop()
+        with pytest.raises(StateUnavailable):
+            await b.count()
+        assert b.shared_stats() is None  # unavailable: not counted now

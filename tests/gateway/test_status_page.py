@@ -89,6 +89,31 @@ async def test_status_json_gathers_models_traffic_latency_and_errors(client: htt
     assert status["errors"]["by_category"] == {"model_not_found": 1}
     assert status["errors"]["recent"][0]["model"] == "no-such-model"
     assert status["cache"]["entries"] == 1 and status["cache"]["lookups"] == {"hit": 1, "miss": 1, "bypass": 0}
+    assert "shared" not in status["cache"] and status["shared_state"] is None  # no Redis: nothing shared
+
+
+async def test_status_json_with_redis_reports_the_shared_state_and_the_shared_cache(client: httpx.AsyncClient, redis_server) -> None:
+    models = [SimModel(id="warm-1b", loaded=True, tokens_per_second=500.0)]
+    sections = {"cache": {"enabled": True}, "state": {"redis_url": redis_server.url, "lease_s": 0.3}}
+    async with Simulator(models=models) as sim, gateway_app(sim, **sections) as (url, app):
+        await client.post(url + CHAT, json=chat("warm-1b", temperature=0))
+        state = app.collaborators.state
+        assert state is not None
+
+        async def status_when(condition: Any) -> dict[str, Any]:
+            with anyio.fail_after(5):  # counted on the shared state's heartbeat (lease_s / 3)
+                while not condition(status := (await client.get(url + "/lmgate/status.json")).json()):
+                    await anyio.sleep(0.05)
+            return status
+
+        # The answer is written once its last byte is out, and counted at the next heartbeat.
+        status = await status_when(lambda s: (s["cache"]["shared"] or {}).get("entries") == 1)
+        assert status["shared_state"] == {"available": True, "for_s": status["shared_state"]["for_s"], "last_error": None}
+        assert status["cache"]["shared"]["bytes"] > 0
+        assert status["cache"]["entries"] == 0  # the local fallback store: nothing kept there
+        redis_server.stop()
+        status = await status_when(lambda s: not s["shared_state"]["available"])
+        assert status["shared_state"]["last_error"] and status["cache"]["shared"] is None
 
 
 async def test_status_json_has_one_card_per_upstream(client: httpx.AsyncClient) -> None:
@@ -360,6 +385,40 @@ async def test_page_shows_a_model_going_from_loading_to_loaded_without_console_e
         (ARTIFACTS / "status-page-loading.png").write_bytes(base64.b64decode(shot["data"]))
         final = await devtools.call("Page.captureScreenshot", format="png")
         (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(final["data"]))
+        assert devtools.console_errors() == []
+
+
+@pytest.mark.slow
+async def test_page_shows_the_shared_state_and_the_shared_cache(tmp_path: Path, chromium_binary: str, redis_server) -> None:
+    models = [SimModel(id="warm-1b", loaded=True, tokens_per_second=500.0)]
+    sections = {"cache": {"enabled": True}, "state": {"redis_url": redis_server.url, "lease_s": 0.3}}
+    async with (
+        Simulator(models=models) as sim,
+        gateway_on(sim, **sections) as url,
+        chromium(chromium_binary, tmp_path / "profile") as page_ws,
+        httpx.AsyncClient(timeout=30.0, trust_env=False) as client,
+        DevTools.connect(page_ws) as devtools,
+    ):
+        await client.post(url + CHAT, json=chat("warm-1b", temperature=0))
+        for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
+            await devtools.call(domain)
+        await devtools.call("Page.navigate", url=url + "/lmgate/?interval=150")
+        pill = 'document.querySelector("#shared [data-available]")'
+        assert await devtools.wait_until(f"{pill}?.dataset.available") == "true"
+        assert (await devtools.wait_until(f"{pill}.textContent")).startswith("shared on Redis")
+        cache = 'document.querySelector("#cache .shared-cache")?.textContent'
+        shared = await devtools.wait_until(f"{cache}?.startsWith('1 answers') && {cache}")
+        assert "shared by every replica" in shared
+        local = await devtools.wait_until('document.querySelector("#cache .local-cache")?.textContent')
+        assert local.startswith("this replica: hits 0, misses 1") and "kept locally while Redis was unavailable: 0 answers" in local
+        redis_server.stop()
+        assert await devtools.wait_until(f'{pill}?.dataset.available === "false" && {pill}.textContent')
+        assert "deciding alone" in await devtools.wait_until(f"{pill}.textContent")
+        assert await devtools.wait_until(f"{cache}") == "shared answers: not counted now (Redis unavailable)"
+        assert await devtools.wait_until('document.querySelector("#shared .shared-error")?.textContent')
+        shot = await devtools.call("Page.captureScreenshot", format="png")
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "status-page-shared-state.png").write_bytes(base64.b64decode(shot["data"]))
         assert devtools.console_errors() == []
 
 

@@ -16,7 +16,10 @@ The JSON gathers what the gateway's parts already know:
 * ``latency``: the telemetry layer's rolling p50/p95/p99 of latency and time to first token per
   model, and ``series``, the latest requests' timings for the chart;
 * ``errors``: counts by category over the last five minutes and the latest errors;
-* ``cache``: the response cache's size and lookups, when it is on.
+* ``cache``: the response cache's size and lookups, when it is on; with Redis, its numbers are
+  the local fallback store's and ``shared`` counts the answers every replica shares;
+* ``shared_state``: with ``state.redis_url``, whether Redis answers (``available``, ``for_s``,
+  ``last_error``); null without it.
 
 It reads the gateway through a :class:`~gateway.admin.view.GatewayView` (plain data only); the
 gateway registers the page's :class:`RequestBoard` as a telemetry observer.
@@ -103,4 +106,5 @@ class StatusPage:
             "series": self.board.series(),
             "errors": self.board.errors(),
             "cache": view.cache(),
+            "shared_state": view.shared_state(),
         }
