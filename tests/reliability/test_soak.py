@@ -3,7 +3,8 @@
 Every request is accounted for (served, or failed with an error code the client could read: an
 OpenAI error body or an SSE error frame, or left on purpose by the client); memory stays flat
 within 10% after the warm-up; no task, descriptor or upstream connection is left behind.
-``LMGATE_SOAK_S`` sets the length (default 120 s); the figures are printed at the end.
+``LMGATE_SOAK_S`` sets the length (default 120 s); ``LMGATE_SOAK_TRANSPORT`` the upstream transport
+(``aiohttp`` or ``httpx``; default: ``upstream.transport``'s default); the figures are printed at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gateway.simulator.testing import parse_sse
 pytestmark = pytest.mark.anyio
 
 SOAK_S = float(os.environ.get("LMGATE_SOAK_S", "120"))
+TRANSPORT = os.environ.get("LMGATE_SOAK_TRANSPORT")  # None: the configured default
 WORKERS = 16
 CHAT = "/v1/chat/completions"
 WARM, SLOW = "qwen2.5-7b-instruct", "slow-7b"
@@ -77,6 +79,8 @@ async def test_a_soak_of_mixed_traffic_with_faults_keeps_memory_flat_and_account
         "circuit_breaker": {"failure_threshold": 10, "reset_timeout_s": 0.5},
         "concurrency": {"limit": WORKERS, "max_queue": WORKERS},
     }
+    if TRANSPORT:
+        sections["upstream"] = {"transport": TRANSPORT}
     limits = httpx.Limits(max_connections=WORKERS * 2, max_keepalive_connections=WORKERS * 2)
     outcomes: Counter[str] = Counter()
     issued = 0
@@ -149,7 +153,7 @@ async def test_a_soak_of_mixed_traffic_with_faults_keeps_memory_flat_and_account
         after = await leaks.assert_none(timeout_s=15)
     served = outcomes["served"]
     print(
-        f"\nsoak {SOAK_S:.0f} s: {issued} requests, {served} served; outcomes {dict(outcomes)}; "
+        f"\nsoak {SOAK_S:.0f} s on {type(gw.app.client._transport).__name__}: {issued} requests, {served} served; outcomes {dict(outcomes)}; "
         f"RSS {rss_warm / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB (samples {[round(r / 2**20, 1) for r in samples]}); "
         f"warm {warm}; after {after}"
     )
