@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from gateway.simulator import SimModel, Simulator
 
@@ -72,9 +73,22 @@ async def shared_state(client: httpx.AsyncClient, urls: list[str], expected: str
     return {(await client.get(url + "/readyz")).json().get("shared_state") for url in urls} == {expected}
 
 
-async def cached_on(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> bool:
-    """Whether ``url`` answers ``body`` from the cache (the write follows the first answer's last byte)."""
-    return (await client.post(url + CHAT, json=body)).headers.get("x-lmgate-cache") == "hit"
+async def cache_entries(redis_url: str) -> int:
+    """Answers stored in the shared cache (Redis's own view; asking a replica would ask LM Studio on a miss)."""
+    redis = Redis.from_url(redis_url)
+    try:
+        return len([key async for key in redis.scan_iter(match="lmgate:cache:*")])
+    finally:
+        await redis.aclose()
+
+
+async def stored(redis_url: str, count: int) -> None:
+    """Wait until ``count`` answers are in the shared cache: the write follows the first answer's
+    last byte, so it can land just after the client has read that answer."""
+    async def enough() -> bool:
+        return await cache_entries(redis_url) >= count
+
+    await poll_until(enough)
 
 
 async def test_three_replicas_share_one_load_one_circuit_and_one_cache(redis_server, lmgate_process, nginx):
@@ -95,8 +109,9 @@ async def test_three_replicas_share_one_load_one_circuit_and_one_cache(redis_ser
         # An answer A cached is a hit on B, which never asks LM Studio.
         deterministic = chat(WARM, "Name a colour.", temperature=0)
         assert (await client.post(a.url + CHAT, json=deterministic)).headers["x-lmgate-cache"] == "miss"
+        await stored(redis_server.url, 1)
         requests = sim.counters.requests
-        await poll_until(lambda: cached_on(client, b.url, deterministic))
+        assert (await client.post(b.url + CHAT, json=deterministic)).headers["x-lmgate-cache"] == "hit"
         assert sim.counters.requests == requests
 
         # Three failures through A open the circuit on C: it refuses without asking LM Studio.
@@ -145,6 +160,7 @@ async def test_redis_stopped_mid_run_each_replica_decides_alone_then_they_share_
         assert sim.counters.loads_started == loads + 1
         again = chat(WARM, "Name a shape.", temperature=0)
         assert (await client.post(b.url + CHAT, json=again)).headers["x-lmgate-cache"] == "miss"
-        await poll_until(lambda: cached_on(client, a.url, again))
+        await stored(redis_server.url, 1)  # Redis came back empty: this answer is its only entry
+        assert (await client.post(a.url + CHAT, json=again)).headers["x-lmgate-cache"] == "hit"
         # The shared circuit (closed: Redis came back empty) is A's again.
         assert (await client.post(a.url + CHAT, json=chat(WARM))).status_code == 200
