@@ -7,19 +7,24 @@ must be the same. API tokens arrived with SDK 1.6: 1.5.0's client is given 1.6's
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
 import lmstudio
 import pytest
+from anyio.abc import ByteReceiveStream, Process
 from lmstudio import LMStudioServerError
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.app import serve_gateway
 from gateway.config.settings import Config
@@ -51,6 +56,8 @@ async def sim() -> AsyncIterator[Simulator]:
         SimModel(id="alpha", loaded=True, **INSTANT),
         SimModel(id="cold", load_delay_s=0.3, **INSTANT),
         SimModel(id="paced", loaded=True, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0, tokens_per_second=20.0),
+        # Five tokens (completion_tokens) in 5 s: still predicting when the drain deadline comes.
+        SimModel(id="slow", loaded=True, ttft_base_s=0.0, ttft_per_prompt_token_s=0.0, tokens_per_second=1.0),
     ]
     async with Simulator(models=models, settings=SimSettings(completion_tokens=5)) as simulator:
         yield simulator
@@ -109,7 +116,7 @@ async def test_client_keys_are_required_and_the_simulators_token_is_lmgates(sim)
     keyed = {"auth": {"keys": [hash_key(CLIENT_KEY)]}}
     async with lmgate(sim, **keyed, upstream={"url": sim.url, "api_key": SIM_TOKEN}) as host:
         async with TokenClient(host, CLIENT_KEY) as client:
-            assert [m.identifier for m in await client.list_loaded_models()] == ["alpha", "paced"]
+            assert [m.identifier for m in await client.list_loaded_models()] == ["alpha", "paced", "slow"]
         for refused in (lmstudio.AsyncClient(host), TokenClient(host, "sk-lm-Client01:" + "x" * 20)):
             with pytest.raises(LMStudioServerError, match="Authentication failed"):
                 async with refused as client:
@@ -140,29 +147,66 @@ async def test_a_client_killed_mid_stream_stops_the_prediction_upstream(sim):
     assert sim.counters.generations_completed == 0
 
 
-@pytest.mark.slow
-async def test_sigterm_with_a_socket_open_closes_it_with_1001_at_the_drain_deadline(sim, tmp_path, free_port):
-    config = tmp_path / "lmgate.yaml"
-    config.write_text(
-        f"upstream: {{url: {sim.url}}}\nmodels: {{enabled: false}}\nlisten: {{port: {free_port}}}\n"
-        "drain: {timeout_s: 0.5}\nlogging: {format: json}\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    server = await anyio.open_process([sys.executable, "-m", "gateway", "serve", "--config", str(config)], env=env)
-    async with server:
-        host = f"127.0.0.1:{free_port}"
-        async with anyio.create_task_group():
-            with anyio.fail_after(20):
-                while not lmstudio.AsyncClient.is_valid_api_host(host) if hasattr(lmstudio.AsyncClient, "is_valid_api_host") else False:
-                    await anyio.sleep(0.1)
-        async with lmstudio.AsyncClient(host) as client:
-            llm = await client.llm.model("paced")
-            stream = await llm.respond_stream("Tell me a long story", config={"maxTokens": 1000})
-            await stream.start()
-            server.send_signal(signal.SIGTERM)
-            with pytest.raises(lmstudio.LMStudioError):
-                async for _ in stream:
-                    pass
+@asynccontextmanager
+async def lmgate_process(*args: str) -> AsyncIterator[tuple[Process, str]]:
+    """``lmgate serve --port 0 ARGS``: the process and its host:port (from its start-up line)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = await anyio.open_process([sys.executable, "-m", "gateway", "serve", "--port", "0", *args], env=env,
+                                       stdout=subprocess.DEVNULL)
+    try:
+        assert process.stderr is not None
+        buffered = b""
         with anyio.fail_after(20):
-            assert await server.wait() == 0
-    await sim.wait_for(lambda c: c.generations_cancelled == 1, timeout=10)
+            async for chunk in process.stderr:
+                buffered += chunk
+                if match := re.search(rb"lmgate listening on http://(\S+),", buffered):
+                    break
+        assert match, buffered.decode(errors="replace")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_discard, process.stderr)
+            yield process, match.group(1).decode()
+            tg.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+            await process.aclose()
+
+
+async def _discard(stream: ByteReceiveStream) -> None:
+    async for _ in stream:
+        pass
+
+
+@pytest.mark.slow
+async def test_sigterm_with_sockets_open_refuses_upgrades_and_closes_them_with_1001_at_the_deadline(sim, tmp_path):
+    config = tmp_path / "lmgate.yaml"
+    config.write_text("models: {enabled: false}\ndrain: {timeout_s: 0.5}\n")
+    async with lmgate_process("--upstream", sim.url, "--config", str(config)) as (process, host):
+        async with lmstudio.AsyncClient(host) as client, connect(f"ws://{host}/system", proxy=None) as raw:
+            await raw.send('{"authVersion":1,"clientIdentifier":"guest:1","clientPasskey":"2"}')
+            assert json.loads(await raw.recv())["success"] is True
+            llm = await client.llm.model("slow")
+            stream = await llm.respond_stream("Tell me a long story")
+            await stream.start()
+            await sim.wait_for(lambda c: c.generations_started == 1)
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                while True:  # the signal arrives asynchronously; then upgrades are refused
+                    try:
+                        async with connect(f"ws://{host}/llm", proxy=None):
+                            pass
+                    except InvalidStatus as refused:
+                        assert refused.response.status_code == 503
+                        break
+                    await anyio.sleep(0.02)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await raw.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            with anyio.fail_after(10), suppress(lmstudio.LMStudioError):
+                async for _ in stream:  # the SDK's socket was closed too: its stream ends
+                    pass
+        with anyio.fail_after(15):
+            assert await process.wait() == 0
+    await sim.wait_for(lambda c: c.generations_cancelled == 1, timeout=10)  # LM Studio stopped predicting
