@@ -177,11 +177,10 @@ def keyed(**auth: Any) -> dict[str, Any]:
 
 
 async def test_the_key_in_the_auth_packet_is_checked_and_lmgates_own_token_goes_upstream(upstream):
-    sections = keyed()
-    async with lmgate(upstream.url, **sections, upstream={"url": upstream.url, "api_key": UPSTREAM_TOKEN}) as (url, _):
-        async with sdk_socket(url + "/llm", CLIENT_KEY) as ws:
-            await ws.send("ping")
-            assert await ws.recv() == "ping"
+    sections = {**keyed(), "upstream": {"url": upstream.url, "api_key": UPSTREAM_TOKEN}}
+    async with lmgate(upstream.url, **sections) as (url, _), sdk_socket(url + "/llm", CLIENT_KEY) as ws:
+        await ws.send("ping")
+        assert await ws.recv() == "ping"
     [socket] = upstream.sockets
     assert socket.auth == {"authVersion": 1, "clientIdentifier": "Upstrm01", "clientPasskey": "ZYXWVUTSRQ9876543210"}
     assert socket.headers["authorization"] == f"Bearer {UPSTREAM_TOKEN}"
