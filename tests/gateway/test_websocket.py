@@ -107,6 +107,8 @@ async def upstream() -> AsyncIterator[SocketUpstream]:
 @asynccontextmanager
 async def lmgate(upstream_url: str, **sections: Any) -> AsyncIterator[tuple[str, Gateway]]:
     document: dict[str, Any] = {"upstream": {"url": upstream_url}, "models": {"enabled": False}, **sections}
+    if "upstreams" in sections:
+        del document["upstream"]
     async with serve_gateway(Config.model_validate(document)) as (url, gateway):
         yield url.replace("http://", "ws://"), gateway
 
@@ -322,3 +324,17 @@ async def _metrics(gateway: Gateway) -> str:
     metrics = gateway.telemetry.metrics
     assert metrics is not None
     return metrics.render(None)[0].decode()
+
+
+async def test_with_several_upstreams_each_socket_stays_on_one_chosen_at_upgrade_the_least_busy_reachable_first():
+    first, second = SocketUpstream(), SocketUpstream()
+    async with serve_in_background(first) as a, serve_in_background(second) as b:
+        upstreams = [{"name": "dead", "url": "http://127.0.0.1:9"}, {"name": "a", "url": a.url}, {"name": "b", "url": b.url}]
+        async with lmgate("", upstreams=upstreams) as (url, _):
+            async with sdk_socket(url + "/llm") as one, sdk_socket(url + "/embedding") as two:
+                for ws in (one, two):
+                    await ws.send("hi")
+                    assert await ws.recv() == "hi"
+    # "dead" was tried and skipped; then each socket went where fewer were open, and stayed.
+    assert [s.path for s in first.sockets] == ["/llm"] and first.sockets[0].received == ["hi"]
+    assert [s.path for s in second.sockets] == ["/embedding"] and second.sockets[0].received == ["hi"]
