@@ -330,11 +330,12 @@ async def test_with_several_upstreams_each_socket_stays_on_one_chosen_at_upgrade
     first, second = SocketUpstream(), SocketUpstream()
     async with serve_in_background(first) as a, serve_in_background(second) as b:
         upstreams = [{"name": "dead", "url": "http://127.0.0.1:9"}, {"name": "a", "url": a.url}, {"name": "b", "url": b.url}]
-        async with lmgate("", upstreams=upstreams) as (url, _):
-            async with sdk_socket(url + "/llm") as one, sdk_socket(url + "/embedding") as two:
-                for ws in (one, two):
-                    await ws.send("hi")
-                    assert await ws.recv() == "hi"
+        async with lmgate("", upstreams=upstreams) as (url, _), sdk_socket(url + "/llm") as one, sdk_socket(
+            url + "/embedding"
+        ) as two:
+            for ws in (one, two):
+                await ws.send("hi")
+                assert await ws.recv() == "hi"
     # "dead" was tried and skipped; then each socket went where fewer were open, and stayed.
     assert [s.path for s in first.sockets] == ["/llm"] and first.sockets[0].received == ["hi"]
     assert [s.path for s in second.sockets] == ["/embedding"] and second.sockets[0].received == ["hi"]
