@@ -34,6 +34,7 @@ from gateway.models import ModelService
 from gateway.models.admin import merged_snapshot, serve_models
 from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer
 from gateway.proxy.relay import Proxy
+from gateway.proxy.websocket import SdkSockets, SocketLimits, SocketTarget, WebSocketRelay
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
 from gateway.state import RedisSlots, SharedState
@@ -42,7 +43,7 @@ from gateway.state.cache import RedisCacheStore
 from gateway.state.listings import RedisListings
 from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
-from gateway.telemetry.metrics import WatchedUpstream
+from gateway.telemetry.metrics import WatchedUpstream, WebSocketMetrics
 from gateway.upstreams.router import Route, Router, chosen_upstream, upstream_headers
 from gateway.upstreams.upstream import Upstream, build_upstreams, make_upstream_client
 from middleware.auth import AuthMiddleware, client_identity, loopback_client
@@ -196,6 +197,7 @@ def build_stack(config: Config, *, collaborators: Collaborators) -> Stack:
     shared = (
         _errors(),  # ErrorMiddleware: every LmgateError as OpenAI-shaped JSON; unknown errors -> logged 500
         _request_normalisation(c),  # RequestNormalisation: the canonical path (400 if none), no credentials in the query
+        _sdk_sockets(config, c, stack),  # SdkSockets: LM Studio SDK WebSockets -> WebSocketRelay; the SDK's probe
         _auth(config),  # AuthMiddleware: client keys (401), admin keys (403); off without keys
         _body_deadlines(config),  # BodyDeadlines: 408 for a request body that stalls
         _own_routes(config, c, GatewaySnapshot(config, c, stack)),  # OwnRoutes -> AdminRoutes: /healthz, /lmgate/...
@@ -266,6 +268,35 @@ def _request_normalisation(c: Collaborators) -> Layer:
     # Outside auth: the request target is rewritten to its canonical form once, before any
     # decision reads it (gateway/request/paths.py); the proxy forwards that same form.
     return Layer("request_normalisation", lambda app: RequestNormalisation(app, routes=c.routes))
+
+
+def _sdk_sockets(config: Config, c: Collaborators, stack: Stack) -> Layer:
+    # Above auth: the SDK sends its key in its first message, not in a header, and probes the
+    # greeting without one (gateway/proxy/websocket.py). Built after auth (inside it), so its keys are read once.
+    ws = config.websockets
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        keys = stack.layer("auth", AuthMiddleware)
+        relay = None
+        if ws.enabled:
+            metrics, tracing = c.telemetry.metrics, c.telemetry.tracing
+            relay = WebSocketRelay(
+                targets=[SocketTarget(u.name, u.url, u.api_key, u.config.forward_client_auth) for u in c.upstreams],
+                keys=keys,
+                drain=c.drain,
+                limits=SocketLimits(
+                    max_open=config.websocket_cap(),
+                    max_message_bytes=ws.max_message_bytes,
+                    auth_timeout_s=ws.auth_timeout_s,
+                    connect_timeout_s=config.timeouts.connect_s,
+                ),
+                reachable=lambda name: stack.router.reachable(name) if stack.router is not None else True,
+                metrics=WebSocketMetrics(metrics.registry) if metrics is not None else None,
+                tracer=tracing.tracer if tracing is not None else None,
+            )
+        return SdkSockets(app, relay=relay, keys_on=keys is not None and keys.enabled)
+
+    return Layer("sdk_sockets", wrap)
 
 
 def _auth(config: Config) -> Layer:

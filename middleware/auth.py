@@ -217,6 +217,11 @@ class AuthMiddleware:
         state[_ADMIN] = admin
         await self.app(scope, receive, send)
 
+    def identify(self, key: str) -> tuple[str | None, bool]:
+        """``(identity, admin)`` of ``key`` (``(None, False)``: not a valid key), for keys that do
+        not come in a header: the WebSocket relay reads the SDK's key from its auth packet."""
+        return self._match(key)
+
     def _match(self, key: str) -> tuple[str | None, bool]:
         # presented_key read the header as latin-1: hash the very bytes that came (UTF-8 keys included).
         digest = hashlib.sha256(key.encode("latin-1")).digest()

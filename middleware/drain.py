@@ -19,7 +19,8 @@ with this middleware:
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 
 import anyio
 
@@ -77,6 +78,18 @@ class DrainState:
         """Cancel every request still running; each ends itself as described in the module doc."""
         for cancel_scope in list(self._running):
             cancel_scope.cancel()
+
+    @contextmanager
+    def tracked(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope counted as in flight for the block: work that does not pass through
+        ``DrainMiddleware`` (a WebSocket) but that a drain waits for and aborts at its deadline.
+        The caller runs its work inside the scope and ends it its own way once cancelled."""
+        cancel_scope = anyio.CancelScope()
+        self._admit(cancel_scope)
+        try:
+            yield cancel_scope
+        finally:
+            self._finish(cancel_scope)
 
     def _admit(self, cancel_scope: anyio.CancelScope) -> None:
         self._running.add(cancel_scope)

@@ -319,6 +319,28 @@ class DrainConfig(Section):
     retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent with 503 draining.")
 
 
+class WebSocketsConfig(Section):
+    """LM Studio's SDKs (`lmstudio`, `@lmstudio/sdk`, `lms`) over WebSockets (docs/sdk.md)."""
+
+    enabled: bool = Field(True, description="Relay the SDKs' WebSockets (/llm, /embedding, /system, ...) to the upstream.")
+    max_open: int | None = Field(
+        None,
+        ge=1,
+        description="Sockets open at once; beyond it an upgrade is refused (503 overloaded). Unset: four per "
+        "request the concurrency settings admit (limit + max_queue), an SDK client opening one per namespace.",
+    )
+    max_message_bytes: int = Field(
+        16 * MiB,
+        ge=1024,
+        le=16 * MiB,
+        description="Largest message (and frame) relayed either way; a larger one closes its sender's socket with "
+        "1009. At most 16 MiB, the server's own bound.",
+    )
+    auth_timeout_s: float = Field(
+        10.0, gt=0, description="How long a new socket may take to send its first message (the SDK's auth packet)."
+    )
+
+
 class ModelsConfig(Section):
     enabled: bool = Field(
         True, description="Track model state and load a model before forwarding to it (single flight); off: pass through."
@@ -537,6 +559,9 @@ class Config(Section):
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="OpenTelemetry traces.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Readiness and LLM health checks.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Client keys and admin keys.")
+    websockets: WebSocketsConfig = Field(
+        default_factory=WebSocketsConfig, description="LM Studio's SDKs over WebSockets (docs/sdk.md)."
+    )
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Response cache for deterministic requests.")
     state: StateConfig = Field(
         default_factory=StateConfig, description="State shared by several replicas through Redis (docs/shared-state.md)."
@@ -583,6 +608,12 @@ class Config(Section):
                     f"to at least {limit + side}, or remove it to have it derived from {key}."
                 )
         return self
+
+    def websocket_cap(self) -> int:
+        """``websockets.max_open``, or four sockets per request the concurrency settings admit."""
+        if self.websockets.max_open is not None:
+            return self.websockets.max_open
+        return 4 * (self.concurrency.limit + self.concurrency.max_queue)
 
     def upstream_list(self) -> tuple[UpstreamConfig, ...]:
         """Every upstream: ``upstreams``, or the single ``upstream`` section as a list of one."""

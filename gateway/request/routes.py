@@ -187,11 +187,17 @@ class RequestNormalisation:
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         mount = _mount_point(scope)
-        path = self.routes.normalise(route_raw_path(scope))
+        try:
+            path = self.routes.normalise(route_raw_path(scope))
+        except BadPath:
+            if scope["type"] == "http":
+                raise
+            await send({"type": "websocket.close", "code": 1008})  # an upgrade refused: 403
+            return
         mount_raw = wire_path(mount) if mount else b""
         scope = {
             **scope,

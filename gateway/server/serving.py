@@ -23,6 +23,7 @@ from hypercorn.typing import ASGIFramework
 
 from gateway.server.connections import ConnectionLimiter, GuardedListener, track_connections
 from gateway.server.patching import is_patched, patch_method
+from gateway.server.websocket_close import keep_websocket_close_codes
 from middleware.types import ASGIApp
 
 # Connections the kernel queues before hypercorn accepts them: a burst of clients (or NGINX
@@ -164,6 +165,7 @@ def hypercorn_config(
     """
     close_idle_connections_at_eof()
     drop_sends_to_closed_streams()
+    keep_websocket_close_codes()  # the SDK sockets' relay carries a client's close code upstream
     track_connections()
     config = _GuardedConfig(GuardedListener.adopt(sock, connections or ConnectionLimiter()))
     config.graceful_timeout = graceful_timeout_s

@@ -22,6 +22,7 @@ from gateway.simulator.faults import EARLY_FAULTS, REQUEST_FAULTS, Fault
 from gateway.simulator.formats import DIALECTS, Dialect
 from gateway.simulator.generation import Generation, apply_early_fault
 from gateway.simulator.http import EXPRESS_HEADERS, Exchange, run_watched
+from gateway.simulator.sdk import sdk_server
 from middleware.types import Receive, Scope, Send
 
 Handler = Callable[[SimContext, Exchange, dict[str, Any]], Awaitable[None]]
@@ -206,15 +207,15 @@ class SimulatorApp:
     def __init__(self, ctx: SimContext, *, control: ControlHandler | None = None) -> None:
         self.ctx = ctx
         self.control = control
+        self.sdk = sdk_server(ctx)  # LM Studio's SDK protocol, on websockets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
         if scope["type"] == "websocket":
-            # LM Studio's SDK speaks a websocket protocol the simulator does not implement.
-            await receive()
-            await send({"type": "websocket.close", "code": 1008})
+            with self.ctx.runtime.request():  # stopping the simulator ends open sockets too
+                await self.sdk(scope, receive, send)
             return
         if scope["type"] != "http":
             return

@@ -17,6 +17,7 @@ they start and stop using one.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,8 @@ class Instance:
     idle: anyio.Event | None = None  # set when the last user leaves (the TTL timer waits on it)
     timer: anyio.CancelScope | None = None  # the TTL timer, created when it starts (needs an event loop)
     unloaded: bool = False
+    # The SDK protocol's ``instanceReference``: unique per load, unlike ``identifier`` (reused after an unload).
+    reference: str = ""
 
     @property
     def status(self) -> str:
@@ -109,6 +112,7 @@ class ModelManager:
         self.runtime = runtime
         self.instances: list[Instance] = []
         self.loads: list[Load] = []
+        self._references = itertools.count(1)
         for model in models:
             if model.loaded:
                 self._add_instance(
@@ -159,19 +163,32 @@ class ModelManager:
         model, instance = self.resolve(name)
         if instance is not None:
             return instance
+        return await self.wait(self.jit_load(model, ttl_s=ttl_s), signals, abortable=abortable)
+
+    def jit_load(self, model: SimModel, *, ttl_s: float | None) -> Load:
+        """The JIT load of ``model`` under way, or a new one (TTL: ``ttl_s`` or ``default_ttl_s``)."""
         load = None if self.settings.duplicate_instance_race else self._pending_jit(model)
         if load is None:
             ttl = ttl_s if ttl_s is not None else self.settings.default_ttl_s
             load = self.start_load(model, jit=True, ttl_s=ttl, context_length=None)
-        return await self._wait(load, signals, abortable=abortable)
+        return load
 
     def _pending_jit(self, model: SimModel) -> Load | None:
         return next((load for load in self.loads if load.model is model and load.jit), None)
 
-    def start_load(self, model: SimModel, *, jit: bool, ttl_s: float | None, context_length: int | None) -> Load:
+    def start_load(
+        self,
+        model: SimModel,
+        *,
+        jit: bool,
+        ttl_s: float | None,
+        context_length: int | None,
+        identifier: str | None = None,
+    ) -> Load:
+        """Start loading ``model`` as ``identifier`` (default: its key, or ``key:2``... if taken)."""
         load = Load(
             model,
-            self._next_identifier(model),
+            identifier or self._next_identifier(model),
             jit,
             ttl_s,
             context_length or model.loaded_context_length,
@@ -203,14 +220,21 @@ class ModelManager:
             raise errors.invalid_parameter("context_length", f"between 1 and {model.max_context_length}")
         load = self.start_load(model, jit=False, ttl_s=ttl_s, context_length=context_length)
         try:
-            instance = await self._wait(load, None, abortable=False)
+            instance = await self.wait(load, None, abortable=False)
         except SimError as error:
             # The REST API's error object (exact JSON not captured; see docs/simulator.md).
             raise errors.rest_error(400, error.message, type_="internal_error", code="model_load_failed") from None
         assert instance is not None
         return instance, instance.loaded_at - load.started_at
 
-    async def _wait(self, load: Load, signals: Signals | None, *, abortable: bool) -> Instance | None:
+    def identifier_taken(self, identifier: str) -> bool:
+        return any(i.identifier == identifier for i in self.instances) or any(
+            load.identifier == identifier for load in self.loads
+        )
+
+    async def wait(self, load: Load, signals: Signals | None, *, abortable: bool) -> Instance | None:
+        """Wait for ``load`` to finish; None if ``signals`` says the client left first. With
+        ``abortable``, the load stops when its last waiter leaves. Raises the load's error."""
         load.waiters += 1
         try:
             if signals is None:
@@ -258,9 +282,8 @@ class ModelManager:
         load.done.set()
 
     def _next_identifier(self, model: SimModel) -> str:
-        taken = {i.identifier for i in self.instances} | {load.identifier for load in self.loads}
         identifier, n = model.id, 1
-        while identifier in taken:
+        while self.identifier_taken(identifier):
             n += 1
             identifier = f"{model.id}:{n}"
         return identifier
@@ -269,6 +292,7 @@ class ModelManager:
         self, model: SimModel, identifier: str, *, jit: bool, ttl_s: float | None, context_length: int, at: float
     ) -> Instance:
         instance = Instance(identifier, model, context_length, jit, ttl_s, at, at, Slots(model.parallel))
+        instance.reference = f"sim-instance-{next(self._references)}"
         self.instances.append(instance)
         self._count_instances()
         if ttl_s is not None:

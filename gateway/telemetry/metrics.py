@@ -180,6 +180,46 @@ class GatewayMetrics:
         return encoder(self.registry), content_type
 
 
+#: Seconds a WebSocket stays open: an SDK client keeps its sockets for its whole life.
+SOCKET_DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600)
+
+
+class WebSocketMetrics:
+    """The SDK sockets' series (gateway/proxy/websocket.py), in the gateway's registry.
+
+    Labels are bounded: ``namespace`` is one of the SDK's paths, ``direction`` ``in`` (client to
+    upstream) or ``out``, ``side`` who closed first (``client``, ``upstream`` or ``lmgate``), and
+    ``code`` a standard close code or ``private`` (3000-4999).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.open = Gauge("lmgate.websockets.open", "SDK WebSockets open now.", ["namespace", UPSTREAM], registry=r)
+        self.messages = Counter(
+            "lmgate.websocket.messages", "Messages relayed, by direction (in: client to upstream).",
+            ["namespace", "direction"], registry=r,
+        )
+        self.bytes = Counter(
+            "lmgate.websocket.message", "Message payload relayed, by direction (in: client to upstream).",
+            ["namespace", "direction"], unit="bytes", registry=r,
+        )
+        self.duration = Histogram(
+            "lmgate.websocket.duration", "How long SDK WebSockets stayed open.",
+            ["namespace"], unit="seconds", buckets=SOCKET_DURATION_BUCKETS_S, registry=r,
+        )
+        self.closes = Counter(
+            "lmgate.websocket.closes", "Sockets closed, by the side that closed first and its close code.",
+            ["namespace", "side", "code"], registry=r,
+        )
+        self.refused = Counter(
+            "lmgate.websocket.refused", "Upgrades or auth packets refused, by reason.", ["reason"], registry=r
+        )
+
+    @staticmethod
+    def code_label(code: int) -> str:
+        return "private" if 3000 <= code <= 4999 else str(code)
+
+
 @dataclass(frozen=True)
 class WatchedUpstream:
     """One upstream's stateful layers, read at scrape time (None: that layer is off)."""

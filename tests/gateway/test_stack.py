@@ -10,6 +10,7 @@ import pytest
 from gateway.app import build_app
 from gateway.config.settings import Config
 from gateway.proxy.relay import Proxy
+from gateway.proxy.websocket import SdkSockets
 from gateway.request.routes import RequestNormalisation
 from gateway.stack import OwnRoutes
 from gateway.telemetry import AdmissionMark, TelemetryMiddleware
@@ -26,6 +27,7 @@ EVERY_LAYER = {
 OUTERMOST_FIRST = [
     "errors",
     "request_normalisation",
+    "sdk_sockets",
     "auth",
     "body_deadlines",
     "own_routes",
@@ -70,7 +72,7 @@ def test_a_layer_turned_off_is_left_out_and_the_order_kept(config: dict[str, obj
 def test_the_outer_layers_and_the_terminal_app() -> None:
     app = build_app(Config())
     layers = app.stack.layers
-    kinds = [ErrorMiddleware, RequestNormalisation, AuthMiddleware, BodyDeadlines, OwnRoutes, TelemetryMiddleware]
+    kinds = [ErrorMiddleware, RequestNormalisation, SdkSockets, AuthMiddleware, BodyDeadlines, OwnRoutes, TelemetryMiddleware]
     assert [type(layers[name]) for name in OUTERMOST_FIRST[: len(kinds)]] == kinds
     assert isinstance(layers["admission_mark"], AdmissionMark)
     assert isinstance(layers["circuit_breaker"].app, Proxy)  # type: ignore[attr-defined]
