@@ -11,6 +11,7 @@ with the 1.5.0 SDK's own helper; the 1.6.0b1 test runs the real 1.6 client in a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -93,6 +94,17 @@ async def test_a_cold_model_handle_loads_with_the_load_delay(lms, sim):
     assert sim.counters.loads_started == 1
     assert "beta" in [m.identifier for m in await lms.llm.list_loaded()]
     assert (await llm.respond("Hello")).content
+
+
+async def test_a_jit_load_auto_evicts_the_other_jit_model(lms, sim, caplog):
+    caplog.set_level(logging.INFO)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(advance_when, sim, lambda c: c.loads_started == 1, LOAD_DELAY_S)
+        await lms.llm.model("beta")
+    await lms.embedding.model("embed")  # a JIT load too: beta, JIT-loaded, goes (Auto-Evict)
+    assert sim.counters.evictions == 1
+    assert [m.identifier for m in await lms.list_loaded_models()] == ["alpha", "paced", "embed"]
+    assert "Unloading other JIT model" in caplog.text  # the SDK logs the unloadingOtherJITModel packet
 
 
 async def test_respond_gives_the_answer_and_its_stats(lms, sim):
