@@ -4,7 +4,8 @@ A plain dispatcher, not a framework router, because LM Studio's quirks are part 
 simulated: an unknown route or method is **HTTP 200** with ``{"error": "Unexpected endpoint or
 method. (METHOD /path)"}``; auth is checked only on known routes (and never on the
 ``/lmstudio-greeting`` probe); the private ``/__sim/`` control API exists only when enabled, and
-otherwise is just another unknown route.
+otherwise is just another unknown route. ``websocket`` scopes are LM Studio's SDK protocol
+(:mod:`gateway.simulator.sdk`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from gateway.simulator.errors import SimError
 from gateway.simulator.models import Instance, Load
 from gateway.simulator.sdk.session import Channel, Session
 from gateway.simulator.sdk.wire import (
@@ -105,12 +106,18 @@ async def _await_load(session: Session, channel: Channel, load: Load, progress_t
                 return
             await channel.send({"type": progress_type, "progress": step})
 
+    instance: Instance | None = None
+    failure: SimError | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(report)
         try:
             instance = await ctx.manager.wait(load, channel.signals, abortable=abortable)
+        except SimError as error:
+            failure = error  # raised outside the task group, which would wrap it in a group
         finally:
             tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
     return instance
 
 
