@@ -123,6 +123,47 @@ async def test_client_keys_are_required_and_the_simulators_token_is_lmgates(sim)
                     await client.list_loaded_models()
 
 
+_SDK_16 = textwrap.dedent("""
+    import json, sys
+    import lmstudio
+    host, key, wrong = sys.argv[1:4]
+    out = {"version": lmstudio.__version__}
+    with lmstudio.Client(host, api_token=key) as client:
+        out["loaded"] = [m.identifier for m in client.llm.list_loaded()]
+        out["answer"] = client.llm.model("alpha").respond("Say hi", config={"maxTokens": 3}).content
+    try:
+        with lmstudio.Client(host, api_token=wrong) as client:
+            client.llm.list_loaded()
+        out["wrong"] = "accepted"
+    except lmstudio.LMStudioServerError as exc:
+        out["wrong"] = str(exc)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+async def test_the_real_sdk_16_presents_an_lmgate_key_as_its_api_token(sim):
+    # SDK 1.6 is the first with API tokens (LMSTUDIO_API_TOKEN / api_token=): the user gives it an
+    # lmgate client key in LM Studio's sk-lm-<id>:<passkey> shape; LM Studio only ever sees lmgate's.
+    target = os.environ.get("LMGATE_LMSTUDIO_16")
+    if not target:
+        pytest.skip("set LMGATE_LMSTUDIO_16 to a `pip install --no-deps --target DIR lmstudio==1.6.0b1` directory")
+    sim.settings.api_token = SIM_TOKEN
+    keyed = {"auth": {"keys": [hash_key(CLIENT_KEY)]}}
+    env = {k: v for k, v in os.environ.items() if k not in ("LMSTUDIO_API_TOKEN", "LM_API_TOKEN")}
+    env["PYTHONPATH"] = target
+    async with lmgate(sim, **keyed, upstream={"url": sim.url, "api_key": SIM_TOKEN}) as host:
+        done = await anyio.run_process(
+            [sys.executable, "-c", _SDK_16, host, CLIENT_KEY, "sk-lm-Client01:" + "x" * 20],
+            env=env, check=False, stderr=subprocess.STDOUT,
+        )
+    assert done.returncode == 0, done.stdout.decode()
+    out = json.loads(done.stdout.decode().splitlines()[-1])
+    assert out["version"] == "1.6.0b1"
+    assert out["loaded"] == ["alpha", "paced", "slow"] and out["answer"]
+    assert out["wrong"].startswith("Authentication failed")
+
+
 def _streaming_client(host: str) -> str:
     return textwrap.dedent(f"""
         import lmstudio
