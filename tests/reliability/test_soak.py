@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -103,18 +104,36 @@ class Quiet:
                 f"{self.clients:.0f} client connections, {self.tasks} tasks here")
 
 
-async def settled(count: Callable[[], Awaitable[Quiet]], ok: Callable[[Quiet], bool], *, timeout_s: float) -> Quiet:
-    """Two equal counts in a row that satisfy ``ok``, within ``timeout_s``: between a socket
-    closing and its descriptor and task going there is no event to await, and idle upstream
-    connections close on their keep-alive expiry."""
+def stacks(tasks: set[asyncio.Task[object]]) -> str:
+    """Where each task waits, innermost last: which handler a leftover connection holds up."""
+    lines = []
+    for task in tasks:
+        coro: Any = task.get_coro()
+        where = []
+        for _ in range(100):
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is None:
+                break
+            where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        lines.append(" > ".join(where))
+    return "\n".join(lines)
+
+
+async def settled(
+    count: Callable[[], Awaitable[Quiet]], ok: Callable[[Quiet], bool], *, timeout_s: float
+) -> tuple[bool, Quiet]:
+    """Two equal counts in a row that satisfy ``ok`` (True), or the last count after ``timeout_s``
+    (False): between a socket closing and its descriptor and task going there is no event to
+    await, and idle upstream connections close on their keep-alive expiry."""
     deadline = anyio.current_time() + timeout_s
     previous = None
     for _ in range(1000):
         now = await count()
         if ok(now) and now == previous:
-            return now
+            return True, now
         if anyio.current_time() > deadline:
-            raise AssertionError(f"not quiet within {timeout_s} s: {now}")
+            return False, now
         previous = now
         await anyio.sleep(0.1)  # a polling period
     raise AssertionError(f"not quiet: {previous}")
@@ -233,15 +252,17 @@ async def test_a_soak_of_mixed_traffic_with_faults_keeps_lmgates_memory_flat_and
             return now.in_flight == 0 and now.clients <= 1
 
         await run(min(15.0, SOAK_S / 4))  # warm-up: pools, caches and allocator arenas fill
-        warm = await settled(count, quiet, timeout_s=15)
+        warmed, warm = await settled(count, quiet, timeout_s=15)
+        assert warmed, f"not quiet after the warm-up: {warm}"
         rss_warm = rss_bytes(pid)
         await run(SOAK_S)
-        after = await settled(
+        clean, after = await settled(
             count,
             lambda now: quiet(now) and now.fds <= warm.fds and now.upstream <= warm.upstream and now.tasks <= warm.tasks,
             timeout_s=15,
         )
         rss_end = rss_bytes(pid)
+        leftover = "" if clean else stacks(asyncio.all_tasks())
         started = next((r for r in gw.logs() if r.get("event") == "config_loaded"), {})
     served = outcomes["served"]
     print(
@@ -250,6 +271,7 @@ async def test_a_soak_of_mixed_traffic_with_faults_keeps_lmgates_memory_flat_and
         f"lmgate's RSS {rss_warm / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB (samples {[round(r / 2**20, 1) for r in samples]}); "
         f"warm {warm}; after {after}"
     )
+    assert clean, f"left behind: before {warm}; after {after}; tasks here:\n{leftover}"
     assert sum(outcomes.values()) == issued
     assert not [name for name in outcomes if name.startswith("unaccounted")], dict(outcomes)
     assert served > issued / 2
