@@ -100,7 +100,8 @@ class UpstreamConfig(Section):
     transport: Literal["aiohttp", "httpx"] = Field(
         "httpx",
         description="What moves the upstream bytes under the httpx client: httpx's own (httpcore/h11), or aiohttp "
-        "(C parser: about 4x the chunks per CPU second; opt-in until its memory under the soak test is explained).",
+        "(C parser: about 4x the chunks per CPU second; opt-in while the soak test finds an upstream connection left "
+        "open on it now and then).",
     )
 
     concurrency: UpstreamConcurrency = Field(

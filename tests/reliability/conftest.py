@@ -26,6 +26,7 @@ from gateway.config.settings import Config
 from gateway.proxy.aiohttp_transport import AiohttpTransport
 from gateway.server.serving import serve_in_background
 from gateway.simulator import SimModel, Simulator
+from tests.deploy.conftest import lmgate_process  # noqa: F401  lmgate as its own process, as deployed (test_soak)
 
 WARM = "qwen2.5-7b-instruct"
 SLOW = "slow-7b"  # 20 tokens/s: a stream to leave in the middle of
