@@ -9,8 +9,7 @@ asking the upstream, and once half-open a single probe reaches it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -19,9 +18,9 @@ import pytest
 
 from gateway.app import serve_gateway
 from gateway.config.settings import Config
-from gateway.state import SharedState
 from gateway.state.breakers import RedisCircuits
 from middleware.circuits import BreakerPolicy, CircuitVerdict
+from tests.gateway.replicas import replicas as shared_replicas
 
 pytestmark = pytest.mark.anyio
 
@@ -29,18 +28,9 @@ KEY = "upstream"
 RESET_S = 0.3
 
 
-@asynccontextmanager
-async def replicas(url: str, count: int = 2, *, lease_s: float = 5.0, running: bool = True) -> AsyncIterator[list[RedisCircuits]]:
-    async with AsyncExitStack() as stack:
-        circuits = []
-        for _ in range(count):
-            state = SharedState(url, timeout_s=0.5, lease_s=lease_s, probe_interval_s=0.05)
-            if running:
-                await stack.enter_async_context(state.running())
-            else:
-                stack.push_async_callback(state.redis.aclose)
-            circuits.append(RedisCircuits(state, scope="lmstudio"))
-        yield circuits
+def replicas(url: str, count: int = 2, *, lease_s: float = 5.0, running: bool = True) -> AbstractAsyncContextManager[list[RedisCircuits]]:
+    """``count`` replicas' RedisCircuits on the same Redis (each its own client, as separate processes have)."""
+    return shared_replicas(url, lambda state: RedisCircuits(state, scope="lmstudio"), count, lease_s=lease_s, running=running)
 
 
 async def admit(circuits: RedisCircuits, policy: BreakerPolicy) -> CircuitVerdict:

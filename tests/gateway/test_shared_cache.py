@@ -8,8 +8,7 @@ back. End to end: a hit on gateway B for an answer gateway A cached never reache
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -23,6 +22,7 @@ from gateway.simulator.testing import parse_sse, unstamped
 from gateway.state import SharedState, StateUnavailable
 from gateway.state.cache import RedisCacheStore
 from middleware.cache import CachedResponse, CacheMiddleware, MemoryStore
+from tests.gateway.replicas import replicas as shared_replicas
 
 pytestmark = pytest.mark.anyio
 
@@ -37,16 +37,12 @@ class Clock:
         return self.now
 
 
-@asynccontextmanager
-async def replicas(url: str, count: int = 2, **options: Any) -> AsyncIterator[list[RedisCacheStore]]:
-    async with AsyncExitStack() as stack:
-        stores = []
-        for _ in range(count):
-            state = SharedState(url, timeout_s=0.5, lease_s=5.0, probe_interval_s=0.05)
-            await stack.enter_async_context(state.running())
-            memory = MemoryStore(max_entries=100, max_bytes=1 << 20)
-            stores.append(RedisCacheStore(state, fallback=memory, **{"max_entry_bytes": 1024, **options}))
-        yield stores
+def replicas(url: str, count: int = 2, **options: Any) -> AbstractAsyncContextManager[list[RedisCacheStore]]:
+    def store(state: SharedState) -> RedisCacheStore:
+        memory = MemoryStore(max_entries=100, max_bytes=1 << 20)
+        return RedisCacheStore(state, fallback=memory, **{"max_entry_bytes": 1024, **options})
+
+    return shared_replicas(url, store, count)
 
 
 def stream_answer(stored_at: float = 0.0) -> CachedResponse:

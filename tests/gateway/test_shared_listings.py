@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -23,8 +23,8 @@ from gateway.config.settings import Config
 from gateway.models.shared import SharedListing
 from gateway.models.upstream import Listed, ModelFacts
 from gateway.simulator import SimModel, Simulator
-from gateway.state import SharedState
 from gateway.state.listings import RedisListings, decode, encode
+from tests.gateway.replicas import replicas as shared_replicas
 
 pytestmark = pytest.mark.anyio
 
@@ -42,15 +42,8 @@ LISTED = SharedListing(
 )
 
 
-@asynccontextmanager
-async def replicas(url: str, count: int = 2, *, refresh_s: float = 5.0) -> AsyncIterator[list[RedisListings]]:
-    async with AsyncExitStack() as stack:
-        listings = []
-        for _ in range(count):
-            state = SharedState(url, timeout_s=0.5, lease_s=5.0, probe_interval_s=0.05)
-            await stack.enter_async_context(state.running())
-            listings.append(RedisListings(state, scope="lmstudio", refresh_s=refresh_s))
-        yield listings
+def replicas(url: str, count: int = 2, *, refresh_s: float = 5.0) -> AbstractAsyncContextManager[list[RedisListings]]:
+    return shared_replicas(url, lambda state: RedisListings(state, scope="lmstudio", refresh_s=refresh_s), count)
 
 
 def test_a_listing_survives_the_trip_through_json():

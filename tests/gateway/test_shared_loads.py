@@ -9,7 +9,7 @@ for ten concurrent cold requests spread over them, and share its failure.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -20,26 +20,17 @@ from gateway.app import Gateway, serve_gateway
 from gateway.config.settings import Config
 from gateway.models.shared import Claim
 from gateway.simulator import SimModel, Simulator
-from gateway.state import SharedState
 from gateway.state.loads import RedisLoads
+from tests.gateway.replicas import replicas as shared_replicas
 
 pytestmark = pytest.mark.anyio
 
 MODEL = "qwen2.5-7b-instruct"
 
 
-@asynccontextmanager
-async def replicas(url: str, count: int = 2, *, lease_s: float = 5.0, running: bool = True) -> AsyncIterator[list[RedisLoads]]:
-    async with AsyncExitStack() as stack:
-        loads = []
-        for _ in range(count):
-            state = SharedState(url, timeout_s=0.5, lease_s=lease_s, probe_interval_s=0.05)
-            if running:
-                await stack.enter_async_context(state.running())
-            else:
-                stack.push_async_callback(state.redis.aclose)
-            loads.append(RedisLoads(state, scope="lmstudio"))
-        yield loads
+def replicas(url: str, count: int = 2, *, lease_s: float = 5.0, running: bool = True) -> AbstractAsyncContextManager[list[RedisLoads]]:
+    """``count`` replicas' RedisLoads on the same Redis (each its own client, as separate processes have)."""
+    return shared_replicas(url, lambda state: RedisLoads(state, scope="lmstudio"), count, lease_s=lease_s, running=running)
 
 
 async def claim(loads: RedisLoads, following: str | None = None) -> Claim:

@@ -7,33 +7,23 @@ waiter that gives up leaves the queue, and a Redis that goes away is reported as
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import anyio
 import pytest
 
-from gateway.state import RedisSlots, SharedState, StateUnavailable
+from gateway.state import RedisSlots, StateUnavailable
 from middleware.slots import SlotsRefused
+from tests.gateway.replicas import replicas as shared_replicas
 
 pytestmark = pytest.mark.anyio
 
 KEY = "*"
 
 
-@asynccontextmanager
-async def replicas(url: str, count: int = 2, *, lease_s: float = 5.0, running: bool = True) -> AsyncIterator[list[RedisSlots]]:
-    """``count`` replicas' slots on the same Redis (each its own client, as separate processes have)."""
-    async with AsyncExitStack() as stack:
-        slots = []
-        for _ in range(count):
-            state = SharedState(url, timeout_s=0.5, lease_s=lease_s, probe_interval_s=0.05)
-            if running:
-                await stack.enter_async_context(state.running())
-            else:
-                stack.push_async_callback(state.redis.aclose)
-            slots.append(RedisSlots(state))
-        yield slots
+def replicas(url: str, count: int = 2, *, lease_s: float = 5.0, running: bool = True) -> AbstractAsyncContextManager[list[RedisSlots]]:
+    """``count`` replicas' RedisSlots on the same Redis (each its own client, as separate processes have)."""
+    return shared_replicas(url, lambda state: RedisSlots(state), count, lease_s=lease_s, running=running)
 
 
 async def queued(slots: RedisSlots) -> int:
