@@ -19,7 +19,6 @@ A circuit's hash expires a day after its last use. Two round trips per request o
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 from redis.asyncio import Redis
@@ -146,9 +145,6 @@ class RedisCircuits:
     def available(self) -> bool:
         return self.state.available
 
-    @property
-    def lease_ms(self) -> int:
-        return max(1, math.ceil(self.state.lease_s * 1000))
 
     def hash_key(self, key: str) -> str:
         return "{" + self.state.key("circuit", self.scope, key) + "}"
@@ -156,7 +152,7 @@ class RedisCircuits:
     async def admit(self, key: str, policy: BreakerPolicy) -> CircuitVerdict | None:
         reset_ms = round(policy.reset_timeout_s * 1000)
         try:
-            kind, state, gen, left_ms = await self._admit([self.hash_key(key)], [self.state.owner, reset_ms, self.lease_ms, _IDLE_TTL_MS])
+            kind, state, gen, left_ms = await self._admit([self.hash_key(key)], [self.state.owner, reset_ms, self.state.lease_ms, _IDLE_TTL_MS])
         except StateUnavailable:
             return None
         state, gen = _text(state), int(gen)
@@ -197,7 +193,7 @@ class RedisCircuits:
         async def renew_all(redis: Redis) -> None:
             async with redis.pipeline(transaction=False) as pipe:
                 for key in probing:
-                    await self._renew.queue(pipe, [self.hash_key(key)], [self.state.owner, self.lease_ms])
+                    await self._renew.queue(pipe, [self.hash_key(key)], [self.state.owner, self.state.lease_ms])
                 await pipe.execute()
 
         await self.state.run(renew_all)

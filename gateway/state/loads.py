@@ -20,7 +20,6 @@ that claims a new load (after a failure, that is the retry).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from contextlib import suppress
 from itertools import count
@@ -128,9 +127,6 @@ class RedisLoads:
         state.on_heartbeat(self.observe)
         state.on_change(self._availability_changed)
 
-    @property
-    def lease_ms(self) -> int:
-        return max(1, math.ceil(self.state.lease_s * 1000))
 
     def _base(self) -> str:
         # One hash tag per upstream: the index and every model's hash stay together on a cluster.
@@ -142,7 +138,7 @@ class RedisLoads:
 
     async def claim(self, model: str, *, expected_s: float | None, following: str | None = None) -> Claim | None:
         token = f"{self.state.owner}:{next(self._numbers)}"
-        args: list[str | int | float] = [token, self.state.owner, self.lease_ms, "" if expected_s is None else f"{expected_s:.3f}",
+        args: list[str | int | float] = [token, self.state.owner, self.state.lease_ms, "" if expected_s is None else f"{expected_s:.3f}",
                 following or "", _LOADING_TTL_MS, model]  # fmt: skip
         try:
             reply = await self._claim(self.keys(model), args)
@@ -192,7 +188,7 @@ class RedisLoads:
         async def renew_all(redis: Redis) -> None:
             async with redis.pipeline(transaction=False) as pipe:
                 for model, token in mine:
-                    await self._renew.queue(pipe, self.keys(model), [token, self.lease_ms, _LOADING_TTL_MS, model])
+                    await self._renew.queue(pipe, self.keys(model), [token, self.state.lease_ms, _LOADING_TTL_MS, model])
                 await pipe.execute()
 
         await self.state.run(renew_all)

@@ -20,7 +20,6 @@ of the same key is released on their own replica.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass
@@ -147,9 +146,6 @@ class RedisSlots:
     def available(self) -> bool:
         return self.state.available
 
-    @property
-    def lease_ms(self) -> int:
-        return max(1, math.ceil(self.state.lease_s * 1000))
 
     def pressure(self, key: str) -> SharedPressure | None:
         return self._seen.get(key)
@@ -166,7 +162,7 @@ class RedisSlots:
         granted = False
         try:
             while True:
-                reply = await self._acquire(keys, [token, limit, self.lease_ms, max_queue, _IDLE_TTL_MS])
+                reply = await self._acquire(keys, [token, limit, self.state.lease_ms, max_queue, _IDLE_TTL_MS])
                 outcome, in_use, queued, hold = reply
                 self._see(key, in_use, queued, hold)
                 if outcome == 1:
@@ -195,7 +191,7 @@ class RedisSlots:
         async def renew_all(redis: Redis) -> None:
             async with redis.pipeline(transaction=False) as pipe:
                 for key, tokens in held:
-                    await self._renew.queue(pipe, [self.keys(key)[0]], [self.lease_ms, *tokens])
+                    await self._renew.queue(pipe, [self.keys(key)[0]], [self.state.lease_ms, *tokens])
                 await pipe.execute()
 
         await self.state.run(renew_all)

@@ -15,6 +15,7 @@ transition is logged once (``state_unavailable`` / ``state_available``) and coun
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -119,6 +120,11 @@ class SharedState:
         return cls(
             config.redis_url, timeout_s=config.timeout_ms / 1000, lease_s=config.lease_s, key_prefix=config.key_prefix
         )
+
+    @property
+    def lease_ms(self) -> int:
+        """``lease_s`` in whole milliseconds (at least 1), as the Lua scripts take leases."""
+        return max(1, math.ceil(self.lease_s * 1000))
 
     def key(self, *parts: str) -> str:
         """A Redis key under the prefix: ``key("slots", "default")`` -> ``lmgate:slots:default``."""
