@@ -45,7 +45,7 @@ import asyncio
 import functools
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from time import monotonic
 from typing import Any
 
@@ -59,7 +59,7 @@ from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "oversent_bytes"]
+__all__ = ["AiohttpTransport", "oversent_bytes", "pool_counts"]
 
 EXTENSION = "lmgate.aiohttp"
 
@@ -230,6 +230,10 @@ class _Connector(aiohttp.TCPConnector):
         """The idle connections kept for reuse."""
         return sum(len(conns) for conns in self._conns.values())
 
+    def acquired(self) -> int:
+        """The connections carrying a request."""
+        return len(self._acquired)
+
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An ``httpx.AsyncBaseTransport`` over one ``aiohttp.ClientSession``; see the module docstring."""
@@ -322,8 +326,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return response
 
     def connections_in_use(self) -> int:
-        """Requests holding an upstream connection or waiting for one (tests, the status page)."""
+        """Requests holding an upstream connection or waiting for one (tests)."""
         return self.in_use
+
+    def connections(self) -> tuple[int, int]:
+        """The upstream connections open now: (carrying a request, idle in the pool); /metrics."""
+        session = self._session
+        connector = session.connector if session is not None else None
+        if not isinstance(connector, _Connector) or connector.closed:
+            return 0, 0
+        return connector.acquired(), connector.idle()
 
     async def close_idle(self) -> None:
         """Close the pooled idle connections (tests count file descriptors without them)."""
@@ -400,6 +412,12 @@ def oversent_bytes(response: httpx.Response) -> int | None:
     """Bytes the upstream sent past the end of ``response``, for :class:`AiohttpTransport`; else None."""
     stream = response.extensions.get(EXTENSION)
     return stream.unread() if isinstance(stream, _Body) else None
+
+
+def pool_counts(client: httpx.AsyncClient) -> Callable[[], tuple[int, int]] | None:
+    """:meth:`AiohttpTransport.connections` of ``client``'s transport, if it is one (for /metrics)."""
+    transport = client._transport  # httpx has no public view of a client's transport
+    return transport.connections if isinstance(transport, AiohttpTransport) else None
 
 
 def _translate(

@@ -1,7 +1,8 @@
 """lmgate's upstream transport, httpx's API over aiohttp's I/O (gateway/proxy/aiohttp_transport.py):
 over real sockets, against a raw upstream, it fails as httpx's own transport does (the same
 exception types, the wording lmgate reads), times out by httpx's timeouts, bounds its pool, hands
-over bytes as they arrive and drops a connection whose response was left unfinished."""
+over bytes as they arrive, drops a connection whose response was left unfinished and lets idle
+connections expire as httpx's pool does."""
 
 from __future__ import annotations
 
