@@ -33,6 +33,7 @@ from gateway.config.settings import Config
 from gateway.models import ModelService
 from gateway.models.admin import merged_snapshot, serve_models
 from gateway.models.coldstart import ColdStartMiddleware, early_headers, heartbeat_describer
+from gateway.proxy.aiohttp_transport import pool_counts
 from gateway.proxy.relay import Proxy
 from gateway.proxy.websocket import SdkSockets, SocketLimits, SocketTarget, WebSocketRelay
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
@@ -250,6 +251,7 @@ def _watch(stack: Stack, c: Collaborators) -> None:
             breaker=own.breaker,
             concurrency=own.concurrency,
             reachable=partial(router.reachable, upstream.name) if router is not None else None,
+            connections=pool_counts(upstream.client),
         )
         for upstream in c.upstreams
         for own in (stack.upstreams.get(upstream.name, stack),)  # one upstream: its layers are the stack's

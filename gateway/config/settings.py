@@ -98,10 +98,9 @@ class UpstreamConfig(Section):
     )
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Upstream connection pool.")
     transport: Literal["aiohttp", "httpx"] = Field(
-        "httpx",
-        description="What moves the upstream bytes under the httpx client: httpx's own (httpcore/h11), or aiohttp "
-        "(C parser: about 4x the chunks per CPU second; opt-in while the soak test finds an upstream connection left "
-        "open on it now and then).",
+        "aiohttp",
+        description="What moves the upstream bytes under the httpx client: aiohttp (its C parser: about 4x the chunks "
+        "per CPU second), or httpx's own (httpcore/h11, pure Python).",
     )
 
     concurrency: UpstreamConcurrency = Field(

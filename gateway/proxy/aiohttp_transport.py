@@ -18,6 +18,9 @@ What it keeps of httpx's transport, and how:
   unbounded), ``keepalive_expiry`` is aiohttp's ``keepalive_timeout``. ``max_keepalive_connections``
   has no aiohttp equivalent: idle connections are kept up to ``max_connections`` and closed after
   ``keepalive_expiry``.
+* Idle connections reused as httpcore reuses them (:class:`_Connector`): the most recently used
+  first, so under a light load the others reach their expiry and close. aiohttp hands out the one
+  idle longest, and then a steady trickle of requests keeps every connection a burst opened alive.
 * Timeouts from the request's ``timeout`` extension: ``connect`` is the TCP connect only
   (``httpx.ConnectTimeout``), ``read`` bounds each read (``httpx.ReadTimeout``), ``pool`` bounds the
   wait for a connection when ``max_connections`` are all in use (``httpx.PoolTimeout``). The pool
@@ -41,16 +44,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from time import monotonic
 from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp import helpers
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["AiohttpTransport", "oversent_bytes"]
+__all__ = ["AiohttpTransport", "oversent_bytes", "pool_counts"]
 
 EXTENSION = "lmgate.aiohttp"
 
@@ -166,6 +175,66 @@ class _Protocol(ResponseHandler):
                 self._lmgate_end = end + 4 + int(value.strip())
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, handing out idle connections as httpcore does (private hooks).
+
+    aiohttp reuses the connection idle longest (its idle list is first in, first out), so requests
+    coming faster than ``keepalive_timeout / n`` keep all n connections a burst opened alive for
+    good: a quiet lmgate polled by a health check held several. Here the most recently used one is
+    taken and those idle past their expiry are closed first, as httpcore does: a trickle of requests
+    keeps one connection, the rest expire. aiohttp's cleanup timer then runs every
+    ``keepalive_timeout``, which lets a connection idle up to twice that; here it runs at the next
+    expiry.
+    """
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        conns = self._conns.get(key)
+        if conns:
+            self._close_expired(key, conns)
+            if conns:
+                conns.rotate(1)  # oldest first by release: the most recent to the front, where aiohttp takes from
+            else:
+                del self._conns[key]
+        return await super()._get(key, traces)
+
+    def _close_expired(self, key: ConnectionKey, conns: deque[tuple[ResponseHandler, float]]) -> None:
+        timeout = self._keepalive_timeout
+        if timeout is None:
+            return
+        deadline = monotonic() - timeout
+        while conns and conns[0][1] < deadline:
+            protocol, _ = conns.popleft()
+            transport = protocol.transport
+            protocol.close()
+            if key.is_ssl and not self._cleanup_closed_disabled:
+                self._cleanup_closed_transports.append(transport)  # as aiohttp does for TLS
+
+    def _cleanup(self) -> None:
+        super()._cleanup()
+        timeout = self._keepalive_timeout
+        if not self._conns or timeout is None:
+            return
+        # aiohttp checks again a whole keepalive_timeout later: check at the next expiry instead.
+        oldest = min(used for conns in self._conns.values() for _, used in conns)
+        if self._cleanup_handle is not None:
+            self._cleanup_handle.cancel()
+        self._cleanup_handle = helpers.weakref_handle(
+            self,
+            "_cleanup",
+            max(oldest + timeout - monotonic(), 0.001),  # never 0: aiohttp schedules nothing for 0
+            self._loop,
+            timeout_ceil_threshold=self._timeout_ceil_threshold,
+        )
+
+    def idle(self) -> int:
+        """The idle connections kept for reuse."""
+        return sum(len(conns) for conns in self._conns.values())
+
+    def acquired(self) -> int:
+        """The connections carrying a request."""
+        return len(self._acquired)
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """An ``httpx.AsyncBaseTransport`` over one ``aiohttp.ClientSession``; see the module docstring."""
 
@@ -183,7 +252,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if session is None or session.closed:
             loop = asyncio.get_running_loop()
             expiry = self.limits.keepalive_expiry
-            connector = aiohttp.TCPConnector(
+            connector = _Connector(
                 limit=self.limits.max_connections or 0,
                 limit_per_host=0,
                 keepalive_timeout=15.0 if expiry is None else expiry,
@@ -257,8 +326,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return response
 
     def connections_in_use(self) -> int:
-        """Requests holding an upstream connection or waiting for one (tests, the status page)."""
+        """Requests holding an upstream connection or waiting for one (tests)."""
         return self.in_use
+
+    def connections(self) -> tuple[int, int]:
+        """The upstream connections open now: (carrying a request, idle in the pool); /metrics."""
+        session = self._session
+        connector = session.connector if session is not None else None
+        if not isinstance(connector, _Connector) or connector.closed:
+            return 0, 0
+        return connector.acquired(), connector.idle()
 
     async def close_idle(self) -> None:
         """Close the pooled idle connections (tests count file descriptors without them)."""
@@ -335,6 +412,12 @@ def oversent_bytes(response: httpx.Response) -> int | None:
     """Bytes the upstream sent past the end of ``response``, for :class:`AiohttpTransport`; else None."""
     stream = response.extensions.get(EXTENSION)
     return stream.unread() if isinstance(stream, _Body) else None
+
+
+def pool_counts(client: httpx.AsyncClient) -> Callable[[], tuple[int, int]] | None:
+    """:meth:`AiohttpTransport.connections` of ``client``'s transport, if it is one (for /metrics)."""
+    transport = client._transport  # httpx has no public view of a client's transport
+    return transport.connections if isinstance(transport, AiohttpTransport) else None
 
 
 def _translate(

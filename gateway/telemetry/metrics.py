@@ -229,6 +229,8 @@ class WatchedUpstream:
     concurrency: ConcurrencyMiddleware | None = None
     #: Whether it takes requests now (with several upstreams: the router's view); None: not known.
     reachable: Callable[[], bool] | None = None
+    #: Its pooled connections: (carrying a request, idle); None: not known (httpx's own transport).
+    connections: Callable[[], tuple[int, int]] | None = None
 
 
 class RoutingStats(Protocol):
@@ -313,6 +315,15 @@ class StateCollector:
                     for field, family in families.items():
                         family.add_metric([key, name], float(snapshot[field]))
             yield from families.values()
+        pools = [(name, w.connections) for name, w in self.upstreams.items() if w.connections is not None]
+        if pools:
+            connections = GaugeMetricFamily("lmgate.upstream.connections", "Connections to the upstream open now, "
+                                            "carrying a request or idle in the pool.", labels=["state", UPSTREAM])
+            for name, counts in pools:
+                in_use, idle = counts()
+                connections.add_metric(["in_use", name], float(in_use))
+                connections.add_metric(["idle", name], float(idle))
+            yield connections
         if reachable:
             up = GaugeMetricFamily("lmgate.upstream.reachable", "1 while the upstream takes requests (it answered its "
                                    "latest model-state refresh and no request failed to reach it since).",

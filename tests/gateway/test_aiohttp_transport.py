@@ -1,7 +1,8 @@
 """lmgate's upstream transport, httpx's API over aiohttp's I/O (gateway/proxy/aiohttp_transport.py):
 over real sockets, against a raw upstream, it fails as httpx's own transport does (the same
 exception types, the wording lmgate reads), times out by httpx's timeouts, bounds its pool, hands
-over bytes as they arrive and drops a connection whose response was left unfinished."""
+over bytes as they arrive, drops a connection whose response was left unfinished and lets idle
+connections expire as httpx's pool does."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gzip
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import httpx
 import pytest
 
@@ -185,3 +187,56 @@ async def test_no_cookie_jar_and_httpxs_headers_only():
     assert all(b"cookie" not in head.lower().replace(b"set-cookie", b"") for head in heads)
     names = [line.split(b":")[0].lower() for line in heads[1].split(b"\r\n")[1:] if line]
     assert names == [b"host", b"user-agent"]
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_trickle_of_requests_keeps_one_idle_connection_and_the_others_expire(transport):
+    # aiohttp hands out the connection idle longest: requests every 50 ms took the two idle
+    # connections in turn, so neither was ever idle for the 0.3 s expiry and both stayed open for good
+    # (the soak test's quiet lmgate, polled, held two connections to the simulator where httpx held one).
+    finish = asyncio.Event()
+    served: list[int] = []  # the connection (in the order opened) each request came on
+    closed: list[int] = []
+    one_closed = asyncio.Event()
+    opened = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        number, opened = opened, opened + 1
+        for _ in range(1000):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # lmgate closed the connection
+                closed.append(number)
+                one_closed.set()
+                return
+            served.append(number)
+            if head.startswith(b"GET /hold"):  # held open until both requests are under way
+                writer.write(HEAD + b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n")
+                await writer.drain()
+                await finish.wait()
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(HEAD + b"content-length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    async with upstream(handler) as url:
+        config = {"upstream": {"url": url, "transport": transport, "pool": {"keepalive_expiry_s": 0.3}}}
+        async with make_upstream_client(Config.model_validate(config)) as upstream_client:
+            held = [await upstream_client.send(upstream_client.build_request("GET", url + "/hold"), stream=True)
+                    for _ in range(2)]
+            finish.set()
+            for response in held:
+                await response.aread()
+                await response.aclose()
+            assert opened == 2  # two idle connections
+            for _ in range(200):  # a request every 50 ms, until one connection closes (or 10 s)
+                await upstream_client.get(url + "/v1/models")
+                with anyio.move_on_after(0.05):  # the request rate, not a synchronisation
+                    await one_closed.wait()
+                if one_closed.is_set():
+                    break
+            assert len(closed) == 1, f"no idle connection expired: requests came on {served}"
+            assert opened == 2
+            await upstream_client.get(url + "/v1/models")  # the trickle goes on on the other
+            assert served[-1] != closed[0]

@@ -191,3 +191,20 @@ async def test_metrics_and_logs_name_the_upstream_that_served(caplog: pytest.Log
     assert [(r.error_code, hasattr(r, "upstream")) for r in failed] == [("model_not_found", False)]
     loaded = [(r.model, r.upstream) for r in caplog.records if getattr(r, "event", None) == "model_load"]
     assert loaded == [("gamma", "c"), ("beta", "c")]
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_the_upstream_connections_open_on_the_aiohttp_transport(sim, transport):
+    config = Config.model_validate({"upstream": {"url": sim.url, "transport": transport}})
+    app = build_app(config)
+    async with serve_in_background(app) as server, httpx.AsyncClient(timeout=10, trust_env=False) as client:
+        assert (await client.post(server.url + CHAT, json=chat())).status_code == 200
+        parsed = samples((await client.get(server.url + "/metrics")).text)
+    await app.aclose()
+    name = "lmgate_upstream_connections"
+    if transport == "httpx":  # httpx's own pool has no public view
+        assert not [key for key in parsed if key[0] == name]
+        return
+    # The answer is read to its end before /metrics is asked: its connection is back in the pool.
+    assert value(parsed, name, state="in_use", upstream="default") == 0
+    assert value(parsed, name, state="idle", upstream="default") == 1
