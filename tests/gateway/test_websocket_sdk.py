@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from typing import Any
 import anyio
 import lmstudio
 import pytest
-from anyio.abc import ByteReceiveStream, Process
 from lmstudio import LMStudioServerError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -30,6 +28,7 @@ from gateway.app import serve_gateway
 from gateway.config.settings import Config
 from gateway.simulator import SimModel, SimSettings, Simulator
 from middleware.auth import hash_key
+from tests.gateway.test_server import lmgate_process  # lmgate serve as its own process
 
 pytestmark = pytest.mark.anyio
 
@@ -188,43 +187,12 @@ async def test_a_client_killed_mid_stream_stops_the_prediction_upstream(sim):
     assert sim.counters.generations_completed == 0
 
 
-@asynccontextmanager
-async def lmgate_process(*args: str) -> AsyncIterator[tuple[Process, str]]:
-    """``lmgate serve --port 0 ARGS``: the process and its host:port (from its start-up line)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = await anyio.open_process([sys.executable, "-m", "gateway", "serve", "--port", "0", *args], env=env,
-                                       stdout=subprocess.DEVNULL)
-    try:
-        assert process.stderr is not None
-        buffered = b""
-        with anyio.fail_after(20):
-            async for chunk in process.stderr:
-                buffered += chunk
-                if match := re.search(rb"lmgate listening on http://(\S+),", buffered):
-                    break
-        assert match, buffered.decode(errors="replace")
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_discard, process.stderr)
-            yield process, match.group(1).decode()
-            tg.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with anyio.CancelScope(shield=True):
-            await process.wait()
-            await process.aclose()
-
-
-async def _discard(stream: ByteReceiveStream) -> None:
-    async for _ in stream:
-        pass
-
-
 @pytest.mark.slow
 async def test_sigterm_with_sockets_open_refuses_upgrades_and_closes_them_with_1001_at_the_deadline(sim, tmp_path):
     config = tmp_path / "lmgate.yaml"
     config.write_text("models: {enabled: false}\ndrain: {timeout_s: 0.5}\n")
-    async with lmgate_process("--upstream", sim.url, "--config", str(config)) as (process, host):
+    async with lmgate_process("--upstream", sim.url, "--config", str(config)) as (process, url):
+        host = url.removeprefix("http://")
         async with lmstudio.AsyncClient(host) as client, connect(f"ws://{host}/system", proxy=None) as raw:
             await raw.send('{"authVersion":1,"clientIdentifier":"guest:1","clientPasskey":"2"}')
             assert json.loads(await raw.recv())["success"] is True
