@@ -3,6 +3,8 @@
 * ``direct``: no proxy; the generator talks to the mock (the harness's own ceiling).
 * ``nginx``: Debian's NGINX as a plain reverse proxy, one worker, unbuffered, upstream keep-alive.
 * ``litellm``: LiteLLM's proxy, one worker, in its own virtual environment (optional).
+* ``relay``: lmgate's stack without its layers (``bench/relay.py`` on hypercorn and uvloop with
+  lmgate's own upstream client): the anchor of "lmgate's layers cost at most 1.3x the bare relay".
 * ``lmgate``: ``python -m gateway serve`` with the default middleware stack (on uvloop, its default).
 * ``lmgate-asyncio`` (diagnostic): the same on asyncio's own event loop (``listen.event_loop``).
 * ``lmgate-all``: every optional layer on (tracing to the mock's OTLP sink, adaptive and per-model
@@ -31,14 +33,14 @@ from bench.procs import Process, free_port, wait_line, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 
-LEG_NAMES = ("direct", "nginx", "litellm", "lmgate", "lmgate-all", "lmgate-redis")
+LEG_NAMES = ("direct", "nginx", "litellm", "relay", "lmgate", "lmgate-all", "lmgate-redis")
 # Diagnostic legs (bench/relay.py): "relay" or "lmgate", then any of hypercorn|uvicorn, uvloop,
 # httpx2 (relay only), e.g. relay-uvicorn-uvloop, relay-hypercorn-httpx2, lmgate-uvicorn-uvloop.
 DIAGNOSTIC_LEGS = ("relay-hypercorn", "relay-hypercorn-httpx2", "relay-hypercorn-uvloop", "relay-uvicorn-uvloop",
                    "relay-uvicorn-uvloop-httpx2", "relay-hypercorn-uvloop-aiohttpx", "relay-hypercorn-uvloop-aiohttp",
                    "relay-uvicorn-uvloop-aiohttp", "lmgate-hypercorn-uvloop", "lmgate-uvicorn-uvloop", "lmgate-asyncio")
 # The relay's upstream client: httpx (default), Pydantic's fork, httpx over aiohttp's I/O, aiohttp itself.
-_CLIENTS = ("httpx2", "aiohttpx", "aiohttp")
+_CLIENTS = ("httpx2", "aiohttpx", "aiohttp", "lmgate")
 
 
 def is_diagnostic(name: str) -> bool:
@@ -264,13 +266,14 @@ class Diagnostic(Leg):
     def __init__(self, name: str, python: str) -> None:
         super().__init__()
         self.name = name
-        app, *flags = name.split("-")
+        app, *flags = ("relay-hypercorn-uvloop-lmgate" if name == "relay" else name).split("-")
         self.app = app
         self.server = "uvicorn" if "uvicorn" in flags else "hypercorn"
         self.loop = "uvloop" if "uvloop" in flags else "asyncio"
         self.client = next((flag for flag in flags if flag in _CLIENTS), "httpx")
         self.python = python
-        packages = {"aiohttpx": ["httpx", "httpx-aiohttp", "aiohttp"]}.get(self.client, [self.client])
+        packages = {"aiohttpx": ["httpx", "httpx-aiohttp", "aiohttp"],
+                    "lmgate": ["httpx", "aiohttp"]}.get(self.client, [self.client])
         probe = "import importlib.metadata as m; print(', '.join(p + ' ' + m.version(p) for p in %r))" % (
             [*packages, self.server] + (["uvloop"] if self.loop == "uvloop" else []))
         out = subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=REPO)
@@ -307,6 +310,8 @@ def make_legs(names: Sequence[str], *, litellm_venv: Path, alt_python: str = sys
                 skipped[name] = reason
             else:
                 legs.append(LiteLLM(litellm_venv))
+        elif name == "relay":
+            legs.append(Diagnostic(name, sys.executable))
         elif name == "lmgate":
             legs.append(Lmgate("lmgate", everything=False))
         elif name == "lmgate-all":

@@ -14,6 +14,9 @@ Prints ``relay listening on http://127.0.0.1:PORT`` on stderr.
   ``--client aiohttpx`` keeps httpx's API over aiohttp's I/O (the ``httpx-aiohttp`` package's
   transport); ``--client aiohttp`` relays with aiohttp's own client, whatever has arrived at once
   (``iter_any``). Both measure how much of a chunk's cost is httpcore and h11 (issue 17).
+  ``--client lmgate`` is lmgate's own upstream client (httpx over lmgate's aiohttp transport,
+  ``make_upstream_client``): on hypercorn and uvloop this is the ``relay`` leg, lmgate's stack
+  without its layers, the anchor of the "layers nearly free" target.
 * ``--app lmgate``: ``gateway.app.build_app`` (the public entry point) on the chosen server and
   loop, so the server's and the loop's share of lmgate's cost can be read off directly.
 
@@ -58,8 +61,9 @@ async def _read_body(receive: Any) -> bytes:
 class Relay:
     def __init__(self, upstream: str, client: str = "httpx") -> None:
         self.upstream = upstream.rstrip("/")
-        self.httpx: Any = __import__("httpx" if client == "aiohttpx" else client)
+        self.httpx: Any = __import__("httpx" if client in ("aiohttpx", "lmgate") else client)
         self.over_aiohttp = client == "aiohttpx"
+        self.lmgate_client = client == "lmgate"
         self.client: Any = None
 
     async def aclose(self) -> None:
@@ -70,6 +74,8 @@ class Relay:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send, self.aclose)
             return
+        if self.client is None and self.lmgate_client:
+            self.client = _lmgate_client(self.upstream)
         if self.client is None:
             limits = self.httpx.Limits(max_connections=2048, max_keepalive_connections=128)
             transport = None
@@ -92,6 +98,19 @@ class Relay:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()
+
+
+def _lmgate_client(upstream: str) -> Any:
+    """lmgate's own upstream client (httpx over lmgate's aiohttp transport), sized like the bench's
+    lmgate legs: the relay then differs from lmgate only by lmgate's layers."""
+    from gateway.config.settings import Config
+    from gateway.upstreams.upstream import make_upstream_client
+
+    config = Config.model_validate({
+        "upstream": {"url": upstream, "pool": {"max_keepalive_connections": 128}},
+        "concurrency": {"limit": 2048, "max_queue": 2048},
+    })
+    return make_upstream_client(config)
 
 
 class AiohttpRelay:
@@ -141,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", choices=["relay", "lmgate"], default="relay")
     parser.add_argument("--server", choices=["hypercorn", "uvicorn"], default="hypercorn")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    parser.add_argument("--client", choices=["httpx", "httpx2", "aiohttpx", "aiohttp"], default="httpx",
+    parser.add_argument("--client", choices=["httpx", "httpx2", "aiohttpx", "aiohttp", "lmgate"], default="httpx",
                         help="--app relay only")
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--config", help="lmgate config file (--app lmgate)")
