@@ -346,7 +346,7 @@ class ConcurrencyMiddleware:
         # With the body cached, the server's receive can only deliver http.disconnect now.
         await read_body(scope, receive)
         lease: SlotLease | None = None
-        watch = cancel_on_disconnect(replaying_receive(scope, receive))
+        watch = cancel_on_disconnect(replaying_receive(scope, receive), scope=scope)
         try:
             async with watch:
                 with anyio.move_on_after(self.max_wait_s):
@@ -385,7 +385,7 @@ class ConcurrencyMiddleware:
         if not self._queue_has_room(limiter):
             raise self._refusal(limiter, "the queue is full")
         waiter = limiter.enqueue()
-        watch = cancel_on_disconnect(replaying_receive(scope, receive))  # the cached body first, then the server
+        watch = cancel_on_disconnect(replaying_receive(scope, receive), scope=scope)  # the cached body first, then the server
         try:
             async with watch:
                 with anyio.move_on_after(max_wait_s):

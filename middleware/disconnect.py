@@ -19,6 +19,13 @@ Only one party may wait on ``receive()`` at a time: the request body must be rea
 starts, and the block must not call ``receive()`` itself. Messages other than ``http.disconnect``
 (a replayed body) are skipped.
 
+:class:`DisconnectSignal` is the cheap way: a server that puts one in the scope's extensions
+(``scope["extensions"]["lmgate.disconnect"]``, as lmgate's hypercorn set-up does) calls it when the
+client goes, and the watch is a cancel scope plus a callback, with no task beside the block. A task
+group with one task costs about 50 us of CPU per request on uvloop, the callback about 1 us; the
+proxy watches every request. Pass ``scope=`` to use the signal when the server provides one; any
+other server gets the watcher task.
+
 :func:`run_beside` is the same machinery for any background task (the heartbeat's ticker): the task
 runs while the block runs and is cancelled when it ends. Neither lets an ``ExceptionGroup`` out: an
 exception from the block propagates as itself, and so does one from the background task.
@@ -26,16 +33,59 @@ exception from the block propagates as itself, and so does one from the backgrou
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
 
 from middleware.types import Receive
 
-__all__ = ["cancel_on_disconnect", "run_beside"]
+__all__ = ["DISCONNECT_EXTENSION", "DisconnectSignal", "cancel_on_disconnect", "run_beside"]
+
+# The scope extension under which a server offers a DisconnectSignal for the request.
+DISCONNECT_EXTENSION = "lmgate.disconnect"
+
+
+class DisconnectSignal:
+    """Set by the server when the client of one request is gone (when it queues ``http.disconnect``).
+
+    Callbacks registered with :meth:`watch` run once, synchronously, in the event loop's thread;
+    one registered after the signal was set runs at once.
+    """
+
+    __slots__ = ("is_set", "_callbacks")
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        if self.is_set:
+            return
+        self.is_set = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        if self.is_set:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+
+def disconnect_signal(scope: MutableMapping[str, Any] | None) -> DisconnectSignal | None:
+    """The server's :class:`DisconnectSignal` for this request, if it offers one."""
+    if scope is None:
+        return None
+    signal = (scope.get("extensions") or {}).get(DISCONNECT_EXTENSION)
+    return signal if isinstance(signal, DisconnectSignal) else None
 
 
 class run_beside:
@@ -90,25 +140,43 @@ class cancel_on_disconnect:
     """Cancel the ``async with`` block when ``receive()`` delivers ``http.disconnect``; see the module doc.
 
     ``disconnected`` says whether it did (``async with`` gives the object itself, so a caller that
-    needs the answer in an ``except`` can create it before the ``try``).
+    needs the answer in an ``except`` can create it before the ``try``). With ``scope`` whose server
+    offers a :class:`DisconnectSignal`, no task watches ``receive()``: the signal cancels the block.
     """
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, *, scope: MutableMapping[str, Any] | None = None) -> None:
         self.disconnected = False
         self._receive = receive
-        self._beside = run_beside(self._wait_for_disconnect)
+        self._signal = disconnect_signal(scope)
+        self._beside = run_beside(self._wait_for_disconnect) if self._signal is None else None
+        self._cancel_scope: anyio.CancelScope | None = None
 
     async def _wait_for_disconnect(self) -> None:
         while (await self._receive())["type"] != "http.disconnect":
             pass
         self.disconnected = True
+        assert self._beside is not None
         self._beside.cancel_block()
 
+    def _on_signal(self) -> None:
+        self.disconnected = True
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
     async def __aenter__(self) -> Self:
-        await self._beside.__aenter__()
+        if self._beside is not None:
+            await self._beside.__aenter__()
+            return self
+        assert self._signal is not None
+        self._cancel_scope = anyio.CancelScope().__enter__()
+        self._signal.watch(self._on_signal)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        return await self._beside.__aexit__(exc_type, exc, tb)
+        if self._beside is not None:
+            return await self._beside.__aexit__(exc_type, exc, tb)
+        assert self._signal is not None and self._cancel_scope is not None
+        self._signal.unwatch(self._on_signal)
+        return bool(self._cancel_scope.__exit__(exc_type, exc, tb))

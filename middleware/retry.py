@@ -391,7 +391,7 @@ class _Exchange:
 
     async def _backoff(self, seconds: float) -> None:
         """Sleep before the next attempt, unless the client leaves first."""
-        async with cancel_on_disconnect(replaying_receive(self.scope, self.receive)) as watch:
+        async with cancel_on_disconnect(replaying_receive(self.scope, self.receive), scope=self.scope) as watch:
             await self.mw.sleep(seconds)
         if watch.disconnected:
             raise ClientDisconnected("The client left while lmgate waited to retry.")

@@ -194,7 +194,7 @@ class ColdStartMiddleware:
     async def _wait(self, job: LoadJob, created: bool, scope: Scope, receive: Receive) -> None:
         """Wait for ``job``, watching for the client leaving (which ends this request only)."""
         # The body is read (model_of): the watch gets it replayed first, then the server's channel.
-        async with cancel_on_disconnect(replaying_receive(scope, receive)) as watch:
+        async with cancel_on_disconnect(replaying_receive(scope, receive), scope=scope) as watch:
             await self.loader.wait(job, runner=created)
         if watch.disconnected:
             raise ClientDisconnected()

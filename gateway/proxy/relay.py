@@ -108,7 +108,7 @@ class Proxy:
         body = upstream_body(scope, body, assembled=kind.assemble is not None, strips_usage=tap is not None and tap.strip)
         request = self._upstream_request(scope, body, rid=rid)
 
-        watch = cancel_on_disconnect(receive)
+        watch = cancel_on_disconnect(receive, scope=scope)
         completed = False
         try:
             async with watch:

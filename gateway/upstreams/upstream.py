@@ -42,6 +42,32 @@ class Upstream:
         return self.config.url
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing: one pooled client serves every caller, so a cookie the
+    upstream sets for one must never be stored, let alone sent with another's request. It also
+    spares httpx's parsing of every response's headers for cookies (about 85 us a request)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
+        return None
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """httpx's client without a cookie jar (:class:`_NoCookies`)."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        return None
+
+
 def make_upstream_client(config: Config, upstream: UpstreamConfig | None = None) -> httpx.AsyncClient:
     """The pooled client for ``upstream`` (default: the first), with explicit timeouts.
 
@@ -74,7 +100,7 @@ def make_upstream_client(config: Config, upstream: UpstreamConfig | None = None)
         transport = AiohttpTransport(limits)
     else:
         transport = FramingGuard(httpx.AsyncHTTPTransport(limits=limits, trust_env=False))
-    return httpx.AsyncClient(
+    return UpstreamClient(
         timeout=httpx.Timeout(
             connect=timeouts.connect_s,
             read=timeouts.total_s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
@@ -16,6 +17,7 @@ from anyio.abc import SocketAttribute
 
 from gateway.server.connections import ConnectionLimiter
 from gateway.server.serving import serve_in_background
+from middleware.disconnect import cancel_on_disconnect, disconnect_signal
 from middleware.types import Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
@@ -49,6 +51,37 @@ async def test_a_keep_alive_connection_closed_by_its_client_is_closed_at_once() 
         await stream.send_eof()
         with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
             await stream.receive()  # the server closed its side too
+
+
+async def test_a_client_leaving_cancels_a_watch_through_the_servers_signal_with_no_task_beside() -> None:
+    # The proxy watches every request for a client leaving. hypercorn reports that only through
+    # receive(), which would need a task per request reading it; lmgate's set-up gives each request
+    # a DisconnectSignal that hypercorn's own http.disconnect sets, and the watch is a cancel scope.
+    entered, done = anyio.Event(), anyio.Event()
+    seen: dict[str, object] = {}
+
+    async def waits_on_something_else(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        seen["signal"] = disconnect_signal(scope) is not None
+        tasks = len(asyncio.all_tasks())
+        watch = cancel_on_disconnect(receive, scope=scope)
+        async with watch:
+            seen["tasks_beside"] = len(asyncio.all_tasks()) - tasks
+            entered.set()
+            await anyio.sleep(30)  # the upstream, say: cancelled when the client leaves
+        seen["disconnected"] = watch.disconnected
+        done.set()
+
+    async with serve_in_background(waits_on_something_else) as server:
+        async with await anyio.connect_tcp(server.host, server.port) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nHost: lmgate\r\n\r\n")
+            with anyio.fail_after(5):
+                await entered.wait()
+        with anyio.fail_after(5):
+            await done.wait()
+    assert seen == {"signal": True, "tasks_beside": 0, "disconnected": True}
 
 
 SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
@@ -242,6 +275,7 @@ EXHAUSTED_CHILD = """
 import resource, sys, anyio
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 from gateway.server.serving import serve_in_background
+from middleware.disconnect import cancel_on_disconnect, disconnect_signal
 
 async def hello(scope, receive, send):
     if scope["type"] == "http":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import anyio.lowlevel
 import pytest
 
-from middleware.disconnect import cancel_on_disconnect, run_beside
+from middleware.disconnect import DISCONNECT_EXTENSION, DisconnectSignal, cancel_on_disconnect, run_beside
 from middleware.types import Message, Receive
 
 pytestmark = pytest.mark.anyio
@@ -67,6 +69,48 @@ async def test_an_outer_cancellation_goes_through() -> None:
         async with cancel_on_disconnect(channel()) as watch:
             await anyio.sleep_forever()
     assert outer.cancelled_caught and not watch.disconnected
+
+
+def signalled() -> tuple[DisconnectSignal, dict[str, object]]:
+    signal = DisconnectSignal()
+    return signal, {"type": "http", "extensions": {DISCONNECT_EXTENSION: signal}}
+
+
+async def test_a_servers_signal_cancels_the_block_without_reading_receive() -> None:
+    signal, scope = signalled()
+
+    async def never_read() -> Message:
+        raise AssertionError("with a signal, nothing reads receive()")
+
+    reached_the_end = False
+    with anyio.fail_after(5):
+        async with cancel_on_disconnect(never_read, scope=scope) as watch:
+            asyncio.get_running_loop().call_soon(signal.set)
+            await anyio.sleep_forever()
+            reached_the_end = True
+    assert watch.disconnected and not reached_the_end
+
+
+async def test_a_signal_set_before_the_watch_cancels_the_block_at_once() -> None:
+    signal, scope = signalled()
+    signal.set()
+    with anyio.fail_after(5):
+        async with cancel_on_disconnect(channel(), scope=scope) as watch:
+            await anyio.sleep_forever()
+    assert watch.disconnected
+
+
+async def test_with_a_signal_the_blocks_exception_and_an_outer_cancellation_go_through() -> None:
+    signal, scope = signalled()
+    with pytest.raises(ValueError, match="from the block"):
+        async with cancel_on_disconnect(channel(), scope=scope):
+            raise ValueError("from the block")
+    with anyio.move_on_after(0.01) as outer:
+        async with cancel_on_disconnect(channel(), scope=scope) as watch:
+            await anyio.sleep_forever()
+    assert outer.cancelled_caught and not watch.disconnected
+    signal.set()  # after the block: the watch is gone and nothing is cancelled
+    assert not watch.disconnected
 
 
 async def test_run_beside_runs_a_task_for_the_length_of_the_block() -> None:
