@@ -28,6 +28,7 @@ sends the answer as one JSON body, with ``x-lmgate-usage`` when lmgate counted t
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -130,17 +131,21 @@ def model_info_from(upstream: UpstreamModels) -> ModelInfo:
 
 
 async def _feed(assembler: CompletionAssembler, response: httpx.Response, *, limit_bytes: int) -> None:
+    # SSE is UTF-8 by definition (whatever a charset says); decoding here, not with aiter_text(),
+    # spares httpx's text decoder and chunker layers on every answer.
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     try:
-        async for text in response.aiter_text():
+        async for data in response.aiter_bytes():
             if response.num_bytes_downloaded > limit_bytes:
                 # The answer is held in memory whole: an upstream gone wild must not exhaust it.
                 raise UpstreamProtocolError(
                     f"The upstream's answer is larger than limits.assembled_bytes ({limit_bytes} bytes); "
                     "ask for a stream to receive it."
                 )
-            assembler.feed(text)
+            assembler.feed(decoder.decode(data))
     except httpx.HTTPError as exc:
         raise translate_transport_error(exc, response_started=False) from exc
+    assembler.feed(decoder.decode(b"", final=True))
     assembler.close()
 
 
