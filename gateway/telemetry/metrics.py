@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
@@ -36,6 +36,8 @@ from middleware.circuit_breaker import CircuitBreakerMiddleware
 from middleware.concurrency import ConcurrencyMiddleware
 from middleware.drain import DrainState
 from middleware.retry import RetryMiddleware
+
+_Labelled = TypeVar("_Labelled", Counter, Histogram, Gauge)
 
 MODEL = "gen_ai.request.model"
 OPERATION = "gen_ai.operation.name"
@@ -83,6 +85,7 @@ class GatewayMetrics:
         info: dict[str, str] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self._children: dict[tuple[int, tuple[str | None, ...]], Any] = {}
         self.model_label = ModelLabels(max_models, models)
         buckets = tuple(duration_buckets_s)
         r = self.registry
@@ -142,25 +145,36 @@ class GatewayMetrics:
         model = self.model_label(record.model)
         operation = record.operation
         upstream = record.upstream or ""
-        self.duration.labels(
-            operation, model, record.route, str(outcome.status), outcome.category or "", upstream
-        ).observe(outcome.latency_s)
+        child = self._child
+        child(self.duration, operation, model, record.route, str(outcome.status), outcome.category or "", upstream).observe(
+            outcome.latency_s
+        )
         if outcome.category is not None:
-            self.errors.labels(outcome.category, model, record.route, upstream).inc()
+            child(self.errors, outcome.category, model, record.route, upstream).inc()
         if outcome.queue_wait_s is not None:
-            self.queue_wait.labels(model, upstream).observe(outcome.queue_wait_s)
+            child(self.queue_wait, model, upstream).observe(outcome.queue_wait_s)
         for kind, count in (("input", outcome.tokens_in), ("output", outcome.tokens_out)):
             if count is not None:
-                self.tokens.labels(operation, model, kind).observe(count)
+                child(self.tokens, operation, model, kind).observe(count)
                 if record.usage_counted is not None:
-                    self.tokens_counted.labels(kind, record.usage_source(kind)).inc()
+                    child(self.tokens_counted, kind, record.usage_source(kind)).inc()
         if outcome.category is None:
             if outcome.ttft_s is not None:
-                self.ttft.labels(operation, model, record.route, upstream).observe(outcome.ttft_s)
+                child(self.ttft, operation, model, record.route, upstream).observe(outcome.ttft_s)
             if outcome.time_per_token_s is not None:
-                self.per_token.labels(operation, model).observe(outcome.time_per_token_s)
+                child(self.per_token, operation, model).observe(outcome.time_per_token_s)
             if outcome.tokens_per_s is not None:
-                self.tokens_per_second.labels(model, upstream).observe(outcome.tokens_per_s)
+                child(self.tokens_per_second, model, upstream).observe(outcome.tokens_per_s)
+
+    def _child(self, metric: _Labelled, *values: str | None) -> _Labelled:
+        """``metric.labels(*values)``, remembered: prometheus_client validates the values and takes
+        a lock on every call (a few us each, up to seven a request). The label values are bounded
+        (``model_label`` folds unknown models), so the memo is too."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def cache_result(self, result: str) -> None:
         """The response cache's ``on_result``: one count per cacheable request."""
