@@ -72,8 +72,8 @@ PRESTART_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-accel-buffering", b"no"),
 )
 DEFAULT_CARRY_HEADERS: tuple[bytes, ...] = (b"x-lmgate-",)
-# The clock of silences: anyio's on asyncio (loop.time() is time.monotonic()), read without the
-# backend lookup anyio.current_time() does, since it is read on every chunk.
+# The clock of silences, read on every chunk. Timers are armed with delays measured on it, so it need
+# not be the loop's own clock (uvloop's is a cached millisecond one).
 _now = time.monotonic
 # An inner error body is a small JSON document; past this it is cut before being framed.
 _HELD_LIMIT_BYTES = 64 * 1024
@@ -198,8 +198,8 @@ class _Ticker:
         self._arm(interval_s)
 
     def _arm(self, delay_s: float) -> None:
-        # A delay, not a loop time: the silences are measured on ``_now``, which need not be the
-        # loop's clock (uvloop's is a cached millisecond one).
+        # A delay, not a loop time: silences are measured on ``_now``, not on ``loop.time()``. A timer
+        # that fires a little early (uvloop rounds to milliseconds) just re-arms for the rest.
         self.handle = self.loop.call_later(max(0.0, delay_s), self._tick)
 
     def _tick(self) -> None:
