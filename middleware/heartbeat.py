@@ -37,10 +37,15 @@ sees the started stream.
 What a heartbeat says is up to ``describe(scope, elapsed_s)``, which returns the frame bytes (one
 or more complete frames); the default is ``: lmgate waiting elapsed_s=12``. lmgate's cold-start
 layer supplies one that reports model loads.
+
+The layer wraps every request, and almost none ever needs a heartbeat, so it waits for silences
+with a timer armed with the running asyncio loop (uvloop included; also under anyio on asyncio,
+not trio) and starts a task only to send a heartbeat: a quiet request costs no task.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -49,7 +54,6 @@ from collections.abc import Callable, Collection, Iterable
 import anyio
 
 from middleware.body import DEFAULT_LIMIT_BYTES, read_body, replaying_receive, request_json
-from middleware.disconnect import run_beside
 from middleware.errors import StreamCut, UpstreamProtocolError
 from middleware.request_id import request_id
 from middleware.response import ResponseState, header_value, is_event_stream
@@ -68,8 +72,8 @@ PRESTART_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-accel-buffering", b"no"),
 )
 DEFAULT_CARRY_HEADERS: tuple[bytes, ...] = (b"x-lmgate-",)
-# The clock of silences: anyio's on asyncio (loop.time() is time.monotonic()), read without the
-# backend lookup anyio.current_time() does, since it is read on every chunk.
+# The clock of silences, read on every chunk. Timers are armed with delays measured on it, so it need
+# not be the loop's own clock (uvloop's is a cached millisecond one).
 _now = time.monotonic
 # An inner error body is a small JSON document; past this it is cut before being framed.
 _HELD_LIMIT_BYTES = 64 * 1024
@@ -145,31 +149,119 @@ class HeartbeatMiddleware:
         relay = _Relay(
             send, scope, carry_headers=self.carry_headers, start_headers=self.start_headers, wants_stream=wants_stream
         )
-        async with run_beside(lambda: self._beat(scope, relay)):
-            try:
-                await self.app(scope, replaying_receive(scope, receive), relay.inner_send)
-            finally:
-                # A heartbeat being sent finishes before the ticker stops, so an error frame rendered
-                # further out never interleaves with it.
-                await relay.close()
+        ticker = _Ticker(relay, scope, self.interval_s, self.describe)
+        try:
+            await self.app(scope, replaying_receive(scope, receive), relay.inner_send)
+        except asyncio.CancelledError:
+            await ticker.stop(cancelled=True)
+            ticker.raise_failure()  # the cancellation was the ticker's own, for a heartbeat that failed
+            raise
+        except BaseException:
+            await ticker.stop(cancelled=False)
+            raise
+        await ticker.stop(cancelled=False)
+        ticker.raise_failure()
         if relay.prestarted and not relay.client.finished:
             raise StreamCut("The response ended before it was complete.")
 
-    async def _beat(self, scope: Scope, relay: _Relay) -> None:
-        """Wake after each ``interval_s`` of silence and send a heartbeat where one may go."""
-        arrived_at = _now()
-        next_at = arrived_at + self.interval_s
-        while True:
-            await anyio.sleep(max(0.0, next_at - _now()))
-            now = _now()
-            if relay.done:
-                return
-            if now - relay.last_byte_at < self.interval_s:
-                next_at = relay.last_byte_at + self.interval_s  # the app sent something meanwhile
-                continue
-            next_at = now + self.interval_s
-            if relay.may_beat():
-                await relay.heartbeat(self.describe(scope, now - arrived_at))
+
+class _Ticker:
+    """Heartbeats for one request: a timer armed with the event loop, and a task only to send a beat.
+
+    The layer wraps every request and almost none ever needs a heartbeat, so the quiet case costs one
+    ``call_later`` (about a microsecond; a task group with a background task costs ~50). The timer
+    fires ``interval_s`` after the last byte as it stood when the timer was armed; if bytes flowed
+    since, it is re-armed for the new deadline then, rather than on every chunk. A heartbeat that may
+    go is sent by one task, which re-arms the timer when done.
+
+    As a background task in a task group would be: a heartbeat under way is waited for before the
+    layer returns (and cancelled with the request), and a heartbeat that fails cancels the request's
+    task and its exception propagates from the layer as itself.
+    """
+
+    __slots__ = (
+        "relay", "scope", "interval_s", "describe", "arrived_at", "loop", "host", "handle", "task", "failure", "cancelled_host",
+    )
+
+    def __init__(self, relay: _Relay, scope: Scope, interval_s: float, describe: Describe) -> None:
+        self.relay = relay
+        self.scope = scope
+        self.interval_s = interval_s
+        self.describe = describe
+        self.arrived_at = relay.last_byte_at
+        self.loop = asyncio.get_running_loop()
+        self.host = asyncio.current_task()
+        self.task: asyncio.Task[None] | None = None
+        self.failure: Exception | None = None  # the heartbeat's exception, raised by the layer
+        self.cancelled_host = False
+        self.handle: asyncio.TimerHandle | None = None
+        self._arm(interval_s)
+
+    def _arm(self, delay_s: float) -> None:
+        # A delay, not a loop time: silences are measured on ``_now``, not on ``loop.time()``. A timer
+        # that fires a little early (uvloop rounds to milliseconds) just re-arms for the rest.
+        self.handle = self.loop.call_later(max(0.0, delay_s), self._tick)
+
+    def _tick(self) -> None:
+        self.handle = None
+        relay = self.relay
+        if relay.done:
+            return
+        now = _now()
+        if now - relay.last_byte_at < self.interval_s:
+            self._arm(relay.last_byte_at + self.interval_s - now)  # the app sent something meanwhile
+        elif relay.may_beat():
+            self.task = self.loop.create_task(self._beat(now))
+        else:
+            self._arm(self.interval_s)
+
+    async def _beat(self, now: float) -> None:
+        relay = self.relay
+        try:
+            if relay.may_beat():  # again: the app may have begun a send since the timer fired
+                await relay.heartbeat(self.describe(self.scope, now - self.arrived_at))
+        except Exception as failure:
+            self.failure = failure
+            if not relay.closed and self.host is not None:
+                self.host.cancel()  # the request goes no further, as when a task group's child fails
+                self.cancelled_host = True
+            return
+        if not relay.done:
+            self._arm(now + self.interval_s - _now())
+
+    async def stop(self, *, cancelled: bool) -> None:
+        """No heartbeat from now on; wait for one under way (cancelled if the request was)."""
+        self.relay.closed = True
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if self.cancelled_host and self.host is not None:
+            self.host.uncancel()  # the app has ended: the cancellation a failed heartbeat caused is spent
+        task = self.task
+        if task is None or task.done():
+            return
+        if cancelled:
+            await self._cancel(task)
+            return
+        try:
+            # A heartbeat being sent finishes before the layer returns, so an error frame rendered
+            # further out never interleaves with it.
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            await self._cancel(task)
+            raise
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None]) -> None:
+        """Cancel the heartbeat with the request and wait for it, as a task group does its children."""
+        task.cancel()
+        with anyio.CancelScope(shield=True):  # anyio's cancellation would interrupt the wait again
+            await asyncio.wait((task,))
+
+    def raise_failure(self) -> None:
+        """Raise the exception a heartbeat failed with, if one did."""
+        if self.failure is not None:
+            raise self.failure
 
 
 class _Relay:
@@ -241,12 +333,6 @@ class _Relay:
         finally:
             self.beating = None
             beating.set()
-
-    async def close(self) -> None:
-        """No heartbeat from now on; wait for one under way to be sent."""
-        self.closed = True
-        if self.beating is not None:
-            await self.beating.wait()
 
     async def inner_send(self, message: Message) -> None:
         while self.beating is not None:

@@ -8,6 +8,7 @@ tests/gateway/test_coldstart.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -16,11 +17,17 @@ import anyio
 import pytest
 
 from gateway.simulator.testing import ASGICall
-from middleware.errors import ErrorMiddleware, Overloaded
+from middleware.errors import ErrorMiddleware, Overloaded, StreamCut
 from middleware.heartbeat import HeartbeatMiddleware, comment_frame, event_frame
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend(lmgate_loop: str) -> tuple[str, dict[str, bool]]:
+    """Both loops lmgate runs on: the layer arms its timers with the running loop itself."""
+    return ("asyncio", {"use_uvloop": lmgate_loop == "uvloop"})
 
 INTERVAL_S = 0.1
 SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
@@ -218,3 +225,92 @@ async def test_accept_event_stream_counts_as_asking_for_a_stream_and_describe_se
 def test_the_interval_must_be_a_positive_finite_number(interval: float) -> None:
     with pytest.raises(ValueError):
         HeartbeatMiddleware(Scripted(), interval_s=interval)
+
+
+async def test_a_request_with_no_heartbeat_due_runs_in_the_callers_task_with_no_task_beside_it() -> None:
+    # The layer wraps every request: a background task (or a task group) per request is a real cost
+    # on the hot path, so it only arms a timer with the event loop until a heartbeat is due.
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["task"], seen["tasks"] = asyncio.current_task(), asyncio.all_tasks()
+        await send(SSE_START)
+        await send(body(DONE, more=False))
+
+    before = asyncio.all_tasks()
+    recorder = await run(Recorder(heartbeats(app)))
+    assert recorder.raw == DONE
+    assert seen["task"] is asyncio.current_task()
+    assert seen["tasks"] == before
+
+
+async def test_a_failing_heartbeat_send_cancels_the_app_and_propagates_as_itself() -> None:
+    class Gone(Exception):
+        pass
+
+    app_cancelled = anyio.Event()
+
+    async def wait_forever() -> None:
+        try:
+            with anyio.CancelScope():  # the app's own scopes do not swallow the layer's cancellation
+                await anyio.sleep_forever()
+        finally:
+            app_cancelled.set()
+
+    async def failing_send(message: Message) -> None:
+        raise Gone()
+
+    recorder = Recorder(heartbeats(Scripted(wait_forever)))
+    recorder._send = failing_send  # type: ignore[method-assign]
+    with anyio.fail_after(5), pytest.raises(Gone):
+        await recorder.run()
+    assert app_cancelled.is_set()
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]  # no cancellation leaks out
+
+
+class BlockingBeats(Recorder):
+    """A client whose heartbeat sends hang until ``release`` is set (the app's own sends do not)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app)
+        self.beat_started = anyio.Event()
+        self.release = anyio.Event()
+        self.order: list[str] = []
+
+    async def _send(self, message: Message) -> None:
+        if message.get("body", b"").startswith(b": lmgate waiting"):
+            self.beat_started.set()
+            try:
+                await self.release.wait()
+            except BaseException:
+                self.order.append("beat cancelled")
+                raise
+            self.order.append("beat sent")
+        await super()._send(message)
+
+
+async def test_a_heartbeat_under_way_is_sent_before_the_layer_returns() -> None:
+    holder: dict[str, BlockingBeats] = {}
+
+    async def return_during_a_heartbeat() -> None:
+        await holder["r"].beat_started.wait()
+        holder["r"].release.set()  # the send can finish now, but only once the app has returned
+
+    recorder = holder["r"] = BlockingBeats(heartbeats(Scripted(return_during_a_heartbeat)))
+    with anyio.fail_after(5), pytest.raises(StreamCut):  # started early, then no answer
+        await recorder.run()
+    recorder.order.append("layer returned")
+    assert recorder.order == ["beat sent", "layer returned"]
+
+
+async def test_a_cancelled_request_cancels_its_heartbeat_under_way_and_leaves_no_task() -> None:
+    recorder = BlockingBeats(heartbeats(Scripted(anyio.sleep_forever)))
+    before = asyncio.all_tasks()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(recorder.run)
+            await recorder.beat_started.wait()
+            group.cancel_scope.cancel()
+    recorder.order.append("layer returned")
+    assert recorder.order == ["beat cancelled", "layer returned"]
+    assert asyncio.all_tasks() == before
