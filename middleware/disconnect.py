@@ -26,7 +26,7 @@ group with one task costs about 50 us of CPU per request on uvloop, the callback
 proxy watches every request. Pass ``scope=`` to use the signal when the server provides one; any
 other server gets the watcher task.
 
-:func:`run_beside` is the same machinery for any background task (the heartbeat's ticker): the task
+:func:`run_beside` is the same machinery for any background task: the task
 runs while the block runs and is cancelled when it ends. Neither lets an ``ExceptionGroup`` out: an
 exception from the block propagates as itself, and so does one from the background task.
 """
