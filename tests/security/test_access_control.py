@@ -93,9 +93,13 @@ async def test_a_key_over_its_per_key_limit_gets_429_while_other_keys_are_served
         sim.url, auth={**AUTH, "per_key_limit": 1}
     ) as gw:
         async with client.stream("POST", gw.url + CHAT, json=chat(stream=True), headers=bearer(CLIENT)) as first:
-            await anext(first.aiter_raw())
+            # Held in a name: an iterator dropped after one anext() is collected, and closing it
+            # closes the stream, which frees the key's slot (lmgate notices a leaving client at once).
+            chunks = first.aiter_raw()
+            await anext(chunks)
             second = await client.post(gw.url + CHAT, json=chat(), headers=bearer(CLIENT))
             other = await client.post(gw.url + CHAT, json=chat(), headers=bearer(OTHER))
+            await chunks.aclose()
         assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limited"
         assert int(second.headers["retry-after"]) >= 1
         assert other.status_code == 200
