@@ -54,8 +54,9 @@ def test_quick_run_measures_every_leg_and_scenario(tmp_path: Path) -> None:
             assert figures["streams_refused"] == figures["streams_error_frame"] == 0, (scenario, leg, figures)
     assert results["long_256"]["lmgate"][0]["proxy_cpu_us_per_chunk"] > 0
     assert results["long_256"]["relay"][0]["proxy_cpu_us_per_chunk"] > 0
-    # lmgate and NGINX pass every cancel on and leave no upstream stream running.
-    for leg in [leg for leg in legs if leg != "direct"]:
+    # lmgate and NGINX pass every cancel on and leave no upstream stream running (the bare relay has
+    # no disconnect watcher: it reads its upstream to the end, which the storm shows).
+    for leg in [leg for leg in legs if leg not in ("direct", "relay")]:
         storm = results["cancel_500"][leg][0]
         assert storm["cancels_missing"] == 0 and storm["left_over_streams"] == 0, (leg, storm)
     text = report.read_text()
