@@ -130,6 +130,7 @@ class Client(asyncio.Protocol):
         self.tail = b"\r\n"
         self.last_byte = 0
         self.carry = b""
+        self.must_close = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -174,6 +175,9 @@ class Client(asyncio.Protocol):
                     self.mode, self.remaining = "length", int(value)
                 elif name == b"transfer-encoding" and b"chunked" in value.lower():
                     self.mode = "chunked"
+                elif name == b"connection" and b"close" in value.lower():
+                    # hypercorn ends a keep-alive connection after 1,000 requests (keep_alive_max_requests)
+                    self.must_close = True
             if self.mode == "length" and self.remaining == 0:
                 self._finish(now)
                 return
@@ -214,6 +218,8 @@ class Client(asyncio.Protocol):
         response.done_at = now
         response.complete = True
         self.response = None
+        if self.must_close and self.transport is not None:
+            self.transport.close()  # the closed loop sees is_closing() and reconnects
         if self.future is not None and not self.future.done():
             self.future.set_result(response)
 
