@@ -62,7 +62,7 @@ def versions(legs_versions: dict[str, str]) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="lmgate's benchmark suite (issue 9).")
+    parser = argparse.ArgumentParser(prog="python -m bench", description="lmgate's benchmark suite (issues 9 and 17).")
     parser.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a few seconds, only checks the suite works")
     parser.add_argument("--legs", default=",".join(LEG_NAMES), help=f"comma-separated, from {', '.join(LEG_NAMES)}; diagnostics: {', '.join(DIAGNOSTIC_LEGS)}")

@@ -15,6 +15,10 @@ Scenarios (see ``bench/README.md`` for what each one measures):
 Nothing here is a framework: HTTP/1.1 requests are prebuilt bytes, responses are parsed just enough
 to find their end and count SSE frames (``\\n\\n``), so the generator stays far from its ceiling
 (``direct`` in the results is this generator against the mock with no proxy between).
+
+Every stream of ``long`` and ``stream`` is classified (``streams_complete``, ``streams_refused``,
+``streams_error_frame``, ``streams_truncated``; see ``classify``) so that overload shed honestly (a
+503, an SSE error frame) is told apart from a stream that silently stopped short.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ from bench._loop import loop_name
 from bench._loop import run as run_loop
 
 _TERMINATOR = b"\r\n0\r\n\r\n"
+_DONE = b"[DONE]"
+# lmgate cuts a started stream with `event: error` + `data: {"error": ...}` (middleware.errors.sse_error_frame);
+# the bare data line covers a proxy that sends only that.
+_ERROR_EVENT = b"event: error"
+_ERROR_DATA = b'data: {"error"'
+# Bytes of the previous read kept so a marker split over two reads is still found.
+_CARRY = max(len(_DONE), len(_ERROR_EVENT), len(_ERROR_DATA)) - 1
+STREAM_CLASSES = ("complete", "refused", "error_frame", "truncated")
 # Sent on every request; the LiteLLM leg is started with it as its master key (local only, no secret).
 BENCH_KEY = "sk-lmgate-bench-4f1c9a7e2b6d8053a1e4c7f9b2d6e8a0"
 
@@ -58,7 +70,8 @@ def build_request(host: str, port: int, *, stream: bool, chunks: int = 0, interv
 class Response:
     """What one exchange saw; times are ``time.monotonic()``."""
 
-    __slots__ = ("sent_at", "first_frame_at", "last_frame_at", "done_at", "status", "frames", "complete")
+    __slots__ = ("sent_at", "first_frame_at", "last_frame_at", "done_at", "status", "frames", "complete",
+                 "done_seen", "error_frame")
 
     def __init__(self, sent_at: float) -> None:
         self.sent_at = sent_at
@@ -67,7 +80,32 @@ class Response:
         self.done_at = 0.0
         self.status = 0
         self.frames = 0
-        self.complete = False
+        self.complete = False  # the body ended as HTTP framing says (not a dropped connection)
+        self.done_seen = False  # `data: [DONE]` was received
+        self.error_frame = False  # an SSE error frame was received
+
+
+def classify(response: Response | None, chunks: int) -> str:
+    """One stream's fate, one of ``STREAM_CLASSES``.
+
+    ``complete``: HTTP 200, every frame and `data: [DONE]`. ``refused``: an HTTP error status (overload
+    shed with a 503, say). ``error_frame``: a 200 stream that carried an SSE error frame (a stream cut
+    announced to the client). ``truncated``: anything else, a stream that stopped short with no word
+    of why, including connection errors and timeouts (``None``: no response at all).
+    """
+    if response is None:
+        return "truncated"
+    if response.status >= 400:
+        return "refused"
+    if response.error_frame:
+        return "error_frame"
+    if response.status == 200 and response.done_seen and response.frames >= chunks:
+        return "complete"
+    return "truncated"
+
+
+def stream_counts(fates: list[str]) -> dict[str, int]:
+    return {f"streams_{name}": fates.count(name) for name in STREAM_CLASSES}
 
 
 class Client(asyncio.Protocol):
@@ -91,6 +129,8 @@ class Client(asyncio.Protocol):
         self.remaining = 0
         self.tail = b"\r\n"
         self.last_byte = 0
+        self.carry = b""
+        self.must_close = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -109,7 +149,7 @@ class Client(asyncio.Protocol):
         self._reset()
         self.response = Response(time.monotonic())
         self.future = asyncio.get_running_loop().create_future()
-        self.transport.write(request)  # type: ignore[union-attr]
+        self.transport.write(request)
         return self.future
 
     def data_received(self, data: bytes) -> None:
@@ -135,6 +175,9 @@ class Client(asyncio.Protocol):
                     self.mode, self.remaining = "length", int(value)
                 elif name == b"transfer-encoding" and b"chunked" in value.lower():
                     self.mode = "chunked"
+                elif name == b"connection" and b"close" in value.lower():
+                    # hypercorn ends a keep-alive connection after 1,000 requests (keep_alive_max_requests)
+                    self.must_close = True
             if self.mode == "length" and self.remaining == 0:
                 self._finish(now)
                 return
@@ -144,6 +187,14 @@ class Client(asyncio.Protocol):
         if self.last_byte == 10 and data[0] == 10:
             frames += 1
         self.last_byte = data[-1]
+        # Substring searches in C on each read, plus the seam with the previous read: cheap at 1,000 streams.
+        joint = self.carry + data[:_CARRY]
+        if not response.done_seen and (_DONE in data or _DONE in joint):
+            response.done_seen = True
+        if not response.error_frame and (_ERROR_EVENT in data or _ERROR_DATA in data
+                                         or _ERROR_EVENT in joint or _ERROR_DATA in joint):
+            response.error_frame = True
+        self.carry = data[-_CARRY:] if len(data) >= _CARRY else (self.carry + data)[-_CARRY:]
         if frames:
             if not response.frames:
                 response.first_frame_at = now
@@ -167,6 +218,8 @@ class Client(asyncio.Protocol):
         response.done_at = now
         response.complete = True
         self.response = None
+        if self.must_close and self.transport is not None:
+            self.transport.close()  # the closed loop sees is_closing() and reconnects
         if self.future is not None and not self.future.done():
             self.future.set_result(response)
 
@@ -177,11 +230,11 @@ async def connect(host: str, port: int, on_frames: Callable[[Response, int, floa
     return client
 
 
-def percentiles(values: list[float] | array, scale: float = 1000.0) -> dict[str, float | None]:
+def percentiles(values: list[float] | array[float], scale: float = 1000.0) -> dict[str, float | None]:
     """p50/p90/p99/max/mean of ``values`` times ``scale`` (seconds to ms by default)."""
     if not values:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
-    ordered = sorted(values)
+    ordered: list[float] = sorted(values)
     n = len(ordered)
 
     def at(q: float) -> float:
@@ -207,6 +260,7 @@ async def closed_loop(args: argparse.Namespace, host: str, port: int, *, stream:
     errors: dict[str, int] = {}
     completed = 0
     window_end = [0.0]
+    fates: list[str] = []
 
     def error(kind: str) -> None:
         errors[kind] = errors.get(kind, 0) + 1
@@ -215,12 +269,17 @@ async def closed_loop(args: argparse.Namespace, host: str, port: int, *, stream:
         nonlocal frames, completed
         client: Client | None = None
         while loop.time() < stop_at and (not args.requests or completed < args.requests):
+            attempt: Response | None = None
             try:
                 if client is None or client.transport is None or client.transport.is_closing():
                     client = await connect(host, port)
-                response = await asyncio.wait_for(client.exchange(request), args.timeout_s)
+                exchange = client.exchange(request)
+                attempt = client.response
+                response = await asyncio.wait_for(exchange, args.timeout_s)
             except (TimeoutError, OSError) as exc:
                 error(type(exc).__name__)
+                if stream and (attempt is None or attempt.sent_at >= measure_from):
+                    fates.append(classify(attempt, args.chunks))
                 if client is not None and client.transport is not None:
                     client.transport.abort()
                 client = None
@@ -228,6 +287,8 @@ async def closed_loop(args: argparse.Namespace, host: str, port: int, *, stream:
                 continue
             if response.sent_at < measure_from:
                 continue
+            if stream:
+                fates.append(classify(response, args.chunks))
             if response.status != 200:
                 error(f"http_{response.status}")
                 continue
@@ -257,6 +318,7 @@ async def closed_loop(args: argparse.Namespace, host: str, port: int, *, stream:
         result["stream_chunks_per_s"] = percentiles(
             [args.chunks / lat for lat in latencies if lat > 0], scale=1.0
         )
+        result.update(stream_counts(fates))
     return result
 
 
@@ -286,18 +348,23 @@ async def long_streams(args: argparse.Namespace, host: str, port: int) -> dict[s
     errors: dict[str, int] = {}
     results: list[Response] = []
     clients: list[Client] = []
+    fates: list[str] = []
 
     async def one(i: int) -> None:
         await asyncio.sleep(args.ramp_s * i / args.streams)
         request = build_request(host, port, stream=True, chunks=chunks, interval_ms=args.interval_ms, cid=str(i))
+        response: Response | None = None
         try:
             client = await asyncio.wait_for(connect(host, port, on_frames_timed), args.timeout_s)
             clients.append(client)
-            response = await asyncio.wait_for(client.exchange(request), max(0.1, deadline - loop.time()))
+            exchange = client.exchange(request)
+            response = client.response  # kept: what arrived before a close or timeout still classifies it
+            response = await asyncio.wait_for(exchange, max(0.1, deadline - loop.time()))
         except (TimeoutError, OSError) as exc:
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-            return
-        results.append(response)
+        else:
+            results.append(response)
+        fates.append(classify(response, chunks))
 
     await asyncio.gather(*(one(i) for i in range(args.streams)))
     for client in clients:
@@ -316,6 +383,7 @@ async def long_streams(args: argparse.Namespace, host: str, port: int) -> dict[s
         "gap_ms": percentiles(gaps),
         "gaps_over_interval_plus_5ms": sum(1 for g in gaps if g > interval_s + 0.005),
         "ttfc_ms": percentiles(ttfcs),
+        **stream_counts(fates),
         "errors": errors,
     }
 
@@ -399,7 +467,8 @@ async def mock_stats(host: str, port: int) -> dict[str, object]:
         writer.write(b"GET /_bench/stats HTTP/1.1\r\nhost: mock\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
         length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-        return json.loads(await reader.readexactly(length))
+        stats: dict[str, object] = json.loads(await reader.readexactly(length))
+        return stats
     finally:
         writer.close()
 

@@ -1,4 +1,5 @@
-"""The markdown report of a run: medians over rounds, ratios, the targets of issue 9."""
+"""The markdown report of a run: medians over rounds, ratios, the targets of issue 17 (and issue 16's
+shared-state line), each evaluated against anchors measured in the same run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import platform
 import statistics
 from collections.abc import Callable, Sequence
 
+from bench.legs import POOL_KEEPALIVE
+from bench.loadgen import STREAM_CLASSES
 from bench.suite import Run
 
 Getter = Callable[[dict[str, object]], float | None]
@@ -69,7 +72,7 @@ def proxies(run: Run) -> list[str]:
 
 
 def compare_columns(run: Run) -> list[str]:
-    return [leg for leg in ("direct", "nginx", "litellm", "lmgate") if leg in run.legs]
+    return [leg for leg in ("direct", "nginx", "litellm", "relay", "lmgate") if leg in run.legs]
 
 
 def machine() -> list[str]:
@@ -117,8 +120,8 @@ def render(run: Run, *, command: str) -> str:
 
 
 def disturbance(run: Run) -> list[str]:
-    values = [float(r["foreign_cores"]) for legs in run.results.values() for rs in legs.values() for r in rs
-              if isinstance(r.get("foreign_cores"), (int, float))]
+    read = get("foreign_cores")
+    values = [v for legs in run.results.values() for rs in legs.values() for r in rs if (v := read(r)) is not None]
     if not values:
         return []
     med, top = statistics.median(values), max(values)
@@ -142,55 +145,152 @@ def failures(run: Run) -> list[str]:
 # -- targets -----------------------------------------------------------------------------------
 
 
-def targets(run: Run) -> list[str]:
-    if "lmgate" not in run.legs or "nginx" not in run.legs:
-        return ["## Targets", "", "Not evaluated: the run needs both the lmgate and the nginx legs."]
+# Issue 17's targets: each a bound on lmgate's figure, mostly as a ratio to an anchor leg of the same run.
+ANCHORS = {"nginx": "NGINX", "relay": "relay", "direct": "direct"}
+TARGET_LEGS = ("lmgate", "lmgate-all")
+
+
+def verdict(ok: bool | None, why: str = "n/a") -> str:
+    return why if ok is None else ("**met**" if ok else "**not met**")
+
+
+def missing(run: Run, scenario: str, *legs: str) -> str | None:
+    """Why a target cannot be evaluated in this run (a leg or the scenario missing), or None."""
+    for leg in legs:
+        if leg not in run.legs:
+            return f"n/a: needs the {leg} leg"
+    if scenario not in run.results:
+        return f"n/a: {scenario} not run"
+    return None
+
+
+def worst(run: Run, scenario: str, leg: str, getter: Getter, *, lowest: bool = False) -> float | None:
+    """The worst round's figure: the highest, or with ``lowest`` the lowest."""
+    values = series(run, scenario, leg, getter)
+    return (min(values) if lowest else max(values)) if values else None
+
+
+def ratio_target(run: Run, leg: str, name: str, scenario: str, getter: Getter, anchor: str, bound: float, *,
+                 at_most: bool, spec: str, unit: str) -> list[str]:
+    """``leg``'s median over ``anchor``'s median in ``scenario`` is at most (or at least) ``bound``."""
+    mine, theirs = median(run, scenario, leg, getter), median(run, scenario, anchor, getter)
+    r = ratio(mine, theirs)
+    ok = None if r is None else (r <= bound if at_most else r >= bound)
+    return [name, fmt(mine, spec) + unit, f"{ANCHORS.get(anchor, anchor)} {fmt(theirs, spec)}{unit}", fmt(r, "{:.2f}x"),
+            verdict(ok, missing(run, scenario, leg, anchor) or "n/a")]
+
+
+def fates_cell(r: dict[str, object] | None) -> str:
+    if r is None:
+        return "n/a"
+    counts = [r.get(f"streams_{key}") for key in STREAM_CLASSES]
+    if any(not isinstance(c, int) for c in counts):
+        return "n/a"
+    return ", ".join(f"{c} {key.replace('_', ' ')}" for c, key in zip(counts, STREAM_CLASSES, strict=True))
+
+
+def worst_round(run: Run, scenario: str, leg: str, getter: Getter) -> dict[str, object] | None:
+    """The round with the highest figure (ties: the first)."""
+    rounds = [r for r in run.results.get(scenario, {}).get(leg, []) if getter(r) is not None]
+    return max(rounds, key=lambda r: getter(r) or 0.0) if rounds else None
+
+
+def leg_targets(run: Run, leg: str) -> list[list[str]]:
     rows: list[list[str]] = []
+    cpu_chunk, cpu_request = get("proxy_cpu_us_per_chunk"), get("proxy_cpu_us_per_request")
 
-    def row(name: str, mine: float | None, theirs: float | None, r: float | None, ok: bool | None, spec: str, unit: str) -> None:
-        rows.append([name, fmt(mine, spec) + unit, fmt(theirs, spec) + unit, fmt(r, "{:.2f}"),
-                     "n/a" if ok is None else ("**met**" if ok else "**not met**")])
+    # 256 streams, a frame every 20 ms each.
+    s = "long_256"
+    rows.append(ratio_target(run, leg, "256 streams: CPU per chunk <= 2x NGINX's", s, cpu_chunk, "nginx", 2,
+                             at_most=True, spec="{:.1f}", unit=" us"))
 
-    for leg in [leg for leg in ("lmgate", "lmgate-all") if leg in run.legs]:
+    def finished(who: str) -> tuple[str, bool | None]:
+        complete, lost = worst(run, s, who, get("streams_complete"), lowest=True), worst(run, s, who, get("lost_frames"))
+        streams = worst(run, s, who, get("streams"))
+        if complete is None or lost is None or streams is None:
+            return "n/a", None
+        return f"{complete:.0f}/{streams:.0f} complete, {lost:.0f} frames lost", complete == streams and lost == 0
+
+    mine, ok = finished(leg)
+    rows.append(["256 streams: every stream complete, no frame lost (worst round)", mine, f"NGINX {finished('nginx')[0]}", "",
+                 verdict(ok, missing(run, s, leg) or "n/a")])
+    gap = get("gap_ms", "p99")
+    diff = paired(run, s, leg, "nginx", gap)
+    rows.append(["256 streams: p99 gap within 20 ms of NGINX's", fmt(median(run, s, leg, gap)) + " ms",
+                 f"NGINX {fmt(median(run, s, 'nginx', gap))} ms", fmt(diff, "{:+.2f}") + " ms",
+                 verdict(None if diff is None else diff <= 20, missing(run, s, leg, "nginx") or "n/a")])
+
+    # 1,000 streams: past one core's capacity; bounded memory, overload shed honestly.
+    s = "long_1000"
+    rss = get("proxy_rss_peak_mb")
+    mine_rss = worst(run, s, leg, rss)
+    rows.append(["1,000 streams: RSS <= 100 MB (worst round)", fmt(mine_rss, "{:.0f}") + " MB",
+                 f"NGINX {fmt(worst(run, s, 'nginx', rss), '{:.0f}')} MB", "",
+                 verdict(None if mine_rss is None else mine_rss <= 100, missing(run, s, leg) or "n/a")])
+    truncated = get("streams_truncated")
+    mine_round = worst_round(run, s, leg, truncated)
+    rows.append(["1,000 streams: none silently truncated; overload shed as 503s or error frames (worst round)",
+                 fates_cell(mine_round), f"NGINX {fates_cell(worst_round(run, s, 'nginx', truncated))}", "",
+                 verdict(None if mine_round is None else truncated(mine_round) == 0, missing(run, s, leg) or "n/a")])
+
+    # Streams of 50 frames back to back, 64 clients.
+    rows.append(ratio_target(run, leg, "64 streams back to back: chunks/s >= 1/2 of NGINX's", "stream_c64",
+                             get("chunks_per_s"), "nginx", 0.5, at_most=False, spec="{:.0f}", unit=""))
+
+    # Non-streaming at concurrency 1.
+    s = "latency_c1"
+    rows.append(ratio_target(run, leg, "c=1: CPU per request <= 20x NGINX's", s, cpu_request, "nginx", 20,
+                             at_most=True, spec="{:.0f}", unit=" us"))
+    lat = get("latency_ms", "p50")
+    mine_added = added(run, s, leg, lat)
+    rows.append(["c=1: added p50 latency (leg minus direct, same round) <= 1 ms", fmt(mine_added, "{:.3f}") + " ms",
+                 f"NGINX {fmt(added(run, s, 'nginx', lat), '{:.3f}')} ms", "",
+                 verdict(None if mine_added is None else mine_added <= 1, missing(run, s, leg, "direct") or "n/a")])
+
+    # The layers nearly free: lmgate against its own stack with no layers (the relay leg).
+    rows.append(ratio_target(run, leg, "Layers nearly free: CPU per request at c=1 <= 1.3x the relay's", s, cpu_request,
+                             "relay", 1.3, at_most=True, spec="{:.0f}", unit=" us"))
+    rows.append(ratio_target(run, leg, "Layers nearly free: CPU per chunk at 256 streams <= 1.3x the relay's", "long_256",
+                             cpu_chunk, "relay", 1.3, at_most=True, spec="{:.1f}", unit=" us"))
+
+    # The cancel storm.
+    s = "cancel_500"
+    late, lost = worst(run, s, leg, get("cancel_ms", "max")), worst(run, s, leg, get("cancels_missing"))
+    rows.append(["500-stream cancel storm: every cancel reaches the upstream within 250 ms, none missing (worst round)",
+                 f"max {fmt(late, '{:.0f}')} ms, {fmt(lost, '{:.0f}')} missing",
+                 f"NGINX max {fmt(worst(run, s, 'nginx', get('cancel_ms', 'max')), '{:.0f}')} ms, "
+                 f"{fmt(worst(run, s, 'nginx', get('cancels_missing')), '{:.0f}')} missing", "",
+                 verdict(None if late is None or lost is None else late <= 250 and lost == 0, missing(run, s, leg) or "n/a")])
+
+    def left(who: str) -> tuple[float | None, float | None]:
+        return worst(run, s, who, get("left_over_streams")), worst(run, s, who, get("upstream_conns_open"))
+
+    streams_left, conns = left(leg)
+    nginx_streams, nginx_conns = left("nginx")
+    rows.append([f"500-stream cancel storm: no upstream stream left over, at most the {POOL_KEEPALIVE} idle keep-alive "
+                 "connections open (worst round)",
+                 f"{fmt(streams_left, '{:.0f}')} streams, {fmt(conns, '{:.0f}')} connections",
+                 f"NGINX {fmt(nginx_streams, '{:.0f}')} streams, {fmt(nginx_conns, '{:.0f}')} connections", "",
+                 verdict(None if streams_left is None or conns is None else streams_left == 0 and conns <= POOL_KEEPALIVE,
+                         missing(run, s, leg) or "n/a")])
+    return rows
+
+
+def targets(run: Run) -> list[str]:
+    legs = [leg for leg in TARGET_LEGS if leg in run.legs]
+    head = ["## Targets (issue 17; the proxy on one core, ratios to anchors measured in this run)", ""]
+    if not legs:
+        return [*head, "Not evaluated: the run has neither the lmgate nor the lmgate-all leg."]
+    rows: list[list[str]] = []
+    for leg in legs:
         rows.append([f"**{leg}**", "", "", "", ""])
-        lat = get("latency_ms", "p50")
-        mine, theirs = added(run, "latency_c1", leg, lat), added(run, "latency_c1", "nginx", lat)
-        r = ratio(mine, theirs)
-        row("Added latency at c=1 (p50) <= 2x NGINX's", mine, theirs, r, None if r is None else r <= 2, "{:.3f}", " ms")
-        rps = get("rps")
-        mine, theirs = median(run, "throughput_c64", leg, rps), median(run, "throughput_c64", "nginx", rps)
-        r = ratio(mine, theirs)
-        row("Throughput at c=64 >= 1/3 of NGINX's", mine, theirs, r, None if r is None else r >= 1 / 3, "{:.0f}", " req/s")
-        cps = get("chunks_per_s")
-        mine, theirs = median(run, "stream_c64", leg, cps), median(run, "stream_c64", "nginx", cps)
-        r = ratio(mine, theirs)
-        row("Streaming chunks/s at c=64 >= 1/2 of NGINX's", mine, theirs, r, None if r is None else r >= 0.5, "{:.0f}", "")
-        gap = get("gap_ms", "p99")
-        mine, theirs = median(run, "long_1000", leg, gap), median(run, "long_1000", "nginx", gap)
-        diff = None if mine is None or theirs is None else mine - theirs
-        rows.append(["1,000 streams: p99 gap within 5 ms of NGINX's", fmt(mine) + " ms", fmt(theirs) + " ms",
-                     ("+" if diff is not None and diff >= 0 else "") + fmt(diff) + " ms",
-                     "n/a" if diff is None else ("**met**" if diff <= 5 else "**not met**")])
-        rss = median(run, "long_1000", leg, get("proxy_rss_peak_mb"))
-        nginx_rss = median(run, "long_1000", "nginx", get("proxy_rss_peak_mb"))
-        row("1,000 streams: RSS <= 100 MB", rss, nginx_rss, ratio(rss, nginx_rss), None if rss is None else rss <= 100, "{:.0f}", " MB")
-        cpu = get("proxy_cpu_us_per_chunk")
-        mine, theirs = median(run, "long_1000", leg, cpu), median(run, "long_1000", "nginx", cpu)
-        r = ratio(mine, theirs)
-        row("1,000 streams: CPU per chunk <= 2x NGINX's", mine, theirs, r, None if r is None else r <= 2, "{:.1f}", " us")
-        worst = max(series(run, "cancel_500", leg, get("cancel_ms", "max")), default=None)
-        missing = max(series(run, "cancel_500", leg, get("cancels_missing")), default=None)
-        nginx_worst = max(series(run, "cancel_500", "nginx", get("cancel_ms", "max")), default=None)
-        ok = None if worst is None else worst <= 250 and not missing
-        rows.append(["Every cancel reaches the upstream within 250 ms (worst round)",
-                     f"max {fmt(worst, '{:.0f}')} ms, {fmt(missing, '{:.0f}')} missing", f"max {fmt(nginx_worst, '{:.0f}')} ms", "",
-                     "n/a" if ok is None else ("**met**" if ok else "**not met**")])
-        left = max(series(run, "cancel_500", leg, get("left_over_streams")), default=None)
-        nginx_left = max(series(run, "cancel_500", "nginx", get("left_over_streams")), default=None)
-        rows.append(["No connection left over after the storm (worst round)", fmt(left, "{:.0f}"), fmt(nginx_left, "{:.0f}"), "",
-                     "n/a" if left is None else ("**met**" if left == 0 else "**not met**")])
-    return ["## Targets (issue 9; the proxy on one core, ratios within this run)", "",
-            *table(["target", "lmgate", "NGINX", "ratio / difference", "verdict"], rows)]
+        rows += leg_targets(run, leg)
+    return [*head,
+            "Anchors: NGINX (a plain reverse proxy) and `relay` (lmgate's own server, event loop and upstream client "
+            "with none of its layers). Medians over rounds unless the target says worst round; a stream is complete "
+            "with HTTP 200, every frame and `data: [DONE]`, truncated when it stopped short with no 503 and no error "
+            "frame (connection errors and timeouts count as truncated).", "",
+            *table(["target", "figure", "anchor", "ratio / difference", "verdict"], rows)]
 
 
 def shared_state_target(run: Run) -> list[str]:
@@ -213,6 +313,7 @@ def cost_section(run: Run) -> list[str]:
     columns = [("latency_c1", "proxy_cpu_us_per_request", "us/request at c=1"),
                ("throughput_c64", "proxy_cpu_us_per_request", "us/request at c=64"),
                ("long_100", "proxy_cpu_us_per_chunk", "us/chunk, 100 streams"),
+               ("long_256", "proxy_cpu_us_per_chunk", "us/chunk, 256 streams"),
                ("long_1000", "proxy_cpu_us_per_chunk", "us/chunk, 1,000 streams")]
     columns = [c for c in columns if c[0] in run.results]
     if not columns:
@@ -304,30 +405,37 @@ def stream_sections(run: Run) -> list[str]:
     return out
 
 
+LONG_SCENARIOS = (("long_256", "256", "0.5"), ("long_1000", "1,000", "1"), ("long_100", "100", "0.5"))
+
+
 def long_section(run: Run) -> list[str]:
     out: list[str] = []
-    for s, streams in (("long_1000", "1,000"), ("long_100", "100")):
+    for s, streams, ramp in LONG_SCENARIOS:
         if s not in run.results:
             continue
         rows = []
         cpu = get("proxy_cpu_us_per_chunk")
         for leg in run.legs:
+            fates = "/".join(fmt(median(run, s, leg, get(f"streams_{key}")), "{:.0f}") for key in STREAM_CLASSES)
             rows.append([leg, fmt(median(run, s, leg, get("gap_ms", "p50"))), fmt(median(run, s, leg, get("gap_ms", "p99"))),
                          fmt(median(run, s, leg, get("gap_ms", "max"))),
-                         fmt(median(run, s, leg, get("lost_frames")), "{:.0f}"),
-                         fmt(median(run, s, leg, get("complete_streams")), "{:.0f}"),
+                         fmt(median(run, s, leg, get("lost_frames")), "{:.0f}"), fates,
                          fmt(median(run, s, leg, get("ttfc_ms", "p99")), "{:.0f}"),
                          fmt(median(run, s, leg, cpu), "{:.1f}"), fmt(ratio(median(run, s, leg, cpu), median(run, s, "nginx", cpu))),
                          fmt(median(run, s, leg, get("proxy_rss_peak_mb")), "{:.0f}"),
                          fmt(median(run, s, leg, get("proxy_busy")), "{:.0%}")])
-        intro = (f"{streams} clients open over {'1' if s == 'long_1000' else '0.5'} s; each stream is 200 frames 20 ms apart "
+        intro = (f"{streams} clients open over {ramp} s; each stream is 200 frames 20 ms apart "
                  "on the mock's absolute schedule. A gap is the time between two consecutive content frames at the "
                  "client (ideal: 20 ms). Lost: frames not received by the end (a proxy that cannot keep up falls "
-                 "behind; the generator waits 30 s past the schedule).")
+                 "behind; the generator waits 30 s past the schedule). Streams: complete (HTTP 200, every frame, "
+                 "`data: [DONE]`) / refused (an HTTP error status, a 503 say) / error frame (a 200 stream cut with an "
+                 "SSE error frame) / truncated (stopped short with no word of why; connection errors and timeouts "
+                 "included).")
         if s == "long_100":
             intro += " At 5,000 chunks/s a proxy that needs less than 200 us a chunk keeps up on one core, so its CPU per chunk there is a clean per-chunk cost."
         out += [f"### {streams} concurrent long streams", "", intro, "",
-                *table(["leg", "gap p50 ms", "gap p99 ms", "gap max ms", "lost frames", "complete streams", "TTFC p99 ms",
+                *table(["leg", "gap p50 ms", "gap p99 ms", "gap max ms", "lost frames",
+                        "streams complete/refused/error frame/truncated", "TTFC p99 ms",
                         "proxy CPU us/chunk", "x nginx", "peak RSS MB", "proxy core busy"], rows), ""]
     return out
 
@@ -371,6 +479,7 @@ def harness_section(run: Run) -> list[str]:
 def _errors(run: Run, scenario: str, leg: str) -> str:
     total: dict[str, int] = {}
     for r in run.results.get(scenario, {}).get(leg, []):
-        for key, count in (r.get("errors") or {}).items():  # type: ignore[union-attr]
+        errors = r.get("errors")
+        for key, count in (errors.items() if isinstance(errors, dict) else ()):
             total[key] = total.get(key, 0) + int(count)
     return ", ".join(f"{k} {v}" for k, v in sorted(total.items())) or "0"

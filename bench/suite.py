@@ -31,13 +31,14 @@ class Scenario:
 
 
 def scenarios(quick: bool) -> list[Scenario]:
-    """The scenarios of issue 9; ``quick`` is a tiny version that only checks the suite works."""
+    """The scenarios of issues 9 and 17; ``quick`` is a tiny version that only checks the suite works."""
     if quick:
         return [
             Scenario("latency_c1", "Non-streaming, concurrency 1", ("requests", "--concurrency", "1", "--duration-s", "0.2", "--warmup-s", "0.05"), 30),
             Scenario("throughput_c64", "Non-streaming, concurrency 64", ("requests", "--concurrency", "8", "--duration-s", "0.2", "--warmup-s", "0.05"), 30),
             Scenario("stream_c1", "Streaming 50 chunks, concurrency 1", ("stream", "--concurrency", "1", "--chunks", "10", "--duration-s", "0.2", "--warmup-s", "0.05"), 30),
             Scenario("stream_c64", "Streaming 50 chunks, concurrency 64", ("stream", "--concurrency", "8", "--chunks", "10", "--duration-s", "0.2", "--warmup-s", "0.05"), 30),
+            Scenario("long_256", "256 live streams, 200 chunks 20 ms apart", ("long", "--streams", "10", "--chunks", "10", "--interval-ms", "10", "--ramp-s", "0.05"), 30),
             Scenario("long_1000", "1,000 live streams, 200 chunks 20 ms apart", ("long", "--streams", "20", "--chunks", "10", "--interval-ms", "10", "--ramp-s", "0.05"), 30),
             Scenario("long_100", "100 live streams, 200 chunks 20 ms apart", ("long", "--streams", "5", "--chunks", "10", "--interval-ms", "10", "--ramp-s", "0.05"), 30),
             Scenario("cancel_500", "Cancel storm, 500 clients", ("cancel", "--streams", "10", "--chunks", "200", "--interval-ms", "10", "--leave-after", "3", "--ramp-s", "0.1", "--settle-s", "5", "--linger-s", "0.1"), 30),
@@ -47,6 +48,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("throughput_c64", "Non-streaming, concurrency 64", ("requests", "--concurrency", "64", "--duration-s", "5", "--warmup-s", "1"), 60),
         Scenario("stream_c1", "Streaming 50 chunks, concurrency 1", ("stream", "--concurrency", "1", "--chunks", "50", "--duration-s", "4", "--warmup-s", "0.5"), 60),
         Scenario("stream_c64", "Streaming 50 chunks, concurrency 64", ("stream", "--concurrency", "64", "--chunks", "50", "--duration-s", "5", "--warmup-s", "1"), 60),
+        Scenario("long_256", "256 live streams, 200 chunks 20 ms apart", ("long", "--streams", "256", "--chunks", "200", "--interval-ms", "20", "--ramp-s", "0.5"), 120),
         Scenario("long_1000", "1,000 live streams, 200 chunks 20 ms apart", ("long", "--streams", "1000", "--chunks", "200", "--interval-ms", "20", "--ramp-s", "1"), 120),
         Scenario("long_100", "100 live streams, 200 chunks 20 ms apart", ("long", "--streams", "100", "--chunks", "200", "--interval-ms", "20", "--ramp-s", "0.5"), 120),
         Scenario("cancel_500", "Cancel storm, 500 clients", ("cancel", "--streams", "500", "--chunks", "1500", "--interval-ms", "20", "--leave-after", "10", "--ramp-s", "0.5", "--settle-s", "3", "--linger-s", "0.5", "--gather-s", "20"), 120),
@@ -209,6 +211,12 @@ def warm_up(legs: list[Leg], mock: Mock, placement: Placement, loop: str) -> Non
     mock.quiet()
 
 
+def fates(r: dict[str, object]) -> str:
+    """The streams' classification (bench.loadgen.classify), e.g. ``streams 250 ok/0 refused/6 error frame/0 truncated``."""
+    return "streams " + "/".join(f"{r.get('streams_' + key, '-')} {label}" for key, label in (
+        ("complete", "ok"), ("refused", "refused"), ("error_frame", "error frame"), ("truncated", "truncated")))
+
+
 def summary_line(scenario: str, r: dict[str, object]) -> str:
     def f(value: object, fmt: str = "{:.2f}") -> str:
         return "-" if value is None else fmt.format(value)
@@ -219,11 +227,12 @@ def summary_line(scenario: str, r: dict[str, object]) -> str:
         return f"{f(r['rps'], '{:.0f}')} req/s  p50 {f(lat['p50'], '{:.3f}')} ms  p99 {f(lat['p99'], '{:.3f}')} ms  errors {r['errors']}  {busy}"  # type: ignore[index]
     if scenario.startswith("stream"):
         ttfc = r["ttfc_ms"]  # type: ignore[index]
-        return f"{f(r['chunks_per_s'], '{:.0f}')} chunks/s  ttfc p50 {f(ttfc['p50'], '{:.3f}')} ms  errors {r['errors']}  {busy}"  # type: ignore[index]
+        return f"{f(r['chunks_per_s'], '{:.0f}')} chunks/s  ttfc p50 {f(ttfc['p50'], '{:.3f}')} ms  {fates(r)}  errors {r['errors']}  {busy}"  # type: ignore[index]
     if scenario.startswith("long"):
         gap = r["gap_ms"]  # type: ignore[index]
         return (f"gap p50 {f(gap['p50'])} p99 {f(gap['p99'])} max {f(gap['max'])} ms  lost {r['lost_frames']}  "  # type: ignore[index]
-                f"cpu/chunk {f(r.get('proxy_cpu_us_per_chunk'), '{:.1f}')} us  rss {f(r.get('proxy_rss_peak_mb'), '{:.0f}')} MB  {busy}")
+                f"{fates(r)}  cpu/chunk {f(r.get('proxy_cpu_us_per_chunk'), '{:.1f}')} us  "
+                f"rss {f(r.get('proxy_rss_peak_mb'), '{:.0f}')} MB  {busy}")
     cancel = r["cancel_ms"]  # type: ignore[index]
     return (f"seen {r['cancels_seen']}/{r['closed']}  p50 {f(cancel['p50'])} p99 {f(cancel['p99'])} max {f(cancel['max'])} ms  "  # type: ignore[index]
             f"left over {r['left_over_streams']}  {busy}")
