@@ -55,6 +55,7 @@ import logging
 import math
 from collections.abc import Iterable
 
+from middleware.disconnect import disconnect_signal
 from middleware.request_id import request_id
 from middleware.response import ResponseState
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -380,6 +381,9 @@ class ErrorMiddleware:
         scope[_ERROR_LAYER] = True
         response = ResponseState()
         client_left = False
+        # With a server's DisconnectSignal nothing may ever read http.disconnect from receive():
+        # the signal says the client left.
+        signal = disconnect_signal(scope)
 
         async def watching_receive() -> Message:
             nonlocal client_left
@@ -389,7 +393,7 @@ class ErrorMiddleware:
             return message
 
         async def tracking_send(message: Message) -> None:
-            if client_left:
+            if client_left or (signal is not None and signal.is_set):
                 return  # nobody to write to (see the class docstring)
             response.observe(message)
             await send(message)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import anyio
 
-from middleware._deadline import deadline_published
+from middleware._deadline import deadline_published, loop_clock
 from middleware.body import DEFAULT_LIMIT_BYTES, model_of, replaying_receive
 from middleware.errors import GatewayTimeout, error_layer_outside, raise_or_render
 from middleware.request_id import request_id
@@ -102,7 +102,8 @@ class TimeoutMiddleware:
             await self.app(scope, receive, send)
             return
         outside = error_layer_outside(scope)
-        started_at = anyio.current_time()
+        now = loop_clock()
+        started_at = now()
         deadlines = self.defaults
         if self.per_model:
             deadlines = self.deadlines_for(await model_of(scope, receive, limit_bytes=self.body_limit_bytes))
@@ -127,7 +128,7 @@ class TimeoutMiddleware:
                 await send(message)
                 if not response.body_started:
                     return
-                idle_at = anyio.current_time() + deadlines.idle_s
+                idle_at = now() + deadlines.idle_s
                 if not idle_deadline:  # the first token: from the first-token deadline to the idle one
                     idle_deadline = True
                     deadline.deadline = min(idle_at + slack, total_at)

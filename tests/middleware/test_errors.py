@@ -26,6 +26,7 @@ import middleware.auth
 import middleware.errors
 from gateway.server.serving import serve_in_background
 from gateway.simulator.testing import ASGICall
+from middleware.disconnect import DISCONNECT_EXTENSION, DisconnectSignal
 from middleware.errors import (
     Cancelled,
     ClientError,
@@ -119,6 +120,30 @@ async def test_once_the_app_has_received_http_disconnect_nothing_more_reaches_th
             await app.finished.wait()
     assert app.sends_returned == app.sends_before_hearing + SENT_AFTER_LEAVING  # every send returned...
     assert len(call.messages) == app.sends_before_hearing  # ...but none after the disconnect reached the server
+
+
+async def test_a_servers_disconnect_signal_stops_the_sends_though_nothing_read_the_disconnect():
+    # lmgate's hypercorn set-up reports a client leaving through a DisconnectSignal in the scope, and
+    # the proxy then never reads http.disconnect from receive(): the signal alone must stop the sends.
+    signal = DisconnectSignal()
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def streams_on(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send(CHUNK)
+        signal.set()  # the client is gone
+        await send(CHUNK)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "extensions": {DISCONNECT_EXTENSION: signal}}
+    await ErrorMiddleware(streams_on)(scope, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
 
 async def test_a_disconnect_reported_after_a_complete_response_changes_nothing():
