@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import httpx
@@ -38,11 +38,6 @@ from gateway.proxy.relay import Proxy
 from gateway.proxy.websocket import SdkSockets, SocketLimits, SocketTarget, WebSocketRelay
 from gateway.request.routes import RequestNormalisation, RouteTable, route_path
 from gateway.request.validation import RequestValidation
-from gateway.state import RedisSlots, SharedState
-from gateway.state.breakers import RedisCircuits
-from gateway.state.cache import RedisCacheStore
-from gateway.state.listings import RedisListings
-from gateway.state.loads import RedisLoads
 from gateway.telemetry import AdmissionMark, Telemetry, TelemetryMiddleware
 from gateway.telemetry.metrics import WatchedUpstream, WebSocketMetrics
 from gateway.upstreams.router import Route, Router, chosen_upstream, upstream_headers
@@ -57,10 +52,14 @@ from middleware.embeddings import Base64EmbeddingsMiddleware
 from middleware.errors import ErrorMiddleware
 from middleware.heartbeat import HeartbeatMiddleware
 from middleware.retry import RetryMiddleware
+from middleware.slots import SharedSlots
 from middleware.timeout import TimeoutMiddleware
 from middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["Collaborators", "GatewaySnapshot", "Layer", "Stack", "build_collaborators", "build_stack", "make_upstream_client"]
+
+if TYPE_CHECKING:  # gateway.state imports redis-py (~8 MB): only a gateway with state.redis_url loads it
+    from gateway.state import SharedState
 
 _T = TypeVar("_T")
 
@@ -117,14 +116,26 @@ def build_collaborators(
             telemetry.instrument(upstream.client)
     board = RequestBoard()
     telemetry.on_request_end.append(board.observe)
-    state = SharedState.from_config(config.state)
+    state = _shared_state(config)
     if state is not None:  # with Redis, one load per model and one listing reader across replicas (docs/shared-state.md)
+        from gateway.state.listings import RedisListings
+        from gateway.state.loads import RedisLoads
+
         for upstream in upstreams:
             upstream.models.loader.shared = RedisLoads(state, scope=upstream.name)
             upstream.models.registry.shared = RedisListings(state, scope=upstream.name, refresh_s=config.models.refresh_s)
     return Collaborators(
         upstreams=upstreams, drain=drain or DrainState(), telemetry=telemetry, board=board, routes=routes, state=state,
     )  # fmt: skip
+
+
+def _shared_state(config: Config) -> SharedState | None:
+    """Redis shared by the replicas, if ``state.redis_url`` asks for it; imported only then."""
+    if config.state.redis_url is None:
+        return None
+    from gateway.state import SharedState
+
+    return SharedState.from_config(config.state)
 
 
 # -- the stack ---------------------------------------------------------------------------------
@@ -376,6 +387,15 @@ def _request_validation(config: Config, c: Collaborators) -> Layer:
     )
 
 
+def _redis_slots(state: SharedState | None, scope: str) -> SharedSlots | None:
+    """Concurrency slots counted across replicas on ``state``'s Redis (None: this replica alone)."""
+    if state is None:
+        return None
+    from gateway.state import RedisSlots
+
+    return RedisSlots(state, scope=scope)
+
+
 def _per_key_concurrency(config: Config, c: Collaborators) -> Layer | None:
     # 429 for one key over its share, before the shared queue.
     auth = config.auth
@@ -383,7 +403,7 @@ def _per_key_concurrency(config: Config, c: Collaborators) -> Layer | None:
         return None
     limit = auth.per_key_limit
     # With Redis, a key's requests are counted across every replica ("@keys": no upstream has that name).
-    shared = RedisSlots(c.state, scope="@keys") if c.state is not None else None
+    shared = _redis_slots(c.state, "@keys")
     return Layer(
         "per_key_concurrency",
         lambda app: ConcurrencyMiddleware(
@@ -410,6 +430,8 @@ def _cache(config: Config, c: Collaborators) -> Layer | None:
     memory = MemoryStore(max_entries=cache.max_entries, max_bytes=cache.max_bytes)
     store: CacheStore = memory
     if c.state is not None:  # with Redis, every replica's hits (the memory store while Redis cannot answer)
+        from gateway.state.cache import RedisCacheStore
+
         store = RedisCacheStore(c.state, fallback=memory, max_entry_bytes=cache.max_entry_bytes)
     return Layer(
         "cache",
@@ -483,7 +505,7 @@ def _concurrency(config: Config, collaborators: Collaborators, upstream: Upstrea
         return None
     # With Redis, every replica counts against the same slots and queue (docs/shared-state.md).
     state = collaborators.state
-    shared = RedisSlots(state, scope=upstream.name) if state is not None else None
+    shared = _redis_slots(state, upstream.name)
     return Layer(
         "concurrency",
         lambda app: ConcurrencyMiddleware(
@@ -562,7 +584,11 @@ def _circuit_breaker(config: Config, c: Collaborators, upstream: Upstream) -> La
     if not cb.enabled:
         return None
     # With Redis, every replica opens and half-opens together (docs/shared-state.md).
-    shared = RedisCircuits(c.state, scope=upstream.name) if c.state is not None else None
+    shared = None
+    if c.state is not None:
+        from gateway.state.breakers import RedisCircuits
+
+        shared = RedisCircuits(c.state, scope=upstream.name)
     return Layer(
         "circuit_breaker",
         lambda app: CircuitBreakerMiddleware(
@@ -702,8 +728,9 @@ class GatewaySnapshot:
         document: dict[str, Any] = {
             "entries": stats.entries, "bytes": stats.bytes, "evictions": stats.evictions, "lookups": dict(cache.results),
         }  # fmt: skip
-        if isinstance(store, RedisCacheStore):  # the numbers above are then the local fallback store's
-            shared = store.shared_stats()
+        shared_stats = getattr(store, "shared_stats", None)  # a RedisCacheStore (gateway.state: imported only with Redis)
+        if shared_stats is not None:  # the numbers above are then the local fallback store's
+            shared = shared_stats()
             document["shared"] = None if shared is None else {"entries": shared.entries, "bytes": shared.bytes}
         return document
 
