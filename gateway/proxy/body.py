@@ -13,9 +13,11 @@ whether an event stream is complete.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 
+from gateway.proxy.aiohttp_transport import raw_chunks
 from gateway.proxy.sse import FrameHold, StreamMarkers
 from gateway.proxy.transport import unread_bytes
 from gateway.proxy.upstream_errors import translate_transport_error
@@ -27,7 +29,9 @@ class UpstreamBody:
 
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
-        self._chunks = response.aiter_raw()  # not started: an assembled answer reads aiter_text()
+        # Taken on the first read: until then the response is unread (an assembled answer reads
+        # aiter_bytes()).
+        self._chunks: AsyncIterator[bytes] | None = None
         self._ahead = b""
 
     async def next(self, *, started: bool, frames: FrameHold | None = None) -> bytes:
@@ -39,6 +43,8 @@ class UpstreamBody:
         if self._ahead:
             ahead, self._ahead = self._ahead, b""
             return ahead
+        if self._chunks is None:
+            self._chunks = raw_chunks(self.response)
         try:
             return await anext(self._chunks)
         except StopAsyncIteration:
