@@ -50,6 +50,9 @@ from middleware.request_id import request_id
 from middleware.response import is_event_stream
 from middleware.types import Receive, Scope, Send
 
+# Upstream URLs kept parsed (Proxy._url).
+_PARSED_URLS = 256
+
 
 class Proxy:
     """Forward allowed routes to ``upstream_url`` with ``client``; see the module docstring."""
@@ -79,6 +82,7 @@ class Proxy:
         self.normalise_errors = normalise_errors
         self.body_limit_bytes = body_limit_bytes
         self.frame_limit_bytes = frame_limit_bytes
+        self._urls: dict[str, httpx.URL] = {}
         self.assembly = Assembly(
             client, self.upstream_url, api_key=api_key, model_info=model_info,
             limit_bytes=assembled_limit_bytes, frame_limit_bytes=frame_limit_bytes,
@@ -129,8 +133,20 @@ class Proxy:
         headers = upstream_request_headers(
             scope, request_id=rid, api_key=self.api_key, forward_client_auth=self.forward_client_auth
         )
-        url = upstream_target(self.upstream_url, scope)
-        return httpx.Request(scope["method"], url, headers=headers, content=body, extensions={"timeout": self.timeout})
+        return httpx.Request(
+            scope["method"], self._url(upstream_target(self.upstream_url, scope)), headers=headers, content=body,
+            extensions={"timeout": self.timeout},
+        )
+
+    def _url(self, target: str) -> httpx.URL:
+        """``target`` parsed, remembered: httpx parses and validates a URL string on every request
+        (~11 us), and a gateway sees a handful of paths. Bounded, for clients that vary the query."""
+        url = self._urls.get(target)
+        if url is None:
+            if len(self._urls) >= _PARSED_URLS:
+                self._urls.clear()
+            url = self._urls[target] = httpx.URL(target)
+        return url
 
     async def _exchange(
         self, request: httpx.Request, send: Send, *, request_id: str, kind: RequestKind, tap: UsageTap | None
