@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway.models.upstream import UpstreamModels
+from gateway.proxy.aiohttp_transport import raw_chunks
 from gateway.proxy.headers import downstream_response_headers
 from gateway.proxy.sse import DEFAULT_FRAME_BYTES, Frame, FrameParser
 from gateway.proxy.upstream_errors import UpstreamReported, translate_transport_error
@@ -132,11 +133,15 @@ def model_info_from(upstream: UpstreamModels) -> ModelInfo:
 
 async def _feed(assembler: CompletionAssembler, response: httpx.Response, *, limit_bytes: int) -> None:
     # SSE is UTF-8 by definition (whatever a charset says); decoding here, not with aiter_text(),
-    # spares httpx's text decoder and chunker layers on every answer.
+    # spares httpx's text decoder and chunker layers on every answer. An unencoded body (LM Studio
+    # never compresses) is read raw, past httpx's generators too; a compressed one is decoded by httpx.
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+    received = 0
     try:
-        async for data in response.aiter_bytes():
-            if response.num_bytes_downloaded > limit_bytes:
+        async for data in response.aiter_bytes() if encoded else raw_chunks(response):
+            received += len(data)  # counted as held (decoded): a small compressed body may decode to a huge one
+            if received > limit_bytes:
                 # The answer is held in memory whole: an upstream gone wild must not exhaust it.
                 raise UpstreamProtocolError(
                     f"The upstream's answer is larger than limits.assembled_bytes ({limit_bytes} bytes); "
