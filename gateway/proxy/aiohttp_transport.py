@@ -15,9 +15,9 @@ What it keeps of httpx's transport, and how:
   never reach another client's request), no environment proxies, no redirects, none of aiohttp's
   automatic headers where the httpx request carries none.
 * Pool limits from ``httpx.Limits``: ``max_connections`` bounds the connections in use (None:
-  unbounded), ``keepalive_expiry`` is aiohttp's ``keepalive_timeout``. ``max_keepalive_connections``
-  has no aiohttp equivalent: idle connections are kept up to ``max_connections`` and closed after
-  ``keepalive_expiry``.
+  unbounded), ``keepalive_expiry`` is aiohttp's ``keepalive_timeout``. ``max_keepalive_connections``,
+  which aiohttp lacks, is kept by :class:`_Connector`: a connection released while that many are
+  idle is closed, as httpcore does, so a burst leaves no more than that many open.
 * Idle connections reused as httpcore reuses them (:class:`_Connector`): the most recently used
   first, so under a light load the others reach their expiry and close. aiohttp hands out the one
   idle longest, and then a steady trickle of requests keeps every connection a burst opened alive.
@@ -187,6 +187,16 @@ class _Connector(aiohttp.TCPConnector):
     expiry.
     """
 
+    def __init__(self, *, max_idle: int | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._max_idle = max_idle
+
+    def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        # httpx.Limits.max_keepalive_connections, which aiohttp has no setting for: past it, close.
+        if self._max_idle is not None and self.idle() >= self._max_idle:
+            should_close = True
+        super()._release(key, protocol, should_close=should_close)
+
     async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
         conns = self._conns.get(key)
         if conns:
@@ -253,6 +263,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             loop = asyncio.get_running_loop()
             expiry = self.limits.keepalive_expiry
             connector = _Connector(
+                max_idle=self.limits.max_keepalive_connections,
                 limit=self.limits.max_connections or 0,
                 limit_per_host=0,
                 keepalive_timeout=15.0 if expiry is None else expiry,

@@ -240,3 +240,43 @@ async def test_a_trickle_of_requests_keeps_one_idle_connection_and_the_others_ex
             assert opened == 2
             await upstream_client.get(url + "/v1/models")  # the trickle goes on on the other
             assert served[-1] != closed[0]
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_a_burst_leaves_at_most_max_keepalive_connections_open(transport):
+    # httpx.Limits.max_keepalive_connections has no aiohttp setting: without lmgate's connector a
+    # burst of n concurrent requests left n idle connections to the upstream until their expiry
+    # (200 after the benchmark's cancel storm, with 128 allowed).
+    finish = asyncio.Event()
+    opened = closed = 0
+    all_open, three_closed = asyncio.Event(), asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened, closed
+        opened += 1
+        if opened == 5:
+            all_open.set()
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # lmgate closed the connection
+                closed += 1
+                if closed == 3:
+                    three_closed.set()
+                return
+            await finish.wait()
+            writer.write(HEAD + b"content-length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    async with upstream(handler) as url:
+        config = {"upstream": {"url": url, "transport": transport, "pool": {"max_keepalive_connections": 2}}}
+        async with make_upstream_client(Config.model_validate(config)) as upstream_client:
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(upstream_client.get, url + "/v1/models")
+                with anyio.fail_after(5):
+                    await all_open.wait()
+                finish.set()
+            with anyio.fail_after(5):
+                await three_closed.wait()  # 5 opened, 2 kept
+            assert (opened, closed) == (5, 3)
