@@ -3,11 +3,12 @@
 1. Check the route (404 otherwise), read the body once (``middleware.body``), build the upstream
    request: same method, path and query on the configured upstream, filtered headers, and a body
    asking for a stream with usage when lmgate assembles or telemetry counts (``proxy.usage``).
-2. Send it with the shared ``httpx.AsyncClient`` in streaming mode, while a watcher task listens
-   to ``receive()`` for ``http.disconnect``. When the client leaves, at any phase (waiting for
+2. Send it with the shared ``httpx.AsyncClient`` in streaming mode, watching for the client to
+   leave (``cancel_on_disconnect``: the server's disconnect signal, or a task reading ``receive()``
+   for ``http.disconnect``). When the client leaves, at any phase (waiting for
    headers, a model load, mid-stream), the forwarding is cancelled and the upstream response is
    closed in a shielded ``finally``: LM Studio stops generating, the pooled connection is released.
-3. Relay: each upstream chunk (``aiter_raw``, content-encoding intact) goes to the client as one
+3. Relay: each upstream chunk (raw, content-encoding intact) goes to the client as one
    ASGI message as soon as it arrives; ``await send`` returning is the backpressure. An event
    stream goes out in whole frames only (``FrameHold``), so a cut never leaves half a frame in
    front of the error. An error answer is read whole and normalised (``proxy.error_bodies``); a
