@@ -42,12 +42,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from gateway.proxy.sdk_auth import AuthPacket, parse_auth_packet, refusal, upstream_packet
 from gateway.request.routes import route_path
@@ -56,6 +54,10 @@ from middleware.auth import presented_key
 from middleware.drain import DrainState
 from middleware.errors import Draining, LmgateError, NotFound, Overloaded, Unauthorized, error_body
 from middleware.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:  # websockets is imported by the first SDK socket: a gateway nobody opens one to never loads it
+    from websockets.asyncio.client import ClientConnection
+    from websockets.exceptions import ConnectionClosed
 
 __all__ = ["SDK_PATHS", "SdkSockets", "SocketLimits", "SocketTarget", "WebSocketRelay"]
 
@@ -311,6 +313,9 @@ class WebSocketRelay:
         return False
 
     async def _connect(self, socket: _Socket) -> ClientConnection | None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidURI
+
         errors: list[str] = []
         for target in self._choices():
             self._move(socket, target.name)
@@ -366,6 +371,8 @@ class WebSocketRelay:
     async def _client_to_upstream(
         self, receive: Receive, upstream: ClientConnection, socket: _Socket, done: anyio.CancelScope
     ) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         limit = self.limits.max_message_bytes
         while True:
             message = await receive()
@@ -391,6 +398,8 @@ class WebSocketRelay:
     async def _upstream_to_client(
         self, upstream: ClientConnection, send: Send, socket: _Socket, done: anyio.CancelScope
     ) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         try:
             while True:
                 data = await upstream.recv()

@@ -31,7 +31,6 @@ import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -101,6 +100,10 @@ class Tracing:
 
     def instrument(self, client: httpx.AsyncClient) -> None:
         """Give every upstream attempt a client span and a ``traceparent`` header."""
+        # Imported here: the instrumentation (and wrapt, packaging) is ~3 MB resident, needed only
+        # when tracing is on.
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
         HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
 
     def start(
